@@ -1,0 +1,167 @@
+"""Noise schedules: the variances beta_1..beta_T of the forward chain and every derived quantity.
+
+All quantities are held in float64 (MATH.md, "The two chains") and indexed so that entry
+``t - 1`` belongs to the math timestep ``t`` in 1..T.  Per-device, per-dtype copies used in
+the hot path are cached by :meth:`NoiseSchedule.coefficients`.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+__all__ = ["NoiseSchedule"]
+
+
+class NoiseSchedule:
+    r"""A variance schedule :math:`\beta_1, \dots, \beta_T` and its derived quantities.
+
+    With :math:`\alpha_t = 1 - \beta_t` and :math:`\bar\alpha_t = \prod_{s \le t} \alpha_s`
+    (:math:`\bar\alpha_0 = 1`), the attributes are (each a float64 tensor of length ``T``,
+    entry ``t - 1`` for timestep ``t``):
+
+    - ``betas`` :math:`\beta_t`, ``alphas`` :math:`\alpha_t`
+    - ``alphas_cumprod`` :math:`\bar\alpha_t`, ``alphas_cumprod_prev`` :math:`\bar\alpha_{t-1}`
+    - ``log_snr`` :math:`\log \bar\alpha_t - \log(1 - \bar\alpha_t)`
+    - ``posterior_variance`` :math:`\tilde\beta_t = \beta_t (1 - \bar\alpha_{t-1}) / (1 - \bar\alpha_t)`
+    - ``posterior_mean_coef_x0`` :math:`\sqrt{\bar\alpha_{t-1}}\,\beta_t / (1 - \bar\alpha_t)`
+    - ``posterior_mean_coef_xt`` :math:`\sqrt{\alpha_t}\,(1 - \bar\alpha_{t-1}) / (1 - \bar\alpha_t)`
+
+    - ``reverse_variance_small`` :math:`\tilde\beta_t` and ``reverse_variance_large`` :math:`\beta_t`, the
+      fixed variances :math:`\sigma_t^2` of the reverse chain (improved-diffusion's ``fixedsmall`` and
+      ``fixedlarge``); both use :math:`\tilde\beta_2` at t = 1, where :math:`\tilde\beta_1 = 0`
+      (defined for T >= 2)
+
+    so that :math:`q(x_{t-1} \mid x_t, x_0) = N(\text{coef}_{x_0} x_0 + \text{coef}_{x_t} x_t,
+    \tilde\beta_t I)` (Ho et al. 2020, eq. 6-7).
+
+    A schedule is refused with :class:`ValueError` unless every :math:`\beta_t` is finite and
+    strictly inside (0, 1) and the log-SNR decreases strictly in ``t``.
+    """
+
+    def __init__(self, betas: torch.Tensor | list[float]) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(
+                f"invalid schedule: betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}"
+            )
+        if not torch.isfinite(betas).all():
+            bad = int(torch.nonzero(~torch.isfinite(betas))[0]) + 1
+            raise ValueError(f"invalid schedule: beta_{bad} is not finite ({betas[bad - 1].item()})")
+        outside = (betas <= 0) | (betas >= 1)
+        if outside.any():
+            bad = int(torch.nonzero(outside)[0]) + 1
+            raise ValueError(
+                f"invalid schedule: beta_{bad} = {betas[bad - 1].item()!r} is not strictly inside (0, 1)"
+            )
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, 0)
+        log_snr = torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
+        if not torch.isfinite(log_snr).all() or (log_snr[1:] >= log_snr[:-1]).any():
+            raise ValueError(
+                "invalid schedule: the log-SNR log(alpha_bar_t / (1 - alpha_bar_t)) must be finite and "
+                "strictly decreasing in t (alpha_bar_t underflows or stalls in float64)"
+            )
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        self.betas = betas
+        self.alphas = alphas
+        self.alphas_cumprod = alphas_cumprod
+        self.alphas_cumprod_prev = alphas_cumprod_prev
+        self.log_snr = log_snr
+        self.posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef_x0 = alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef_xt = alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        decoder_variance = self.posterior_variance[1:2] if self.num_steps > 1 else self.betas[:1]
+        self.reverse_variance_small = torch.cat([decoder_variance, self.posterior_variance[1:]])
+        self.reverse_variance_large = torch.cat([decoder_variance, betas[1:]])
+        self._cache: dict[tuple[torch.device, torch.dtype], SimpleNamespace] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linear(cls, num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+        r"""Ho et al. (2020): :math:`\beta_t` linear from ``beta_start`` to ``beta_end``.
+
+        The endpoints are the paper's for ``T = 1000``; they are used as given for any ``T``.
+        """
+        _check_num_steps(num_steps)
+        return cls(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+        r"""Nichol & Dhariwal (2021), eq. 17: :math:`\bar\alpha_t = f(t)/f(0)`,
+        :math:`f(t) = \cos^2\!\big(\tfrac{t/T + s}{1 + s}\tfrac{\pi}{2}\big)`, and
+        :math:`\beta_t = \min(1 - \bar\alpha_t / \bar\alpha_{t-1}, \text{max\_beta})`.
+        """
+        _check_num_steps(num_steps)
+        t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta))
+
+    @classmethod
+    def sigmoid(
+        cls, num_steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+    ) -> NoiseSchedule:
+        r"""Chen (2023), "On the importance of noise scheduling": with :math:`\sigma` the logistic
+        function, :math:`\bar\alpha(u) = \frac{\sigma(e/\tau) - \sigma((u(e - s) + s)/\tau)}
+        {\sigma(e/\tau) - \sigma(s/\tau)}` for :math:`u = t/T`, and
+        :math:`\beta_t = \min(1 - \bar\alpha_t / \bar\alpha_{t-1}, \text{max\_beta})`.
+        """
+        _check_num_steps(num_steps)
+        if not end > start or not tau > 0:
+            raise ValueError(f"invalid schedule: sigmoid needs end > start and tau > 0, got {start}, {end}, {tau}")
+        u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        v_start, v_end = torch.sigmoid(torch.tensor([start / tau, end / tau], dtype=torch.float64))
+        abar = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+        return cls(torch.clamp(1 - abar[1:] / abar[:-1], max=max_beta))
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor | list[float]) -> NoiseSchedule:
+        """A schedule from explicit variances ``beta_1..beta_T`` (validated)."""
+        return cls(betas)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_steps(self) -> int:
+        """``T``, the number of noising steps."""
+        return self.betas.numel()
+
+    def coefficients(self, device: torch.device | str, dtype: torch.dtype) -> SimpleNamespace:
+        """All per-timestep quantities on ``device`` in ``dtype`` (computed in float64, cast once, cached)."""
+        key = (torch.device(device), dtype)
+        if key not in self._cache:
+            names = (
+                "betas",
+                "alphas",
+                "alphas_cumprod",
+                "alphas_cumprod_prev",
+                "log_snr",
+                "posterior_variance",
+                "posterior_mean_coef_x0",
+                "posterior_mean_coef_xt",
+                "reverse_variance_small",
+                "reverse_variance_large",
+            )
+            self._cache[key] = SimpleNamespace(
+                **{n: getattr(self, n).to(device=key[0], dtype=dtype) for n in names}
+            )
+        return self._cache[key]
+
+    def to_dict(self) -> dict:
+        """A serialisable description (the betas), for checkpoints."""
+        return {"betas": self.betas.tolist()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoiseSchedule) and torch.equal(self.betas, other.betas)
+
+    def __repr__(self) -> str:
+        return (
+            f"NoiseSchedule(num_steps={self.num_steps}, beta_1={self.betas[0].item():.3g}, "
+            f"beta_T={self.betas[-1].item():.3g}, alpha_bar_T={self.alphas_cumprod[-1].item():.3g})"
+        )
+
+
+def _check_num_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"invalid schedule: num_steps must be a positive integer, got {num_steps!r}")
