@@ -83,6 +83,12 @@ class DiffusionModel(nn.Module):
         self.levels = levels
         self.data_shape = None if data_shape is None else tuple(data_shape)
 
+    def with_network(self, network: nn.Module) -> DiffusionModel:
+        """The same model with another network (e.g. the exponential moving average of the weights)."""
+        return DiffusionModel(
+            network, self.schedule, self.prediction, self.variance, self.decoder, self.levels, self.data_shape
+        )
+
     # ------------------------------------------------------------------ transitions
     def reverse_variance(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         r""":math:`\sigma_t^2` for timesteps ``t``, shaped to broadcast against ``like`` (batch ``t.shape``)."""

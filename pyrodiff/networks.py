@@ -1,0 +1,190 @@
+r"""Denoising networks called as ``network(x_t, t)``: a U-Net for images and an MLP for vectors.
+
+Both embed the math timestep t (1..T) with the sinusoidal embedding of Vaswani et al. (2017) as used
+by Ho et al. (2020), and return a tensor of the shape of ``x_t``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNet", "MLPDenoiser", "timestep_embedding"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    r"""Sinusoidal embedding :math:`[\cos(t\,\omega_i), \sin(t\,\omega_i)]`, :math:`\omega_i = P^{-i/(d/2)}`,
+    of integer timesteps ``t`` (shape ``(B,)``) into ``(B, dim)``; ``dim`` must be even."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels) if channels >= 32 else math.gcd(8, channels), channels)
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the time embedding, then GroupNorm-SiLU-dropout-conv, with a skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = _group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention over the spatial positions, with a residual connection."""
+
+    def __init__(self, channels: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.num_heads = num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x).reshape(B, C, H * W)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H * W)).reshape(B, C, H, W)
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (Ho et al. 2020, appendix B) in a configurable size.
+
+    :param in_channels: channels of the data (the only required argument).
+    :param channels: base width; level i has ``channels * channel_mult[i]`` channels.
+    :param channel_mult: width multipliers, one per resolution (the image is halved between levels,
+        so its side must be divisible by ``2 ** (len(channel_mult) - 1)``).
+    :param num_res_blocks: residual blocks per level (depth).
+    :param attention_levels: levels (indices into ``channel_mult``) with self-attention; by default the
+        lowest resolution.
+    :param num_heads: attention heads.
+    :param dropout: dropout in the residual blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: tuple[int, ...] | None = None,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if attention_levels is None:
+            attention_levels = (len(channel_mult) - 1,)
+        self.in_channels = in_channels
+        self.num_levels = len(channel_mult)
+        emb_dim = 4 * channels
+        self.base = channels
+        self.time_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, ch = [channels], channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([_ResBlock(ch, channels * mult, emb_dim, dropout)])
+                ch = channels * mult
+                if level in attention_levels:
+                    block.append(_Attention(ch, num_heads))
+                self.down.append(block)
+                skips.append(ch)
+            if level < len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
+
+        self.middle = nn.ModuleList(
+            [_ResBlock(ch, ch, emb_dim, dropout), _Attention(ch, num_heads), _ResBlock(ch, ch, emb_dim, dropout)]
+        )
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                block = nn.ModuleList([_ResBlock(ch + skips.pop(), channels * mult, emb_dim, dropout)])
+                ch = channels * mult
+                if level in attention_levels:
+                    block.append(_Attention(ch, num_heads))
+                if level > 0 and i == num_res_blocks:
+                    block.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    block.append(nn.Conv2d(ch, ch, 3, padding=1))
+                self.up.append(block)
+
+        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet(in_channels={self.in_channels}) needs input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        factor = 2 ** (self.num_levels - 1)
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"the image side must be divisible by {factor} for this UNet, got {tuple(x.shape[-2:])}")
+        emb = self.time_embed(timestep_embedding(t, self.base).to(x.dtype))
+        h = self.stem(x)
+        hs = [h]
+        for block in self.down:
+            h = _apply(block, h, emb)
+            hs.append(h)
+        h = _apply(self.middle, h, emb)
+        for block in self.up:
+            h = _apply(block, torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def _apply(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    for layer in block:
+        h = layer(h, emb) if isinstance(layer, _ResBlock) else layer(h)
+    return h
+
+
+class MLPDenoiser(nn.Module):
+    """A residual MLP for vector data of dimension ``dim``: the input and the time embedding are
+    projected to ``hidden`` units and passed through ``depth`` SiLU residual layers.
+
+    :param dim: data dimension D (input and output size).
+    :param hidden: width.
+    :param depth: number of residual layers.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3) -> None:
+        super().__init__()
+        self.dim = dim
+        self.hidden = hidden
+        self.inp = nn.Linear(dim, hidden)
+        self.time = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)]
+        )
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MLPDenoiser(dim={self.dim}) needs input (B, {self.dim}), got {tuple(x.shape)}")
+        h = self.inp(x) + self.time(timestep_embedding(t, self.hidden).to(x.dtype))
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.out(h)

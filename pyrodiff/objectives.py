@@ -1,0 +1,71 @@
+r"""Training objectives as reweightings of the per-timestep terms of the bound.
+
+The subsampled program (:mod:`pyrodiff.subsample`) scores, for each drawn timestep t, the term
+:math:`\ell_t` (:math:`L_0` at t = 1, :math:`L_{t-1}` for t >= 2).  For a Gaussian reverse step,
+:math:`L_{t-1} = w_t\, E\|\epsilon - \hat\epsilon_\theta\|^2` with
+:math:`w_t = \frac{\beta_t^2}{2 \sigma_t^2 \alpha_t (1 - \bar\alpha_t)}` (Ho et al. 2020, eq. 12), whatever
+the network predicts (:math:`\hat\epsilon_\theta` is the noise implied by its output).  An objective
+multiplies :math:`\ell_t` by :math:`\lambda_t` through ``pyro.poutine``'s scale, in model and guide alike:
+
+- ``"elbo"``: :math:`\lambda_t = 1`.  **The only one that is a bound** on :math:`-\log p_\theta(x_0)`.
+- ``"simple"``: :math:`\lambda_t = 1 / w_t`, Ho et al.'s :math:`L_\text{simple}`,
+  :math:`E\|\epsilon - \hat\epsilon_\theta\|^2` (summed over dimensions).  Not a bound.
+- ``"min_snr"``: :math:`\lambda_t = \min(\text{snr}_t, \gamma) / \text{snr}_t \cdot 1 / w_t`,
+  min-SNR-:math:`\gamma` weighting (Hang et al. 2023) of the noise loss.  Not a bound.
+
+The prior term :math:`L_T` has no parameters and is never reweighted.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.poutine.messenger import Messenger
+
+from .schedule import NoiseSchedule
+
+__all__ = ["OBJECTIVES", "objective_weights", "reweight"]
+
+OBJECTIVES = ("elbo", "simple", "min_snr")
+_STEP_SITES = ("x_t", "x_{t-1}", "x_0")
+
+
+def objective_weights(schedule: NoiseSchedule, objective: str, variance: str = "small", gamma: float = 5.0) -> torch.Tensor:
+    r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1), for reverse variances ``variance``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "elbo":
+        return torch.ones_like(schedule.betas)
+    sigma2 = schedule.reverse_variance_small if variance == "small" else schedule.reverse_variance_large
+    w = schedule.betas**2 / (2 * sigma2 * schedule.alphas * (1 - schedule.alphas_cumprod))
+    if objective == "simple":
+        return 1 / w
+    snr = schedule.log_snr.exp()
+    return torch.clamp(snr, max=gamma) / snr / w
+
+
+class ReweightMessenger(Messenger):
+    r"""Scales the per-timestep sites of the subsampled program by :math:`\lambda_t`, read from the
+    timestep site ``"t"`` that precedes them.  The full chain (``subsample_steps=None``) has no
+    per-timestep sites to reweight and is refused."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights = weights
+        self._t: torch.Tensor | None = None
+
+    def _process_message(self, msg) -> None:
+        if msg["name"] == "x_{1:T}":
+            raise ValueError("objectives other than the bound reweight subsampled terms: pass subsample_steps")
+        if msg["name"] in _STEP_SITES and self._t is not None:
+            weights = self.weights.to(self._t.device, torch.get_default_dtype())
+            msg["scale"] = msg["scale"] * weights[self._t - 1]
+
+    def _postprocess_message(self, msg) -> None:
+        if msg["name"] == "t":
+            self._t = msg["value"]
+
+
+def reweight(fn, weights: torch.Tensor):
+    r"""``fn`` (the model or the guide) with each drawn term :math:`\ell_t` scaled by ``weights[t - 1]``.
+    Wrap model and guide alike so that both sides of every term carry the same weight."""
+    return ReweightMessenger(weights)(fn)

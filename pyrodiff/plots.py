@@ -1,0 +1,54 @@
+"""Pictures of samples: a grid of images, or a scatter of 2-D samples over the data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["save_samples_figure"]
+
+
+def save_samples_figure(samples: torch.Tensor, path: str | Path, data: torch.Tensor | None = None, title: str = "") -> None:
+    """Write ``samples`` (images ``(N, C, H, W)`` in [-1, 1], or points ``(N, 2)``) as a PNG to ``path``."""
+    samples = samples.detach().float().cpu()
+    fig = _image_grid(samples) if samples.dim() == 4 else _scatter(samples, data)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _image_grid(images: torch.Tensor):
+    n = images.shape[0]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    C, H, W = images.shape[1:]
+    grid = torch.ones(rows * (H + 1) + 1, cols * (W + 1) + 1, C)
+    for i, img in enumerate(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)):
+        r, c = divmod(i, cols)
+        grid[1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = img
+    fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
+    ax.imshow(grid.squeeze(-1).numpy() if C == 1 else grid.numpy(), cmap="gray_r" if C == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    return fig
+
+
+def _scatter(points: torch.Tensor, data: torch.Tensor | None):
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if data is not None:
+        d = data.detach().float().cpu()[: len(points) * 4]
+        ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.3, c="tab:blue", label="data")
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.6, c="tab:red", label="samples")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", markerscale=4)
+    return fig

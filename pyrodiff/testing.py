@@ -1,0 +1,166 @@
+r"""Tools to property-test diffusion code: hypothesis strategies and an exactly solvable model.
+
+Strategies (for ``@hypothesis.given``): :func:`schedules`, :func:`timesteps`, :func:`data_batches`,
+:func:`linear_denoisers`.
+
+:class:`LinearDenoiser` is a network linear in :math:`x_t`, ``out = a_t x_t + b_t``; with it every
+parameterisation gives a reverse mean :math:`\mu_\theta = c_t x_t + d_t`, and
+:func:`linear_elbo_terms` gives every term :math:`L_0 .. L_T` of the bound in closed form (float64),
+derived here from Gaussian moments and independently of the Pyro program: the oracle for
+statistical tests of any ELBO estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.special import log_ndtr
+from torch import nn
+
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "schedules",
+    "timesteps",
+    "data_batches",
+    "linear_denoisers",
+    "LinearDenoiser",
+    "linear_reverse_coefficients",
+    "linear_elbo_terms",
+]
+
+
+@st.composite
+def schedules(draw, min_steps: int = 2, max_steps: int = 20) -> NoiseSchedule:
+    """Valid schedules: linear, cosine, sigmoid, or random betas in [1e-4, 0.5]."""
+    T = draw(st.integers(min_steps, max_steps))
+    kind = draw(st.sampled_from(["linear", "cosine", "sigmoid", "random"]))
+    if kind == "linear":
+        start = draw(st.floats(1e-4, 0.05))
+        return NoiseSchedule.linear(T, start, draw(st.floats(start, 0.5)))
+    if kind == "cosine":
+        return NoiseSchedule.cosine(T)
+    if kind == "sigmoid":
+        return NoiseSchedule.sigmoid(T)
+    betas = draw(arrays(np.float64, T, elements=st.floats(1e-4, 0.5)))
+    return NoiseSchedule.from_betas(torch.tensor(betas))
+
+
+def timesteps(schedule: NoiseSchedule, min_t: int = 1) -> st.SearchStrategy[int]:
+    """A math timestep in ``min_t..T``."""
+    return st.integers(min_t, schedule.num_steps)
+
+
+def data_batches(
+    max_examples: int = 4, max_dim: int = 4, levels: int | None = None, dtype: torch.dtype = torch.float64
+) -> st.SearchStrategy[torch.Tensor]:
+    """Batches ``(N, D)`` in [-1, 1]; on the grid of ``levels`` values when given."""
+
+    @st.composite
+    def batch(draw):
+        n, d = draw(st.integers(1, max_examples)), draw(st.integers(1, max_dim))
+        if levels is None:
+            x = draw(arrays(np.float64, (n, d), elements=st.floats(-1, 1)))
+        else:
+            x = 2 * draw(arrays(np.int64, (n, d), elements=st.integers(0, levels - 1))) / (levels - 1) - 1
+        return torch.tensor(x, dtype=dtype)
+
+    return batch()
+
+
+class LinearDenoiser(nn.Module):
+    """``network(x_t, t) = a[t-1] * x_t + b[t-1]``: a network linear in :math:`x_t`, one scalar pair per t."""
+
+    def __init__(self, num_steps: int, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(num_steps) if a is None else torch.as_tensor(a).clone())
+        self.b = nn.Parameter(torch.zeros(num_steps) if b is None else torch.as_tensor(b).clone())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return self.a[t - 1].reshape(shape) * x + self.b[t - 1].reshape(shape)
+
+
+def linear_denoisers(num_steps: int, dtype: torch.dtype = torch.float64) -> st.SearchStrategy[LinearDenoiser]:
+    """Linear denoisers with coefficients in [-1, 1]."""
+    coef = arrays(np.float64, num_steps, elements=st.floats(-1, 1))
+    return st.builds(lambda a, b: LinearDenoiser(num_steps, torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)), coef, coef)
+
+
+def linear_reverse_coefficients(schedule: NoiseSchedule, a, b, prediction: str) -> tuple[np.ndarray, np.ndarray]:
+    r""":math:`c_t, d_t` (arrays over t = 1..T) with :math:`\mu_\theta(x_t, t) = c_t x_t + d_t` for the
+    network ``a_t x_t + b_t`` under ``prediction``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    beta = schedule.betas.numpy()
+    alpha = 1 - beta
+    abar = np.cumprod(alpha)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    P = np.sqrt(abar_prev) * beta / (1 - abar)
+    Q = np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    if prediction == "epsilon":
+        return (1 - beta * a / np.sqrt(1 - abar)) / np.sqrt(alpha), -beta * b / np.sqrt((1 - abar) * alpha)
+    if prediction == "x0":
+        return P * a + Q, P * b
+    if prediction == "v":
+        return P * (np.sqrt(abar) - np.sqrt(1 - abar) * a) + Q, -P * np.sqrt(1 - abar) * b
+    raise ValueError(prediction)
+
+
+def linear_elbo_terms(
+    schedule: NoiseSchedule,
+    a,
+    b,
+    x0: torch.Tensor,
+    prediction: str = "epsilon",
+    variance: str = "small",
+    levels: int | None = None,
+    quadrature_points: int = 80,
+) -> np.ndarray:
+    r"""Every term of the bound, shape ``(N, T + 1)`` (column k is :math:`L_k`, nats), for the model with
+    network :class:`LinearDenoiser` ``(a, b)``.  With :math:`x_t \sim N(m x_0, s^2)`:
+
+    - :math:`L_{t-1} = \tfrac12\sum_d \big[\log\frac{\sigma_t^2}{\tilde\beta_t} + \frac{\tilde\beta_t}{\sigma_t^2} - 1
+      + \frac{(A x_0 - d + (B - c) m x_0)^2 + (B - c)^2 s^2}{\sigma_t^2}\big]`, where :math:`A x_0 + B x_t`
+      is the posterior mean,
+    - :math:`L_0` (Gaussian) :math:`= \tfrac12\sum_d \big[\log 2\pi\sigma_1^2 + \frac{((1 - c m) x_0 - d)^2 + c^2 s^2}{\sigma_1^2}\big]`;
+      discretized: Gauss-Hermite quadrature over :math:`x_1` of the exact bin mass (scipy's ``log_ndtr``),
+    - :math:`L_T = \tfrac12\sum_d \big[s^2 + m^2 x_0^2 - 1 - \log s^2\big]`.
+    """
+    x = x0.detach().double().reshape(x0.shape[0], -1).numpy()
+    T = schedule.num_steps
+    c, d = linear_reverse_coefficients(schedule, a, b, prediction)
+    beta = schedule.betas.numpy()
+    alpha = 1 - beta
+    abar = np.cumprod(alpha)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    beta_tilde = beta * (1 - abar_prev) / (1 - abar)
+    sigma2 = np.concatenate([[beta_tilde[1]], (beta_tilde if variance == "small" else beta)[1:]])
+    A = np.sqrt(abar_prev) * beta / (1 - abar)
+    B = np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    m, s2 = np.sqrt(abar), 1 - abar
+    terms = np.zeros((x.shape[0], T + 1))
+    for t in range(2, T + 1):
+        i = t - 1
+        bias = A[i] * x - d[i] + (B[i] - c[i]) * m[i] * x
+        quad = (bias**2 + (B[i] - c[i]) ** 2 * s2[i]) / sigma2[i]
+        terms[:, t - 1] = 0.5 * (np.log(sigma2[i] / beta_tilde[i]) + beta_tilde[i] / sigma2[i] - 1 + quad).sum(1)
+    if levels is None:
+        quad = (((1 - c[0] * m[0]) * x - d[0]) ** 2 + c[0] ** 2 * s2[0]) / sigma2[0]
+        terms[:, 0] = 0.5 * (np.log(2 * math.pi * sigma2[0]) + quad).sum(1)
+    else:
+        z, w = np.polynomial.hermite_e.hermegauss(quadrature_points)
+        w = w / w.sum()
+        mean = (c[0] * m[0] * x + d[0])[..., None] + c[0] * math.sqrt(s2[0]) * z
+        sd, h = math.sqrt(sigma2[0]), 1 / (levels - 1)
+        upper = np.where(x[..., None] > 1 - h / 2, np.inf, (x[..., None] + h - mean) / sd)
+        lower = np.where(x[..., None] < -1 + h / 2, -np.inf, (x[..., None] - h - mean) / sd)
+        flip = lower > 0
+        lo, hi = np.where(flip, -upper, lower), np.where(flip, -lower, upper)
+        log_mass = log_ndtr(hi) + np.log1p(-np.exp(log_ndtr(lo) - log_ndtr(hi)))
+        terms[:, 0] = -(log_mass * w).sum(-1).sum(1)
+    terms[:, T] = 0.5 * (s2[-1] + m[-1] ** 2 * x**2 - 1 - np.log(s2[-1])).sum(1)
+    return terms

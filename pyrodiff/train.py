@@ -1,0 +1,216 @@
+"""The training loop: the ELBO of the Pyro program as an ``nn.Module``, a torch optimiser, checkpoints.
+
+``Trace_ELBO()(model, guide)`` (or ``TraceMeanField_ELBO``, the default: analytic per-timestep KLs)
+turns the model and guide into a module whose output is the loss; it is minimised with AdamW,
+linear learning-rate warm-up, gradient-norm clipping and an exponential moving average (EMA) of the
+weights, used for evaluation and sampling.  Checkpoints are atomic and hold every state needed to
+resume exactly: network, EMA, optimiser, scheduler, step, loss history and the random-number
+states of Pyro (torch's global generator) and of the data order.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .evaluate import BoundEstimate, estimate_bound
+from .objectives import objective_weights, reweight
+from .plots import save_samples_figure
+from .spec import Built, build
+
+__all__ = ["train", "TrainingError", "TrainResult", "load_trained"]
+
+CHECKPOINT = "checkpoint.pt"
+ESTIMATORS = {"mean_field": TraceMeanField_ELBO, "trace": Trace_ELBO}
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite loss (the last good checkpoint is kept)."""
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    samples: Path
+    test_bound: BoundEstimate
+    steps: int
+    seconds: float
+
+
+def _optimizer(params, tr: dict, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"], **kwargs)
+
+
+def _rng_state(data_generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, data_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    data_generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    spec: dict,
+    out_dir: str | Path,
+    steps: int | None = None,
+    device: str = "cpu",
+    seed: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data_root: str | Path | None = None,
+    num_samples: int | None = None,
+) -> TrainResult:
+    """Train the model of ``spec``, writing ``checkpoint.pt``, ``losses.csv``, ``test_bound.json`` and
+    ``samples.png`` to ``out_dir``.  ``steps`` and ``seed`` override the specification's."""
+    spec = copy.deepcopy(spec)
+    tr = spec["training"]
+    if steps is not None:
+        tr["steps"] = steps
+    if seed is not None:
+        tr["seed"] = seed
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if not resume and ckpt_path.exists():
+        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+
+    torch.manual_seed(tr["seed"])
+    pyro.set_rng_seed(tr["seed"])
+    built = build(spec, data_root)
+    model = built.model.to(device)
+    train_data = built.data.train.to(device)
+    optimizer = _optimizer(model.parameters(), tr, device)
+    warmup = max(1, tr["warmup_steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    ema = AveragedModel(model.network, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True)
+    data_generator = torch.Generator().manual_seed(tr["seed"])
+    losses: list[float] = []
+    start = 0
+
+    if resume:
+        state = load_checkpoint(ckpt_path, spec, map_location=device)
+        model.network.load_state_dict(state["network"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], data_generator)
+        losses = list(state["losses"])
+        start = state["step"]
+
+    model_fn, guide_fn = model, built.guide
+    if tr["objective"] != "elbo":
+        weights = objective_weights(built.schedule, tr["objective"], model.variance)
+        model_fn, guide_fn = reweight(model, weights), reweight(built.guide, weights)
+    if tr["estimator"] not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {tr['estimator']!r}: {sorted(ESTIMATORS)}")
+    loss_module = ESTIMATORS[tr["estimator"]]()(model_fn, guide_fn)
+    k = tr["subsample_steps"]
+    B = tr["batch_size"]
+    dims = train_data[0].numel()
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "spec": spec,
+                "step": step,
+                "network": model.network.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(data_generator),
+                "losses": losses,
+            },
+        )
+        _write_losses(out / "losses.csv", losses)
+
+    began = time.time()
+    bar = tqdm(range(start, tr["steps"]), initial=start, total=tr["steps"], disable=not progress, desc="train", mininterval=1.0)
+    running = None
+    for step in bar:
+        index = torch.randint(len(train_data), (B,), generator=data_generator).to(device)
+        loss = loss_module(train_data[index], k) / B
+        if not torch.isfinite(loss):
+            bar.close()
+            kept = f"the last good checkpoint ({ckpt_path}, step {start}) is kept" if ckpt_path.exists() else "no checkpoint was written yet"
+            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped, {kept}")
+        optimizer.zero_grad(set_to_none=True)
+        (loss / dims).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        ema.update_parameters(model.network)
+        losses.append(loss.item())
+        running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
+        bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+        if (step + 1) % tr["checkpoint_every"] == 0:
+            checkpoint(step + 1)
+            start = step + 1
+    bar.close()
+    checkpoint(tr["steps"])
+    seconds = time.time() - began
+
+    trained = model.with_network(ema.module).eval()
+    test = built.data.test[: tr["eval_examples"]].to(device)
+    bound = estimate_bound(trained, built.guide, test, tr["eval_subsample_steps"])
+    report = {
+        "spec": spec["name"],
+        "steps": tr["steps"],
+        "train_seconds_this_run": seconds,
+        "test_examples": bound.num_examples,
+        "subsample_steps": tr["eval_subsample_steps"],
+        "negative_elbo_nats": bound.nats,
+        "negative_elbo_stderr": bound.stderr,
+        "bits_per_dim": bound.bits_per_dim,
+        "bits_per_dim_stderr": bound.bits_per_dim_stderr,
+        "decoder": model.decoder,
+        "levels": model.levels,
+    }
+    (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
+    samples_path = out / "samples.png"
+    n = num_samples or (64 if train_data.dim() == 4 else 2000)
+    save_samples_figure(trained.sample(n), samples_path, data=built.data.test, title=f"{spec['name']}: {tr['steps']} steps")
+    return TrainResult(ckpt_path, samples_path, bound, tr["steps"], seconds)
+
+
+def _write_losses(path: Path, losses: list[float]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss_nats_per_example"])
+        w.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
+    tmp.replace(path)
+
+
+def load_trained(checkpoint_path: str | Path, device: str = "cpu", data_root=None) -> tuple[Built, torch.nn.Module]:
+    """The specification's objects and the EMA-weighted model of a checkpoint."""
+    state = load_checkpoint(checkpoint_path, map_location=device)
+    built = build(state["spec"], data_root)
+    ema = AveragedModel(built.model.network, multi_avg_fn=get_ema_multi_avg_fn(state["spec"]["training"]["ema_decay"]), use_buffers=True)
+    try:
+        ema.load_state_dict(state["ema"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {checkpoint_path} does not fit its specification's network: {e}") from e
+    return built, built.model.with_network(ema.module).to(device).eval()
+
+
