@@ -7,6 +7,8 @@ evidence lower bound as a hierarchical VAE with a fixed encoder.  See ``MATH.md`
 
 from .decoders import DiscretizedGaussian
 from .forward import DiffusionGuide, ForwardChain, PosteriorChain
+from .networks import MLPDenoiser, UNet
+from .objectives import objective_weights, reweight
 from .reverse import DiffusionModel, ReverseChain
 from .schedule import NoiseSchedule
 
@@ -15,8 +17,12 @@ __all__ = [
     "DiffusionModel",
     "DiscretizedGaussian",
     "ForwardChain",
+    "MLPDenoiser",
     "NoiseSchedule",
     "PosteriorChain",
     "ReverseChain",
+    "UNet",
+    "objective_weights",
+    "reweight",
 ]
 __version__ = "0.1.0"

@@ -19,7 +19,9 @@ def _train(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.config)
     out = Path(args.out or Path("runs") / spec["name"])
-    result = train(spec, out, steps=args.steps, device=args.device, seed=args.seed, resume=args.resume, data_root=args.data_root)
+    result = train(
+        spec, out, steps=args.steps, device=args.device, seed=args.seed, resume=args.resume, data_root=args.data_root
+    )
     b = result.test_bound
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")

@@ -82,7 +82,12 @@ def _two_d(generator, num_train: int = 20000, num_test: int = 5000):
     def load(root: Path | None) -> Dataset:
         train = generator(num_train, np.random.default_rng(0))
         test = generator(num_test, np.random.default_rng(1))
-        return Dataset(generator.__name__.lstrip("_"), torch.tensor(train, dtype=torch.float32), torch.tensor(test, dtype=torch.float32), None)
+        return Dataset(
+            generator.__name__.lstrip("_"),
+            torch.tensor(train, dtype=torch.float32),
+            torch.tensor(test, dtype=torch.float32),
+            None,
+        )
 
     return load
 

@@ -81,7 +81,9 @@ class DiscretizedGaussian(TorchDistribution):
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """A Gaussian draw rounded to the nearest level (the bin it falls in), clamped to [-1, 1]."""
         shape = self._extended_shape(sample_shape)
-        x = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        x = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(
+            shape, dtype=self.loc.dtype, device=self.loc.device
+        )
         index = ((x.clamp(-1, 1) + 1) / (2 * self.half_width)).round()
         return index * 2 * self.half_width - 1
 

@@ -26,10 +26,13 @@ def _per_example(value: torch.Tensor, site: dict) -> torch.Tensor:
     frame = next(f for f in site["cond_indep_stack"] if f.name == "data")
     value = value.expand(site["fn"].batch_shape) if value.dim() < len(site["fn"].batch_shape) else value
     dim = value.dim() + frame.dim
-    return value.sum(tuple(d for d in range(value.dim()) if d != dim))
+    others = tuple(d for d in range(value.dim()) if d != dim)
+    return value.sum(others) if others else value  # (sum over an empty tuple would reduce every dim)
 
 
-def negative_elbo_per_example(model, guide, x0: torch.Tensor, subsample_steps: int | None = None, analytic: bool = True) -> torch.Tensor:
+def negative_elbo_per_example(
+    model, guide, x0: torch.Tensor, subsample_steps: int | None = None, analytic: bool = True
+) -> torch.Tensor:
     """One draw of each example's negative ELBO, shape ``(N,)`` (nats)."""
     guide_trace = poutine.trace(guide).get_trace(x0, subsample_steps)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x0, subsample_steps)
@@ -69,7 +72,9 @@ class BoundEstimate:
 
 
 @torch.no_grad()
-def estimate_bound(model, guide, data: torch.Tensor, subsample_steps: int | None, batch_size: int = 256) -> BoundEstimate:
+def estimate_bound(
+    model, guide, data: torch.Tensor, subsample_steps: int | None, batch_size: int = 256
+) -> BoundEstimate:
     """The negative ELBO of ``data`` (one draw per example, analytic KLs), averaged over examples;
     with ``subsample_steps`` it is the unbiased subsampled estimate, whose extra variance the
     standard error (across examples) includes."""

@@ -63,9 +63,10 @@ def q_posterior(
     \frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t} x_t`.  At ``t = 1`` the variance is 0."""
     c = schedule.coefficients(xt.device, xt.dtype)
     event_dim = xt.dim() - t.dim()
-    loc = at_timesteps(c.posterior_mean_coef_x0, t, event_dim) * x0 + at_timesteps(
-        c.posterior_mean_coef_xt, t, event_dim
-    ) * xt
+    loc = (
+        at_timesteps(c.posterior_mean_coef_x0, t, event_dim) * x0
+        + at_timesteps(c.posterior_mean_coef_xt, t, event_dim) * xt
+    )
     return loc, at_timesteps(c.posterior_variance, t, event_dim)
 
 
@@ -112,7 +113,9 @@ class _ChainBase(TorchDistribution):
         ``step=-1`` gives row k -> x_{k-1} (first row x_0)."""
         time_dim = value.dim() - self.event_dim - 2
         if step > 0:
-            return torch.cat([value.narrow(time_dim, 1, value.size(time_dim) - 1), value.narrow(time_dim, -1, 1)], time_dim)
+            return torch.cat(
+                [value.narrow(time_dim, 1, value.size(time_dim) - 1), value.narrow(time_dim, -1, 1)], time_dim
+            )
         x0 = self.x0.expand(value.shape[:time_dim] + (1,) + value.shape[time_dim + 1 :])
         return torch.cat([x0, value.narrow(time_dim, 0, value.size(time_dim) - 1)], time_dim)
 

@@ -64,7 +64,11 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x).reshape(B, C, H * W)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W).unbind(1)
+        q, k, v = (
+            self.qkv(self.norm(x).reshape(B, C, H * W))
+            .reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+            .unbind(1)
+        )
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H * W)).reshape(B, C, H, W)
 
@@ -139,7 +143,9 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"UNet(in_channels={self.in_channels}) needs input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"UNet(in_channels={self.in_channels}) needs input (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
         factor = 2 ** (self.num_levels - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"the image side must be divisible by {factor} for this UNet, got {tuple(x.shape[-2:])}")
@@ -177,7 +183,10 @@ class MLPDenoiser(nn.Module):
         self.inp = nn.Linear(dim, hidden)
         self.time = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.layers = nn.ModuleList(
-            [nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth)]
+            [
+                nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+                for _ in range(depth)
+            ]
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
 

@@ -29,7 +29,9 @@ OBJECTIVES = ("elbo", "simple", "min_snr")
 _STEP_SITES = ("x_t", "x_{t-1}", "x_0")
 
 
-def objective_weights(schedule: NoiseSchedule, objective: str, variance: str = "small", gamma: float = 5.0) -> torch.Tensor:
+def objective_weights(
+    schedule: NoiseSchedule, objective: str, variance: str = "small", gamma: float = 5.0
+) -> torch.Tensor:
     r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1), for reverse variances ``variance``."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")

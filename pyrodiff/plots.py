@@ -14,7 +14,9 @@ import torch  # noqa: E402
 __all__ = ["save_samples_figure"]
 
 
-def save_samples_figure(samples: torch.Tensor, path: str | Path, data: torch.Tensor | None = None, title: str = "") -> None:
+def save_samples_figure(
+    samples: torch.Tensor, path: str | Path, data: torch.Tensor | None = None, title: str = ""
+) -> None:
     """Write ``samples`` (images ``(N, C, H, W)`` in [-1, 1], or points ``(N, 2)``) as a PNG to ``path``."""
     samples = samples.detach().float().cpu()
     fig = _image_grid(samples) if samples.dim() == 4 else _scatter(samples, data)
@@ -33,12 +35,18 @@ def _image_grid(images: torch.Tensor):
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     C, H, W = images.shape[1:]
-    grid = torch.ones(rows * (H + 1) + 1, cols * (W + 1) + 1, C)
+    grid = torch.full((rows * (H + 1) + 1, cols * (W + 1) + 1, C), 0.3)  # light grey spacers
     for i, img in enumerate(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)):
         r, c = divmod(i, cols)
         grid[1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = img
     fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
-    ax.imshow(grid.squeeze(-1).numpy() if C == 1 else grid.numpy(), cmap="gray_r" if C == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(
+        grid.squeeze(-1).numpy() if C == 1 else grid.numpy(),
+        cmap="gray_r" if C == 1 else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
     ax.axis("off")
     return fig
 

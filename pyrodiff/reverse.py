@@ -183,7 +183,9 @@ class DiffusionModel(nn.Module):
         if self.data_shape is None:
             self.data_shape = tuple(x0.shape[1:])
         elif tuple(x0.shape[1:]) != self.data_shape:
-            raise ValueError(f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}")
+            raise ValueError(
+                f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}"
+            )
         if not torch.isfinite(x0).all():
             raise ValueError("data contains NaN or infinite values")
         if self.decoder == "discretized":
@@ -257,7 +259,9 @@ class ReverseChain(TorchDistribution):
         r"""Algorithm 2 of Ho et al. (2020): :math:`x_T \sim N(0, I)`, then
         :math:`x_{t-1} = \mu_\theta(x_t, t) + \sigma_t z` for t = T..2."""
         if sample_shape:
-            raise NotImplementedError("ancestral sampling is not vectorised over particles; use Predictive(parallel=False)")
+            raise NotImplementedError(
+                "ancestral sampling is not vectorised over particles; use Predictive(parallel=False)"
+            )
         T, N = self.batch_shape
         x = torch.randn((N,) + self.event_shape, device=self.device, dtype=self.dtype)
         path, means = [x], []

@@ -53,9 +53,7 @@ class NoiseSchedule:
         outside = (betas <= 0) | (betas >= 1)
         if outside.any():
             bad = int(torch.nonzero(outside)[0]) + 1
-            raise ValueError(
-                f"invalid schedule: beta_{bad} = {betas[bad - 1].item()!r} is not strictly inside (0, 1)"
-            )
+            raise ValueError(f"invalid schedule: beta_{bad} = {betas[bad - 1].item()!r} is not strictly inside (0, 1)")
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, 0)
         log_snr = torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
@@ -143,9 +141,7 @@ class NoiseSchedule:
                 "reverse_variance_small",
                 "reverse_variance_large",
             )
-            self._cache[key] = SimpleNamespace(
-                **{n: getattr(self, n).to(device=key[0], dtype=dtype) for n in names}
-            )
+            self._cache[key] = SimpleNamespace(**{n: getattr(self, n).to(device=key[0], dtype=dtype) for n in names})
         return self._cache[key]
 
     def to_dict(self) -> dict:

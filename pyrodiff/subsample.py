@@ -43,7 +43,11 @@ class _Subsample(_PyroSubsample):
 
 def check_subsample_steps(subsample_steps: int, num_steps: int) -> None:
     """Refuse a number of steps per example outside 1..T."""
-    if isinstance(subsample_steps, bool) or not isinstance(subsample_steps, int) or not 1 <= subsample_steps <= num_steps:
+    if (
+        isinstance(subsample_steps, bool)
+        or not isinstance(subsample_steps, int)
+        or not 1 <= subsample_steps <= num_steps
+    ):
         raise ValueError(f"subsample_steps must be an integer in 1..T = 1..{num_steps}, got {subsample_steps!r}")
 
 

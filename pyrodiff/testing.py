@@ -88,7 +88,9 @@ class LinearDenoiser(nn.Module):
 def linear_denoisers(num_steps: int, dtype: torch.dtype = torch.float64) -> st.SearchStrategy[LinearDenoiser]:
     """Linear denoisers with coefficients in [-1, 1]."""
     coef = arrays(np.float64, num_steps, elements=st.floats(-1, 1))
-    return st.builds(lambda a, b: LinearDenoiser(num_steps, torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)), coef, coef)
+    return st.builds(
+        lambda a, b: LinearDenoiser(num_steps, torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)), coef, coef
+    )
 
 
 def linear_reverse_coefficients(schedule: NoiseSchedule, a, b, prediction: str) -> tuple[np.ndarray, np.ndarray]:

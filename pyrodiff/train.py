@@ -145,14 +145,20 @@ def train(
         _write_losses(out / "losses.csv", losses)
 
     began = time.time()
-    bar = tqdm(range(start, tr["steps"]), initial=start, total=tr["steps"], disable=not progress, desc="train", mininterval=1.0)
+    bar = tqdm(
+        range(start, tr["steps"]), initial=start, total=tr["steps"], disable=not progress, desc="train", mininterval=1.0
+    )
     running = None
     for step in bar:
         index = torch.randint(len(train_data), (B,), generator=data_generator).to(device)
         loss = loss_module(train_data[index], k) / B
         if not torch.isfinite(loss):
             bar.close()
-            kept = f"the last good checkpoint ({ckpt_path}, step {start}) is kept" if ckpt_path.exists() else "no checkpoint was written yet"
+            kept = (
+                f"the last good checkpoint ({ckpt_path}, step {start}) is kept"
+                if ckpt_path.exists()
+                else "no checkpoint was written yet"
+            )
             raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped, {kept}")
         optimizer.zero_grad(set_to_none=True)
         (loss / dims).backward()
@@ -189,7 +195,9 @@ def train(
     (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
     samples_path = out / "samples.png"
     n = num_samples or (64 if train_data.dim() == 4 else 2000)
-    save_samples_figure(trained.sample(n), samples_path, data=built.data.test, title=f"{spec['name']}: {tr['steps']} steps")
+    save_samples_figure(
+        trained.sample(n), samples_path, data=built.data.test, title=f"{spec['name']}: {tr['steps']} steps"
+    )
     return TrainResult(ckpt_path, samples_path, bound, tr["steps"], seconds)
 
 
@@ -206,11 +214,11 @@ def load_trained(checkpoint_path: str | Path, device: str = "cpu", data_root=Non
     """The specification's objects and the EMA-weighted model of a checkpoint."""
     state = load_checkpoint(checkpoint_path, map_location=device)
     built = build(state["spec"], data_root)
-    ema = AveragedModel(built.model.network, multi_avg_fn=get_ema_multi_avg_fn(state["spec"]["training"]["ema_decay"]), use_buffers=True)
+    ema = AveragedModel(
+        built.model.network, multi_avg_fn=get_ema_multi_avg_fn(state["spec"]["training"]["ema_decay"]), use_buffers=True
+    )
     try:
         ema.load_state_dict(state["ema"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not fit its specification's network: {e}") from e
     return built, built.model.with_network(ema.module).to(device).eval()
-
-
