@@ -38,7 +38,6 @@ DEFAULT_TRAINING = {
     "objective": "elbo",
     "subsample_steps": 1,
     "checkpoint_every": 500,
-    "eval_subsample_steps": 20,
     "eval_examples": 2000,
     "seed": 0,
 }

@@ -24,7 +24,6 @@ TINY_2D = normalise(
             "batch_size": 16,
             "checkpoint_every": 4,
             "eval_examples": 32,
-            "eval_subsample_steps": 2,
         },
     }
 )
@@ -35,7 +34,7 @@ TINY_DIGITS = normalise(
         "schedule": {"kind": "cosine", "num_steps": 10},
         "model": {"prediction": "v", "decoder": "discretized"},
         "network": {"kind": "unet", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1},
-        "training": {"steps": 3, "batch_size": 4, "eval_examples": 4, "eval_subsample_steps": 1, "objective": "simple"},
+        "training": {"steps": 3, "batch_size": 4, "eval_examples": 4, "objective": "simple"},
     }
 )
 
@@ -46,7 +45,7 @@ def test_train_writes_everything(tmp_path):
         assert (tmp_path / name).exists()
     state = load_checkpoint(result.checkpoint, TINY_DIGITS)
     assert state["step"] == 3 and len(state["losses"]) == 3
-    assert np.isfinite(result.test_bound.bits_per_dim)
+    assert np.isfinite(result.test_bound["bits_per_dim"])
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -123,7 +122,7 @@ def test_cli_train_and_sample(tmp_path, capsys):
     spec_file.write_text(
         '[data]\nname = "gaussians8"\n[schedule]\nnum_steps = 10\n[model]\ndecoder = "gaussian"\n'
         '[network]\nkind = "mlp"\nhidden = 8\ndepth = 1\n'
-        "[training]\nsteps = 2\nbatch_size = 8\neval_examples = 16\neval_subsample_steps = 2\n"
+        "[training]\nsteps = 2\nbatch_size = 8\neval_examples = 16\n"
     )
     out = tmp_path / "run"
     assert cli.main(["train", "--config", str(spec_file), "--out", str(out), "--seed", "3"]) == 0

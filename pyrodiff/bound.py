@@ -1,0 +1,190 @@
+r"""The bound, term by term: :math:`L_0, \dots, L_T` (MATH.md, "The bound") for every example.
+
+:func:`bound_terms` computes, for S independent draws of the noisy inputs and N examples,
+
+- :math:`L_T = \mathrm{KL}(q(x_T \mid x_0) \,\|\, N(0, I))`, exact;
+- :math:`L_{k} = \mathrm{KL}(q(x_k \mid x_{k+1}, x_0) \,\|\, p_\theta(x_k \mid x_{k+1}))` for k = 1..T-1,
+  analytic given the draw of :math:`x_{k+1}` (Rao-Blackwellised, as improved-diffusion's ``_vb_terms_bpd``);
+- :math:`L_0 = -\log p_\theta(x_0 \mid x_1)`, at the draw of :math:`x_1`.
+
+Each column is an unbiased estimate of its term.  The draws of :math:`x_t` are either independent per
+timestep from :math:`q(x_t \mid x_0)` (``draws="independent"``, the reference's choice) or one forward
+trajectory per sample (``draws="trajectory"``, what ``Trace_ELBO`` uses).  Timesteps are processed in
+chunks: one batched network call per chunk, memory independent of T, on the model's device.  Along the
+way :math:`\hat x_0(x_t)` is kept for progressive decoding (Ho et al. 2020, section 4.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pyro.poutine.util import prune_subsample_sites
+
+from .forward import q_marginal, q_posterior
+from .gaussian import normal_kl
+from .reverse import DiffusionModel
+
+__all__ = ["bound_terms", "BoundTerms", "trace_terms"]
+
+DRAWS = ("trajectory", "independent")
+
+
+@dataclass
+class BoundTerms:
+    r"""Per-term draws of the bound.
+
+    ``nats[s, n, k]`` is draw s of :math:`L_k` for example n (nats); ``x0_sq_error[s, n, t - 1]`` is the
+    squared error :math:`\|\hat x_0(x_t) - x_0\|^2` (summed over dimensions, data scale [-1, 1]) of the
+    prediction of :math:`x_0` from the same draw of :math:`x_t`.
+    """
+
+    nats: torch.Tensor
+    x0_sq_error: torch.Tensor
+    dims: int
+    decoder: str
+    levels: int | None
+
+    @property
+    def num_steps(self) -> int:
+        return self.nats.shape[-1] - 1
+
+    @property
+    def total(self) -> torch.Tensor:
+        r"""The negative ELBO of each draw and example, shape ``(S, N)``."""
+        return self.nats.sum(-1)
+
+    @property
+    def rate(self) -> torch.Tensor:
+        r""":math:`L_1 + \dots + L_T`, shape ``(S, N)``."""
+        return self.nats[..., 1:].sum(-1)
+
+    @property
+    def distortion(self) -> torch.Tensor:
+        r""":math:`L_0`, shape ``(S, N)``."""
+        return self.nats[..., 0]
+
+    def to_bits_per_dim(self, nats: torch.Tensor) -> torch.Tensor:
+        """nats per example -> bits per dimension, ``nats / (D ln 2)``."""
+        return nats / (self.dims * math.log(2))
+
+    @property
+    def bits_per_dim(self) -> torch.Tensor:
+        """Every term in bits/dim, shape ``(S, N, T + 1)``."""
+        return self.to_bits_per_dim(self.nats)
+
+    @property
+    def is_8bit_scale(self) -> bool:
+        """Whether bits/dim is comparable with published 8-bit figures (discretized decoder, 256 levels)."""
+        return self.decoder == "discretized" and self.levels == 256
+
+    def mean(self) -> torch.Tensor:
+        """Mean of each term over draws and examples, ``(T + 1,)`` nats."""
+        return self.nats.mean((0, 1))
+
+    def stderr(self) -> torch.Tensor:
+        """Standard error of :meth:`mean` for each term: examples are independent, so it is the standard
+        deviation across examples of their per-example means over draws, over sqrt(N)."""
+        return _stderr_over_examples(self.nats)
+
+    def total_stderr(self) -> float:
+        return float(_stderr_over_examples(self.total.unsqueeze(-1))[0])
+
+
+def _stderr_over_examples(values: torch.Tensor) -> torch.Tensor:
+    per_example = values.double().mean(0)  # (N, K)
+    n = per_example.shape[0]
+    if n < 2:
+        # one example: the Monte Carlo error across draws is all there is
+        s = values.shape[0]
+        return values.double().std(0)[0] / math.sqrt(s) if s > 1 else torch.full(values.shape[2:], float("nan"))
+    return per_example.std(0) / math.sqrt(n)
+
+
+@torch.no_grad()
+def bound_terms(
+    model: DiffusionModel,
+    x0: torch.Tensor,
+    num_samples: int = 1,
+    draws: str = "independent",
+    chunk_size: int = 100,
+) -> BoundTerms:
+    r"""Draws of every term :math:`L_0 .. L_T` of the bound for the examples ``x0``: see the module docstring.
+
+    :param model: the reverse chain (its network is evaluated in chunks of ``chunk_size`` timesteps).
+    :param x0: data ``(N, *D)`` on the model's device.
+    :param num_samples: S, independent draws of the noisy inputs.
+    :param draws: ``"independent"`` per timestep, or ``"trajectory"`` (one forward path per draw).
+    :param chunk_size: timesteps per network call (memory grows with ``chunk_size * N``, not with T).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if draws not in DRAWS:
+        raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
+    model.check_data(x0)
+    if x0.shape[0] == 0:
+        raise ValueError("no examples to decompose the bound of")
+    schedule, T, N = model.schedule, model.schedule.num_steps, x0.shape[0]
+    event_dim = x0.dim() - 1
+    c = schedule.coefficients(x0.device, x0.dtype)
+    sum_event = tuple(range(-event_dim, 0))
+    nats = x0.new_empty(num_samples, N, T + 1)
+    sq_error = x0.new_empty(num_samples, N, T)
+    m_T, v_T = q_marginal(schedule, x0, torch.full((N,), T, device=x0.device))
+    nats[:, :, T] = normal_kl(m_T, v_T, torch.zeros_like(x0), torch.ones_like(v_T), event_dim)
+    for s in range(num_samples):
+        scaled_sum = x0.clone()  # x_t / sqrt(abar_t) = x_0 + sum_{u <= t} sqrt(beta_u / abar_u) eps_u
+        for start in range(1, T + 1, chunk_size):
+            t = torch.arange(start, min(start + chunk_size, T + 1), device=x0.device)
+            K = t.numel()
+            tt = t[:, None].expand(K, N)
+            x0k = x0.expand((K,) + x0.shape)
+            if draws == "independent":
+                loc, var = q_marginal(schedule, x0k, tt)
+                xt = loc + var.sqrt() * torch.randn_like(x0k)
+            else:
+                view = (K,) + (1,) * (event_dim + 1)
+                eps = torch.randn_like(x0k) * (c.betas[t - 1] / c.alphas_cumprod[t - 1]).sqrt().reshape(view)
+                path = scaled_sum + eps.cumsum(0)
+                scaled_sum = path[-1]
+                xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
+            mean, x0_hat = model.predict(xt, tt)
+            _check_finite(mean, t)
+            var_p = model.reverse_variance(tt, xt)
+            sq_error[s, :, t - 1] = (x0_hat - x0k).pow(2).sum(sum_event).T
+            # L_{t-1} for t >= 2 in this chunk
+            kl_rows = t >= 2
+            if kl_rows.any():
+                loc_q, var_q = q_posterior(schedule, x0k[kl_rows], xt[kl_rows], tt[kl_rows])
+                kl = normal_kl(loc_q, var_q, mean[kl_rows], var_p[kl_rows], event_dim)
+                nats[s, :, t[kl_rows] - 1] = kl.T
+            if start == 1:  # L_0 from the draw of x_1
+                decoder = model.decoder_distribution(mean[0], var_p[0], event_dim)
+                nats[s, :, 0] = -decoder.log_prob(x0)
+    _check_finite(nats.transpose(0, 2), torch.arange(T + 1, device=x0.device) + 1)
+    return BoundTerms(nats, sq_error, int(x0[0].numel()), model.decoder, model.levels)
+
+
+def _check_finite(values: torch.Tensor, t: torch.Tensor) -> None:
+    """Refuse non-finite values along the leading (timestep) dim of ``values``, naming the term
+    :math:`L_{t-1}` they feed."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+    if bad.any():
+        k = int(t[bad][0]) - 1
+        raise FloatingPointError(
+            f"the term L_{k} of the bound is not finite (the network's output or the data is broken there)"
+        )
+
+
+def trace_terms(model_trace, guide_trace) -> torch.Tensor:
+    r"""The same terms read off one pair of full-chain traces (single-sample, not Rao-Blackwellised):
+    column k of the result, shape ``(N, T + 1)``, is :math:`\log q - \log p` of row k of the site
+    ``"x_{1:T}"`` (k = 1..T) and column 0 is :math:`-\log p_\theta(x_0 \mid x_1)`.  Their sum over k is
+    exactly the loss of ``Trace_ELBO`` on the same traces."""
+    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    for tr in (model_trace, guide_trace):
+        tr.compute_log_prob()
+    chain = guide_trace.nodes["x_{1:T}"]["log_prob"] - model_trace.nodes["x_{1:T}"]["log_prob"]  # (T, N)
+    decoder = -model_trace.nodes["x_0"]["log_prob"]
+    return torch.cat([decoder.unsqueeze(-1), chain.T], dim=-1)

@@ -1,0 +1,148 @@
+"""The decomposition of the bound: closed forms, the trace identity, draws, reports."""
+
+import json
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
+from pyrodiff.bound import bound_terms, trace_terms
+from pyrodiff.report import progressive_rate_distortion, write_report
+from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
+
+T = 8
+SCHEDULE = NoiseSchedule.linear(T, 0.02, 0.4)
+
+
+def _model(prediction="epsilon", variance="small", decoder="gaussian"):
+    g = torch.Generator().manual_seed(3)
+    a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.4
+    levels = 9 if decoder == "discretized" else None
+    model = DiffusionModel(LinearDenoiser(T, a, b), SCHEDULE, prediction, variance, decoder, levels)
+    if levels:
+        x0 = (torch.randint(0, levels, (4, 3), generator=g) * 2 / (levels - 1) - 1).double()
+    else:
+        x0 = torch.rand(4, 3, generator=g, dtype=torch.float64) * 2 - 1
+    return model, x0, linear_elbo_terms(SCHEDULE, a.numpy(), b.numpy(), x0, prediction, variance, levels)
+
+
+@pytest.mark.parametrize("draws", ["independent", "trajectory"])
+@pytest.mark.parametrize(
+    "prediction, variance, decoder",
+    [("epsilon", "small", "gaussian"), ("v", "large", "gaussian"), ("x0", "small", "discretized")],
+)
+def test_every_term_agrees_with_its_closed_form(draws, prediction, variance, decoder, float64):
+    model, x0, exact = _model(prediction, variance, decoder)
+    pyro.set_rng_seed(1)
+    terms = bound_terms(model, x0, num_samples=400, draws=draws, chunk_size=3)
+    assert terms.nats.shape == (400, 4, T + 1)
+    mean = terms.nats.mean(0).numpy()  # (N, T + 1), per example and term
+    stderr = terms.nats.std(0).numpy() / np.sqrt(400)
+    exact_terms = exact
+    deterministic = stderr < 1e-12  # L_T is exact
+    assert np.allclose(mean[deterministic], exact_terms[deterministic], rtol=1e-10)
+    z = np.abs(mean - exact_terms)[~deterministic] / stderr[~deterministic]
+    assert z.max() < 4 + 0.5 * np.log(z.size), z.max()  # 4 SE, widened for the number of terms tested
+
+
+def test_trajectory_and_independent_draws_agree_in_mean(float64):
+    model, x0, _ = _model()
+    pyro.set_rng_seed(2)
+    a = bound_terms(model, x0, 300, "independent").total.mean(0)
+    b = bound_terms(model, x0, 300, "trajectory").total
+    assert (torch.abs(a - b.mean(0)) < 4 * torch.sqrt(b.var(0) / 300 * 2)).all()
+
+
+def test_chunking_does_not_change_the_terms(float64):
+    model, x0, _ = _model()
+    pyro.set_rng_seed(5)
+    a = bound_terms(model, x0, 2, "independent", chunk_size=T)
+    pyro.set_rng_seed(5)
+    b = bound_terms(model, x0, 2, "independent", chunk_size=T)
+    assert torch.equal(a.nats, b.nats)
+    pyro.set_rng_seed(5)
+    c = bound_terms(model, x0, 1, "trajectory", chunk_size=1)
+    assert torch.isfinite(c.nats).all()
+
+
+@pytest.mark.parametrize("order", ["posterior", "forward"])
+def test_trace_terms_sum_to_the_trace_elbo_loss(order, float64):
+    model, x0, exact = _model()
+    guide = DiffusionGuide(SCHEDULE, order)
+    pyro.set_rng_seed(4)
+    gt = poutine.trace(guide).get_trace(x0)
+    mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0)
+    terms = trace_terms(mt, gt)
+    assert terms.shape == (4, T + 1)
+    pyro.set_rng_seed(4)
+    loss = Trace_ELBO(max_plate_nesting=2).loss(model, guide, x0)  # same draws: no extra trace to guess nesting
+    assert terms.sum().item() == pytest.approx(loss, rel=1e-12)
+    # the posterior-order trace terms are single-sample estimates of the same L_k
+    if order == "posterior":
+        draws = []
+        for _ in range(400):
+            gt = poutine.trace(guide).get_trace(x0)
+            draws.append(trace_terms(poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0), gt))
+        draws = torch.stack(draws).detach()
+        z = (draws.mean(0).numpy() - exact) / (draws.std(0).numpy() / 20)
+        assert np.abs(z).max() < 4 + 0.5 * np.log(z.size)
+
+
+def test_rate_is_monotone_and_report_files(tmp_path, float64):
+    model, x0, _ = _model(decoder="discretized")
+    pyro.set_rng_seed(6)
+    terms = bound_terms(model, x0, num_samples=3)
+    rate, rmse = progressive_rate_distortion(terms)
+    assert (np.diff(rate) >= 0).all()  # every KL term is non-negative
+    assert rmse.shape == (T,)
+    summary = write_report(terms, tmp_path / "r", {"name": "linear"})
+    files = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert files == sorted(
+        [
+            "bound.json",
+            "terms.csv",
+            "summary.md",
+            "terms.png",
+            "cumulative_rate.png",
+            "rate_distortion.png",
+            "rate_distortion.csv",
+        ]
+    )
+    saved = json.loads((tmp_path / "r" / "bound.json").read_text())
+    for key in (
+        "terms_nats",
+        "terms_stderr",
+        "total_nats",
+        "total_stderr",
+        "bits_per_dim",
+        "rate_bits_per_dim",
+        "distortion_bits_per_dim",
+        "num_examples",
+        "num_samples",
+        "decoder",
+        "bits_per_dim_is_8bit_scale",
+        "terms_mcse",
+        "terms_ess",
+    ):
+        assert key in saved
+    assert len(saved["terms_nats"]) == T + 1
+    assert saved["total_nats"] == pytest.approx(sum(saved["terms_nats"]))
+    assert saved["rate_bits_per_dim"] + saved["distortion_bits_per_dim"] == pytest.approx(saved["bits_per_dim"])
+    assert summary["num_samples"] == 3 and summary["num_examples"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
+
+
+def test_bad_input(float64):
+    model, x0, _ = _model()
+    with pytest.raises(ValueError, match="num_samples"):
+        bound_terms(model, x0, num_samples=0)
+    with pytest.raises(ValueError, match="draws"):
+        bound_terms(model, x0, draws="antithetic")
+    broken = DiffusionModel(LinearDenoiser(T, torch.full((T,), float("nan")), torch.zeros(T)), SCHEDULE)
+    with pytest.raises(FloatingPointError, match="L_"):
+        bound_terms(broken, x0)
