@@ -23,8 +23,8 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .bound import bound_terms
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .objectives import objective_weights, reweight
 from .plots import save_samples_figure
 from .spec import Built, build
