@@ -19,14 +19,13 @@ The prior term :math:`L_T` has no parameters and is never reweighted.
 from __future__ import annotations
 
 import torch
-from pyro.poutine.messenger import Messenger
 
 from .schedule import NoiseSchedule
+from .subsample import TimestepWeighting
 
 __all__ = ["OBJECTIVES", "objective_weights", "reweight"]
 
 OBJECTIVES = ("elbo", "simple", "min_snr")
-_STEP_SITES = ("x_t", "x_{t-1}", "x_0")
 
 
 def objective_weights(
@@ -45,29 +44,7 @@ def objective_weights(
     return torch.clamp(snr, max=gamma) / snr / w
 
 
-class ReweightMessenger(Messenger):
-    r"""Scales the per-timestep sites of the subsampled program by :math:`\lambda_t`, read from the
-    timestep site ``"t"`` that precedes them.  The full chain (``subsample_steps=None``) has no
-    per-timestep sites to reweight and is refused."""
-
-    def __init__(self, weights: torch.Tensor) -> None:
-        super().__init__()
-        self.weights = weights
-        self._t: torch.Tensor | None = None
-
-    def _process_message(self, msg) -> None:
-        if msg["name"] == "x_{1:T}":
-            raise ValueError("objectives other than the bound reweight subsampled terms: pass subsample_steps")
-        if msg["name"] in _STEP_SITES and self._t is not None:
-            weights = self.weights.to(self._t.device, torch.get_default_dtype())
-            msg["scale"] = msg["scale"] * weights[self._t - 1]
-
-    def _postprocess_message(self, msg) -> None:
-        if msg["name"] == "t":
-            self._t = msg["value"]
-
-
 def reweight(fn, weights: torch.Tensor):
     r"""``fn`` (the model or the guide) with each drawn term :math:`\ell_t` scaled by ``weights[t - 1]``.
     Wrap model and guide alike so that both sides of every term carry the same weight."""
-    return ReweightMessenger(weights)(fn)
+    return TimestepWeighting(weights)(fn)

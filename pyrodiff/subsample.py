@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample as _PyroSubsample
 
-__all__ = ["draw_timesteps", "step_scale", "check_subsample_steps"]
+__all__ = ["draw_timesteps", "step_scale", "check_subsample_steps", "ImportanceSampler", "TimestepWeighting", "STEP_SITES"]
+
+#: The sites of one drawn term: each carries the weight of its timestep.
+STEP_SITES = ("x_t", "x_{t-1}", "x_0")
 
 
 class _Subsample(_PyroSubsample):
@@ -60,3 +64,103 @@ def draw_timesteps(num_examples: int, subsample_steps: int, num_steps: int, devi
 def step_scale(t: torch.Tensor, num_steps: int) -> float:
     """The weight T/k of each drawn term, which makes the estimate unbiased."""
     return num_steps / t.shape[0]
+
+
+class _Proposal(_Subsample):
+    """k timesteps per example drawn with replacement from probabilities ``probs`` over 1..T."""
+
+    def __init__(self, num_examples: int, subsample_steps: int, probs: torch.Tensor) -> None:
+        super().__init__(num_examples, subsample_steps, probs.numel(), probs.device)
+        self.probs = probs
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        if sample_shape:
+            raise NotImplementedError("timestep subsample sites are not vectorised over particles")
+        k, N = self.subsample_size, self.num_examples
+        return torch.multinomial(self.probs, k * N, replacement=True).reshape(k, N) + 1
+
+
+class ImportanceSampler:
+    r"""Nichol & Dhariwal (2021, section 3.3)'s loss-second-moment sampler of timesteps.
+
+    Keeps the last ``history`` values of each term :math:`\ell_t`; once every t has them, draws t with
+    probability :math:`p(t) \propto \sqrt{E[\ell_t^2]}`, mixed with a fraction ``uniform_mix`` of the
+    uniform law so that every p(t) > 0 (before that it draws uniformly).  Each drawn term is weighted
+    :math:`1 / (k\, p(t))`, which keeps the estimate of :math:`\sum_t \ell_t` unbiased for any p.
+
+    Use it as a handler on model and guide alike, ``sampler(model)``, ``sampler(guide)``, with
+    ``subsample_steps`` given; feed it the drawn terms with :meth:`update` (``pyrodiff train`` does).
+    """
+
+    def __init__(self, num_steps: int, history: int = 10, uniform_mix: float = 1e-3) -> None:
+        self.num_steps = num_steps
+        self.history = history
+        self.uniform_mix = uniform_mix
+        self.values = torch.zeros(num_steps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_steps, dtype=torch.long)
+
+    @property
+    def warm(self) -> bool:
+        return bool((self.counts >= self.history).all())
+
+    def probs(self) -> torch.Tensor:
+        """p(t) for t = 1..T (float64)."""
+        uniform = torch.full((self.num_steps,), 1 / self.num_steps, dtype=torch.float64)
+        if not self.warm:
+            return uniform
+        rms = self.values.pow(2).mean(1).sqrt()
+        return (1 - self.uniform_mix) * rms / rms.sum() + self.uniform_mix * uniform
+
+    def update(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        """Record the values ``terms`` of the drawn terms ``t`` (same shape), oldest out first."""
+        for step, value in zip(t.reshape(-1).tolist(), terms.detach().reshape(-1).double().tolist(), strict=True):
+            i = step - 1
+            self.values[i] = torch.roll(self.values[i], 1)
+            self.values[i, 0] = value
+            self.counts[i] += 1
+
+    def state_dict(self) -> dict:
+        return {"values": self.values.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values, self.counts = state["values"].clone(), state["counts"].clone()
+
+    def __call__(self, fn):
+        return _ImportanceMessenger(self)(fn)
+
+
+class TimestepWeighting(Messenger):
+    r"""Scales the sites of each drawn term (:data:`STEP_SITES`) by ``weights[t - 1]``, with t read from
+    the subsample site ``"t"`` that precedes them.  Wrap model and guide alike.  The full chain has no
+    drawn terms to weight and is refused."""
+
+    def __init__(self, weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weights = weights
+        self._t: torch.Tensor | None = None
+
+    def _process_message(self, msg) -> None:
+        if msg["name"] == "x_{1:T}":
+            raise ValueError("timestep weights apply to subsampled terms: pass subsample_steps")
+        if msg["name"] in STEP_SITES and self._t is not None:
+            msg["scale"] = msg["scale"] * self.weights.to(self._t.device, torch.get_default_dtype())[self._t - 1]
+
+    def _postprocess_message(self, msg) -> None:
+        if msg["name"] == "t":
+            self._t = msg["value"]
+
+
+class _ImportanceMessenger(TimestepWeighting):
+    """Draws the site ``"t"`` from the sampler's p and weights each drawn term by 1 / (T p(t)), which
+    turns the uniform weight T/k into 1 / (k p(t))."""
+
+    def __init__(self, sampler: ImportanceSampler) -> None:
+        super().__init__()
+        self.sampler = sampler
+
+    def _process_message(self, msg) -> None:
+        if msg["name"] == "t":
+            probs = self.sampler.probs().to(msg["fn"].device)
+            self.weights = 1 / (self.sampler.num_steps * probs)
+            msg["fn"] = _Proposal(msg["fn"].num_examples, msg["fn"].subsample_size, probs)
+        super()._process_message(msg)
