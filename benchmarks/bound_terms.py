@@ -82,7 +82,9 @@ def main():
     floor = _median_time(network_forward, device, args.repeats)
     ours = _median_time(lambda: bound_terms(model, x0, chunk_size=args.chunk_size), device, args.repeats)
     loop = _median_time(lambda: loop_terms(model, x0), device, args.repeats)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; N = {N}, T = {T}, digits U-Net")
+    print(
+        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; N = {N}, T = {T}, digits U-Net"
+    )
     print(f"  network forward over N x T inputs   {floor * 1e3:9.1f} ms   ratio 1.000")
     print(f"  bound_terms (chunks of {args.chunk_size:4d} steps) {ours * 1e3:9.1f} ms   ratio {ours / floor:5.3f}")
     print(f"  sequential loop over t, batch N     {loop * 1e3:9.1f} ms   ratio {loop / floor:5.3f}")

@@ -37,7 +37,8 @@ class BoundTerms:
 
     ``nats[s, n, k]`` is draw s of :math:`L_k` for example n (nats); ``x0_sq_error[s, n, t - 1]`` is the
     squared error :math:`\|\hat x_0(x_t) - x_0\|^2` (summed over dimensions, data scale [-1, 1]) of the
-    prediction of :math:`x_0` from the same draw of :math:`x_t`.
+    prediction of :math:`x_0` from the same draw of :math:`x_t`, clipped to [-1, 1] for image data
+    (discretized decoder) as in Ho et al.'s progressive decoding.
     """
 
     nats: torch.Tensor
@@ -108,7 +109,7 @@ def bound_terms(
     x0: torch.Tensor,
     num_samples: int = 1,
     draws: str = "independent",
-    chunk_size: int = 100,
+    chunk_size: int | None = None,
 ) -> BoundTerms:
     r"""Draws of every term :math:`L_0 .. L_T` of the bound for the examples ``x0``: see the module docstring.
 
@@ -116,7 +117,8 @@ def bound_terms(
     :param x0: data ``(N, *D)`` on the model's device.
     :param num_samples: S, independent draws of the noisy inputs.
     :param draws: ``"independent"`` per timestep, or ``"trajectory"`` (one forward path per draw).
-    :param chunk_size: timesteps per network call (memory grows with ``chunk_size * N``, not with T).
+    :param chunk_size: timesteps per network call (memory grows with ``chunk_size * N``, not with T);
+        by default as many as keep one call at about 4096 network inputs.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -126,6 +128,7 @@ def bound_terms(
     if x0.shape[0] == 0:
         raise ValueError("no examples to decompose the bound of")
     schedule, T, N = model.schedule, model.schedule.num_steps, x0.shape[0]
+    chunk_size = chunk_size or max(1, 4096 // N)
     event_dim = x0.dim() - 1
     c = schedule.coefficients(x0.device, x0.dtype)
     sum_event = tuple(range(-event_dim, 0))
@@ -152,6 +155,8 @@ def bound_terms(
             mean, x0_hat = model.predict(xt, tt)
             _check_finite(mean, t)
             var_p = model.reverse_variance(tt, xt)
+            if model.decoder == "discretized":  # image data lie in [-1, 1]: so does a reconstruction
+                x0_hat = x0_hat.clamp(-1, 1)
             sq_error[s, :, t - 1] = (x0_hat - x0k).pow(2).sum(sum_event).T
             # L_{t-1} for t >= 2 in this chunk
             kl_rows = t >= 2

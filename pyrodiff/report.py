@@ -118,6 +118,7 @@ def _plots(terms: BoundTerms, s: dict, folder: Path) -> None:
     ax.errorbar(k, mean * to_bpd, yerr=se * to_bpd, fmt=".", ms=2, elinewidth=0.6, capsize=0)
     ax.set_yscale("log")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(-0.3, terms.num_steps * 1.15)
     ax.set_xlabel("k (L_0 decoder, L_1..L_{T-1} denoising KLs, L_T prior)")
     ax.set_ylabel("L_k (bits/dim)")
     ax.set_title("Terms of the bound, mean +- standard error")
@@ -127,7 +128,7 @@ def _plots(terms: BoundTerms, s: dict, folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     cumulative = np.cumsum((mean * to_bpd)[::-1])[::-1]  # sum_{j >= k} L_j
     ax.plot(k[1:], cumulative[1:])
-    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xscale("log")
     ax.set_xlabel("k")
     ax.set_ylabel("rate sum_{j >= k} L_j (bits/dim)")
     ax.set_title(f"Cumulative rate (total rate {s['rate_bits_per_dim']:.3f} bits/dim)")
@@ -192,7 +193,7 @@ def report_checkpoint(
     max_examples: int | None = None,
     device: str = "cpu",
     data_root: str | Path | None = None,
-    chunk_size: int = 100,
+    chunk_size: int | None = None,
 ) -> tuple[dict, Path]:
     """Decompose the bound of a checkpoint's EMA model on a data split and write the report
     (default folder: ``report-SPLIT`` beside the checkpoint).  Returns the summary and the folder."""

@@ -82,6 +82,9 @@ class DiffusionModel(nn.Module):
         self.decoder = decoder
         self.levels = levels
         self.data_shape = None if data_shape is None else tuple(data_shape)
+        #: if set (e.g. ``torch.bfloat16``), the network runs under autocast to this dtype; its output
+        #: is cast back to the data's dtype, so every log-density stays in full precision
+        self.autocast_dtype: torch.dtype | None = None
 
     def with_network(self, network: nn.Module) -> DiffusionModel:
         """The same model with another network (e.g. the exponential moving average of the weights)."""
@@ -102,7 +105,10 @@ class DiffusionModel(nn.Module):
         flat_x = xt.reshape((-1,) + xt.shape[t.dim() :])
         flat_t = t.reshape(-1)
         try:
-            out = self.network(flat_x, flat_t)
+            with torch.autocast(
+                xt.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+            ):
+                out = self.network(flat_x, flat_t).to(xt.dtype)
         except RuntimeError as e:
             raise ValueError(f"data of shape {tuple(flat_x.shape[1:])} does not fit the network: {e}") from e
         if out.shape != flat_x.shape:

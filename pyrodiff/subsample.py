@@ -19,27 +19,46 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample as _PyroSubsample
 
-__all__ = ["draw_timesteps", "step_scale", "check_subsample_steps", "ImportanceSampler", "TimestepWeighting", "STEP_SITES"]
+__all__ = [
+    "draw_timesteps",
+    "step_scale",
+    "check_subsample_steps",
+    "ImportanceSampler",
+    "TimestepWeighting",
+    "STEP_SITES",
+    "drawn_terms",
+]
 
 #: The sites of one drawn term: each carries the weight of its timestep.
 STEP_SITES = ("x_t", "x_{t-1}", "x_0")
 
 
 class _Subsample(_PyroSubsample):
-    """k distinct timesteps in 1..T for each of N examples, shape ``(k, N)``.
+    """k timesteps in 1..T for each of N examples, shape ``(k, N)``: distinct and uniform, or, given
+    ``probs`` (length T), drawn with replacement from them.
 
     Named ``_Subsample`` on purpose: Pyro recognises subsample sites by this class name
     (``pyro.poutine.util.site_is_subsample``) and prunes them from ELBO traces, with log-density 0.
     """
 
-    def __init__(self, num_examples: int, subsample_steps: int, num_steps: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        num_examples: int,
+        subsample_steps: int,
+        num_steps: int,
+        device: torch.device,
+        probs: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(num_steps, subsample_steps, device=device)
         self.num_examples = num_examples
+        self.probs = probs
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         if sample_shape:
             raise NotImplementedError("timestep subsample sites are not vectorised over particles")
         T, k, N = self.size, self.subsample_size, self.num_examples
+        if self.probs is not None:
+            return torch.multinomial(self.probs, k * N, replacement=True).reshape(k, N) + 1
         if k == 1:
             return torch.randint(1, T + 1, (1, N), device=self.device)
         return torch.rand(N, T, device=self.device).topk(k, dim=1).indices.T + 1
@@ -64,20 +83,6 @@ def draw_timesteps(num_examples: int, subsample_steps: int, num_steps: int, devi
 def step_scale(t: torch.Tensor, num_steps: int) -> float:
     """The weight T/k of each drawn term, which makes the estimate unbiased."""
     return num_steps / t.shape[0]
-
-
-class _Proposal(_Subsample):
-    """k timesteps per example drawn with replacement from probabilities ``probs`` over 1..T."""
-
-    def __init__(self, num_examples: int, subsample_steps: int, probs: torch.Tensor) -> None:
-        super().__init__(num_examples, subsample_steps, probs.numel(), probs.device)
-        self.probs = probs
-
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        if sample_shape:
-            raise NotImplementedError("timestep subsample sites are not vectorised over particles")
-        k, N = self.subsample_size, self.num_examples
-        return torch.multinomial(self.probs, k * N, replacement=True).reshape(k, N) + 1
 
 
 class ImportanceSampler:
@@ -129,6 +134,19 @@ class ImportanceSampler:
         return _ImportanceMessenger(self)(fn)
 
 
+def drawn_terms(model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The drawn timesteps ``t`` and the unweighted values of their terms :math:`\ell_t` (analytic KL for
+    t >= 2, decoder negative log-likelihood at t = 1), both ``(k, N)``, from traces of the subsampled
+    program."""
+    from torch.distributions import kl_divergence
+
+    t = guide_trace.nodes["t"]["value"]
+    kl = kl_divergence(guide_trace.nodes["x_{t-1}"]["fn"], model_trace.nodes["x_{t-1}"]["fn"])
+    decoder = model_trace.nodes["x_0"]
+    nll = -decoder["fn"].log_prob(decoder["value"])
+    return t, torch.where(t == 1, nll, kl).detach()
+
+
 class TimestepWeighting(Messenger):
     r"""Scales the sites of each drawn term (:data:`STEP_SITES`) by ``weights[t - 1]``, with t read from
     the subsample site ``"t"`` that precedes them.  Wrap model and guide alike.  The full chain has no
@@ -162,5 +180,6 @@ class _ImportanceMessenger(TimestepWeighting):
         if msg["name"] == "t":
             probs = self.sampler.probs().to(msg["fn"].device)
             self.weights = 1 / (self.sampler.num_steps * probs)
-            msg["fn"] = _Proposal(msg["fn"].num_examples, msg["fn"].subsample_size, probs)
+            fn = msg["fn"]
+            msg["fn"] = _Subsample(fn.num_examples, fn.subsample_size, fn.size, fn.device, probs)
         super()._process_message(msg)

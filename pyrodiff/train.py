@@ -3,7 +3,9 @@
 ``Trace_ELBO()(model, guide)`` (or ``TraceMeanField_ELBO``, the default: analytic per-timestep KLs)
 turns the model and guide into a module whose output is the loss; it is minimised with AdamW,
 linear learning-rate warm-up, gradient-norm clipping and an exponential moving average (EMA) of the
-weights, used for evaluation and sampling.  Checkpoints are atomic and hold every state needed to
+weights, used for evaluation and sampling.  Options: Nichol & Dhariwal's importance sampler of
+timesteps, bf16 autocast around the network only (log-densities stay float32), ``torch.compile`` of
+the network.  Checkpoints are atomic and hold every state needed to
 resume exactly: network, EMA, optimiser, scheduler, step, loss history and the random-number
 states of Pyro (torch's global generator) and of the data order.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -28,6 +31,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .objectives import objective_weights, reweight
 from .plots import save_samples_figure
 from .spec import Built, build
+from .subsample import ImportanceSampler, drawn_terms
 
 __all__ = ["train", "TrainingError", "TrainResult", "load_trained"]
 
@@ -100,29 +104,43 @@ def train(
     pyro.set_rng_seed(tr["seed"])
     built = build(spec, data_root)
     model = built.model.to(device)
+    network = model.network  # the uncompiled module: its weights are what is saved and averaged
+    if tr["amp"] not in (False, "bf16"):
+        raise ValueError(f"amp must be false or 'bf16', got {tr['amp']!r}")
+    model.autocast_dtype = torch.bfloat16 if tr["amp"] == "bf16" else None
+    if tr["compile"]:
+        model.network = torch.compile(network)
     train_data = built.data.train.to(device)
     optimizer = _optimizer(model.parameters(), tr, device)
     warmup = max(1, tr["warmup_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = AveragedModel(model.network, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True)
+    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True)
     data_generator = torch.Generator().manual_seed(tr["seed"])
+    if tr["timestep_sampler"] not in ("uniform", "importance"):
+        raise ValueError(f"timestep_sampler must be 'uniform' or 'importance', got {tr['timestep_sampler']!r}")
+    sampler = ImportanceSampler(built.schedule.num_steps) if tr["timestep_sampler"] == "importance" else None
     losses: list[float] = []
     start = 0
 
     if resume:
         state = load_checkpoint(ckpt_path, spec, map_location=device)
-        model.network.load_state_dict(state["network"])
+        network.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], data_generator)
         losses = list(state["losses"])
         start = state["step"]
+        if sampler is not None:
+            sampler.load_state_dict(state["timestep_sampler"])
 
     model_fn, guide_fn = model, built.guide
     if tr["objective"] != "elbo":
         weights = objective_weights(built.schedule, tr["objective"], model.variance)
-        model_fn, guide_fn = reweight(model, weights), reweight(built.guide, weights)
+        model_fn, guide_fn = reweight(model_fn, weights), reweight(guide_fn, weights)
+    if sampler is not None:
+        # record both traces of each step: the drawn terms feed the sampler's statistics
+        model_fn, guide_fn = poutine.trace(sampler(model_fn)), poutine.trace(sampler(guide_fn))
     if tr["estimator"] not in ESTIMATORS:
         raise ValueError(f"unknown estimator {tr['estimator']!r}: {sorted(ESTIMATORS)}")
     loss_module = ESTIMATORS[tr["estimator"]]()(model_fn, guide_fn)
@@ -136,12 +154,13 @@ def train(
             {
                 "spec": spec,
                 "step": step,
-                "network": model.network.state_dict(),
+                "network": network.state_dict(),
                 "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(data_generator),
                 "losses": losses,
+                "timestep_sampler": None if sampler is None else sampler.state_dict(),
             },
         )
         _write_losses(out / "losses.csv", losses)
@@ -167,7 +186,9 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
         optimizer.step()
         scheduler.step()
-        ema.update_parameters(model.network)
+        ema.update_parameters(network)
+        if sampler is not None:
+            sampler.update(*drawn_terms(model_fn.trace, guide_fn.trace))
         losses.append(loss.item())
         running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
         bar.set_postfix(loss=f"{running:.4g}", refresh=False)

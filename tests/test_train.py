@@ -48,11 +48,16 @@ def test_train_writes_everything(tmp_path):
     assert np.isfinite(result.test_bound["bits_per_dim"])
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full = train(TINY_2D, tmp_path / "full", progress=False, num_samples=8)
+@pytest.mark.parametrize(
+    "options", [{}, {"timestep_sampler": "importance", "amp": "bf16", "objective": "min_snr", "subsample_steps": 2}]
+)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
+    spec = copy.deepcopy(TINY_2D)
+    spec["training"].update(options)
+    full = train(spec, tmp_path / "full", progress=False, num_samples=8)
     losses_full = load_checkpoint(full.checkpoint)["losses"]
-    train(TINY_2D, tmp_path / "split", steps=4, progress=False, num_samples=8)
-    resumed = train(TINY_2D, tmp_path / "split", resume=True, progress=False, num_samples=8)
+    train(spec, tmp_path / "split", steps=4, progress=False, num_samples=8)
+    resumed = train(spec, tmp_path / "split", resume=True, progress=False, num_samples=8)
     assert load_checkpoint(resumed.checkpoint)["losses"] == losses_full
     a, b = load_checkpoint(full.checkpoint)["ema"], load_checkpoint(resumed.checkpoint)["ema"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,81 @@
+"""Timestep subsampling: uniform and importance-sampled draws, both unbiased for the full ELBO."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
+from pyrodiff.subsample import ImportanceSampler, drawn_terms
+from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
+
+T = 6
+SCHEDULE = NoiseSchedule.linear(T, 0.05, 0.4)
+
+
+def _setup():
+    g = torch.Generator().manual_seed(9)
+    a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.4
+    x0 = torch.rand(3, 2, generator=g, dtype=torch.float64) * 2 - 1
+    model = DiffusionModel(LinearDenoiser(T, a, b), SCHEDULE)
+    return model, DiffusionGuide(SCHEDULE), x0, linear_elbo_terms(SCHEDULE, a.numpy(), b.numpy(), x0).sum()
+
+
+def _skewed_sampler():
+    sampler = ImportanceSampler(T, history=2, uniform_mix=0.05)
+    for _ in range(2):  # warm it with values that make p far from uniform
+        sampler.update(torch.arange(1, T + 1), torch.tensor([8.0, 1, 1, 0.5, 0.2, 0.1]))
+    assert sampler.warm
+    return sampler
+
+
+@pytest.mark.parametrize("estimator", [Trace_ELBO, TraceMeanField_ELBO])
+@pytest.mark.parametrize("subsample_steps", [1, 3])
+def test_importance_sampled_estimate_is_unbiased(estimator, subsample_steps, float64):
+    model, guide, x0, exact = _setup()
+    sampler = _skewed_sampler()
+    p = sampler.probs()
+    assert p.max() / p.min() > 10
+    pyro.set_rng_seed(21)
+    losses = np.array([estimator().loss(sampler(model), sampler(guide), x0, subsample_steps) for _ in range(600)])
+    stderr = losses.std(ddof=1) / np.sqrt(len(losses))
+    assert abs(losses.mean() - exact) < 4 * stderr
+
+
+def test_importance_draws_follow_the_proposal(float64):
+    model, guide, x0, _ = _setup()
+    sampler = _skewed_sampler()
+    pyro.set_rng_seed(22)
+    counts = torch.zeros(T)
+    n = 0
+    for _ in range(200):
+        t = poutine.trace(sampler(guide)).get_trace(x0.repeat(10, 1), 2).nodes["t"]["value"]
+        counts += torch.bincount(t.reshape(-1) - 1, minlength=T)
+        n += t.numel()
+    p = sampler.probs()
+    assert ((counts / n - p).abs() <= 4 * (p * (1 - p) / n).sqrt()).all()
+
+
+def test_drawn_terms_and_sampler_statistics(float64):
+    model, guide, x0, _ = _setup()
+    pyro.set_rng_seed(23)
+    gt = poutine.trace(guide).get_trace(x0, 2)
+    mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0, 2)
+    t, terms = drawn_terms(mt, gt)
+    assert t.shape == terms.shape == (2, 3)
+    # weighted by T/k and added to the prior term, the drawn terms are the TraceMeanField loss
+    prior = torch.distributions.kl_divergence(gt.nodes["x_T"]["fn"], mt.nodes["x_T"]["fn"]).sum()
+    pyro.set_rng_seed(23)
+    loss = TraceMeanField_ELBO(max_plate_nesting=2).loss(model, guide, x0, 2)
+    assert (terms.sum() * T / 2 + prior).item() == pytest.approx(loss, rel=1e-10)
+    sampler = ImportanceSampler(T, history=3)
+    sampler.update(t, terms)
+    assert sampler.counts.sum() == 6 and not sampler.warm
+    assert torch.allclose(sampler.probs(), torch.full((T,), 1 / T, dtype=torch.float64))
+    state = sampler.state_dict()
+    other = ImportanceSampler(T, history=3)
+    other.load_state_dict(state)
+    assert torch.equal(other.values, sampler.values)
