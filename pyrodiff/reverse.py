@@ -85,6 +85,11 @@ class DiffusionModel(nn.Module):
         #: if set (e.g. ``torch.bfloat16``), the network runs under autocast to this dtype; its output
         #: is cast back to the data's dtype, so every log-density stays in full precision
         self.autocast_dtype: torch.dtype | None = None
+        #: register the network's parameters in Pyro's param store at each call (``pyro.module``), as
+        #: ``pyro.infer.SVI`` with a ``pyro.optim`` optimizer needs; a torch optimizer over
+        #: ``Trace_ELBO()(model, guide)`` does not, and ``pyrodiff train`` turns it off (it costs a
+        #: few milliseconds per step)
+        self.register_with_pyro = True
 
     def with_network(self, network: nn.Module) -> DiffusionModel:
         """The same model with another network (e.g. the exponential moving average of the weights)."""
@@ -140,7 +145,8 @@ class DiffusionModel(nn.Module):
     def forward(
         self, x0: torch.Tensor | None = None, subsample_steps: int | None = None, *, batch_size: int | None = None
     ) -> torch.Tensor:
-        pyro.module("network", self.network)
+        if self.register_with_pyro:
+            pyro.module("network", self.network)
         if x0 is None:
             if subsample_steps is not None:
                 raise ValueError("subsample_steps scores data; sampling (x0=None) always runs the full chain")

@@ -108,6 +108,7 @@ def train(
     if tr["amp"] not in (False, "bf16"):
         raise ValueError(f"amp must be false or 'bf16', got {tr['amp']!r}")
     model.autocast_dtype = torch.bfloat16 if tr["amp"] == "bf16" else None
+    model.register_with_pyro = False  # the torch optimizer holds the parameters
     if tr["compile"]:
         model.network = torch.compile(network)
     train_data = built.data.train.to(device)
@@ -166,36 +167,37 @@ def train(
         _write_losses(out / "losses.csv", losses)
 
     began = time.time()
-    bar = tqdm(
-        range(start, tr["steps"]), initial=start, total=tr["steps"], disable=not progress, desc="train", mininterval=1.0
-    )
+    steps = range(start, tr["steps"])
     running = None
-    for step in bar:
-        index = torch.randint(len(train_data), (B,), generator=data_generator).to(device)
-        loss = loss_module(train_data[index], k) / B
-        if not torch.isfinite(loss):
-            bar.close()
-            kept = (
-                f"the last good checkpoint ({ckpt_path}, step {start}) is kept"
-                if ckpt_path.exists()
-                else "no checkpoint was written yet"
-            )
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped, {kept}")
-        optimizer.zero_grad(set_to_none=True)
-        (loss / dims).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        ema.update_parameters(network)
-        if sampler is not None:
-            sampler.update(*drawn_terms(model_fn.trace, guide_fn.trace))
-        losses.append(loss.item())
-        running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
-        bar.set_postfix(loss=f"{running:.4g}", refresh=False)
-        if (step + 1) % tr["checkpoint_every"] == 0:
-            checkpoint(step + 1)
-            start = step + 1
-    bar.close()
+    # pyrodiff checks its data itself; Pyro's per-site validation would cost time at every step
+    with (
+        pyro.validation_enabled(False),
+        tqdm(steps, initial=start, total=tr["steps"], disable=not progress, desc="train", mininterval=1.0) as bar,
+    ):
+        for step in bar:
+            index = torch.randint(len(train_data), (B,), generator=data_generator).to(device)
+            loss = loss_module(train_data[index], k) / B
+            if not torch.isfinite(loss):
+                kept = (
+                    f"the last good checkpoint ({ckpt_path}, step {start}) is kept"
+                    if ckpt_path.exists()
+                    else "no checkpoint was written yet"
+                )
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped, {kept}")
+            optimizer.zero_grad(set_to_none=True)
+            (loss / dims).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            ema.update_parameters(network)
+            if sampler is not None:
+                sampler.update(*drawn_terms(model_fn.trace, guide_fn.trace))
+            losses.append(loss.item())
+            running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
+            bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+            if (step + 1) % tr["checkpoint_every"] == 0:
+                checkpoint(step + 1)
+                start = step + 1
     checkpoint(tr["steps"])
     seconds = time.time() - began
 
