@@ -18,7 +18,7 @@ import torch
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT"]
 
 FORMAT = "pyrodiff-checkpoint-1"
-_KEYS = ("format", "spec", "step", "network", "ema", "optimizer", "rng")
+_KEYS = ("format", "spec", "step", "network", "ema", "optimizer")
 
 
 class CheckpointError(RuntimeError):
@@ -63,5 +63,7 @@ def load_checkpoint(path: str | Path, spec: dict | None = None, map_location="cp
 
 def _comparable(spec: dict) -> dict:
     """The parts of a specification that must match to resume (the training length may change)."""
-    training = {k: v for k, v in spec.get("training", {}).items() if k not in ("steps", "checkpoint_every")}
+    training = {
+        k: v for k, v in spec.get("training", {}).items() if k not in ("steps", "checkpoint_every", "eval_examples")
+    }
     return {**{k: spec.get(k) for k in ("data", "schedule", "model", "network")}, "training": training}

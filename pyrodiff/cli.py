@@ -22,6 +22,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(
         spec, out, steps=args.steps, device=args.device, seed=args.seed, resume=args.resume, data_root=args.data_root
     )
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     b = result.test_bound
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")

@@ -29,6 +29,7 @@ __all__ = ["load_spec", "build", "Built", "DEFAULT_TRAINING"]
 DEFAULT_TRAINING = {
     "steps": 2000,
     "batch_size": 128,
+    "micro_batches": 1,
     "lr": 2e-4,
     "weight_decay": 0.0,
     "warmup_steps": 100,

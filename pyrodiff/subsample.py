@@ -117,12 +117,17 @@ class ImportanceSampler:
         return (1 - self.uniform_mix) * rms / rms.sum() + self.uniform_mix * uniform
 
     def update(self, t: torch.Tensor, terms: torch.Tensor) -> None:
-        """Record the values ``terms`` of the drawn terms ``t`` (same shape), oldest out first."""
-        for step, value in zip(t.reshape(-1).tolist(), terms.detach().reshape(-1).double().tolist(), strict=True):
-            i = step - 1
-            self.values[i] = torch.roll(self.values[i], 1)
-            self.values[i, 0] = value
-            self.counts[i] += 1
+        """Record the values ``terms`` of the drawn terms ``t`` (same shape): each t keeps a ring buffer
+        of its last ``history`` values."""
+        t = t.detach().reshape(-1).cpu() - 1
+        values = terms.detach().reshape(-1).double().cpu()
+        order = torch.argsort(t, stable=True)
+        t, values = t[order], values[order]
+        in_batch = torch.bincount(t, minlength=self.num_steps)
+        rank = torch.arange(t.numel()) - (torch.cumsum(in_batch, 0) - in_batch)[t]  # position within its t
+        keep = rank >= in_batch[t] - self.history  # only the newest `history` values of each t matter
+        self.values[t[keep], ((self.counts[t] + rank) % self.history)[keep]] = values[keep]
+        self.counts += in_batch
 
     def state_dict(self) -> dict:
         return {"values": self.values.clone(), "counts": self.counts.clone()}

@@ -23,11 +23,13 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .bound import bound_terms
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed import RandomStreams, init_world
 from .objectives import objective_weights, reweight
 from .plots import save_samples_figure
 from .spec import Built, build
@@ -57,20 +59,6 @@ def _optimizer(params, tr: dict, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"], **kwargs)
 
 
-def _rng_state(data_generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, data_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    data_generator.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def train(
     spec: dict,
     out_dir: str | Path,
@@ -81,11 +69,14 @@ def train(
     progress: bool = True,
     data_root: str | Path | None = None,
     num_samples: int | None = None,
-) -> TrainResult:
+) -> TrainResult | None:
     """Train the model of ``spec``, writing ``checkpoint.pt``, ``losses.csv``, ``test_bound.json`` and
     ``samples.png`` to ``out_dir``.  The test-set bound is the exact decomposition of
     :func:`~pyrodiff.bound.bound_terms` (every term, one draw of the noisy inputs) on the first
-    ``eval_examples`` test examples.  ``steps`` and ``seed`` override the specification's."""
+    ``eval_examples`` test examples.  ``steps`` and ``seed`` override the specification's.
+
+    Under ``torchrun`` every process trains its slice of each global batch (see
+    :mod:`pyrodiff.distributed`); rank 0 writes the files and gets the result, the others ``None``."""
     spec = copy.deepcopy(spec)
     tr = spec["training"]
     if steps is not None:
@@ -96,27 +87,35 @@ def train(
     ckpt_path = out / CHECKPOINT
     if not resume and ckpt_path.exists():
         raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    world = init_world(device)
+    device = world.device
+    B, M = tr["batch_size"], tr["micro_batches"]
+    if B % (world.size * M):
+        raise ValueError(f"the batch size {B} must be divisible by world size x micro-batches = {world.size} x {M}")
+    b = B // (world.size * M)  # examples per micro-batch
 
-    torch.manual_seed(tr["seed"])
+    torch.manual_seed(tr["seed"])  # the same initial weights on every rank
     pyro.set_rng_seed(tr["seed"])
     built = build(spec, data_root)
     model = built.model.to(device)
-    network = model.network  # the uncompiled module: its weights are what is saved and averaged
+    network = model.network  # the bare module: its weights are what is saved and averaged
     if tr["amp"] not in (False, "bf16"):
         raise ValueError(f"amp must be false or 'bf16', got {tr['amp']!r}")
     model.autocast_dtype = torch.bfloat16 if tr["amp"] == "bf16" else None
     model.register_with_pyro = False  # the torch optimizer holds the parameters
+    if world.distributed:
+        model.network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     if tr["compile"]:
-        model.network = torch.compile(network)
+        model.network = torch.compile(model.network)
     train_data = built.data.train.to(device)
-    optimizer = _optimizer(model.parameters(), tr, device)
+    optimizer = _optimizer(network.parameters(), tr, device)
     warmup = max(1, tr["warmup_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True)
-    data_generator = torch.Generator().manual_seed(tr["seed"])
+    data_generator = torch.Generator().manual_seed(tr["seed"])  # the same global batches on every rank
+    streams = RandomStreams(tr["seed"], world, M)
     if tr["timestep_sampler"] not in ("uniform", "importance"):
         raise ValueError(f"timestep_sampler must be 'uniform' or 'importance', got {tr['timestep_sampler']!r}")
     sampler = ImportanceSampler(built.schedule.num_steps) if tr["timestep_sampler"] == "importance" else None
@@ -129,7 +128,10 @@ def train(
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], data_generator)
+        if state["world_size"] != world.size:
+            raise CheckpointError(f"{ckpt_path} was written by {state['world_size']} processes, not {world.size}")
+        data_generator.set_state(state["data_rng"])
+        streams.states = list(state["noise_rng"][world.rank])
         losses = list(state["losses"])
         start = state["step"]
         if sampler is not None:
@@ -146,10 +148,12 @@ def train(
         raise ValueError(f"unknown estimator {tr['estimator']!r}: {sorted(ESTIMATORS)}")
     loss_module = ESTIMATORS[tr["estimator"]]()(model_fn, guide_fn)
     k = tr["subsample_steps"]
-    B = tr["batch_size"]
     dims = train_data[0].numel()
 
     def checkpoint(step: int) -> None:
+        noise_rng = world.gather_objects(streams.states)  # every rank takes part; rank 0 writes
+        if not world.is_main:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -159,12 +163,33 @@ def train(
                 "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(data_generator),
+                "world_size": world.size,
+                "data_rng": data_generator.get_state(),
+                "noise_rng": noise_rng,
                 "losses": losses,
                 "timestep_sampler": None if sampler is None else sampler.state_dict(),
             },
         )
         _write_losses(out / "losses.csv", losses)
+
+    def step_loss(batch: torch.Tensor) -> torch.Tensor:
+        """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (nats/example)."""
+        total = torch.zeros((), device=device)
+        drawn = []
+        mine = batch[world.rank * M * b : (world.rank + 1) * M * b]
+        for j in range(M):
+            with streams.stream(j):
+                loss = loss_module(mine[j * b : (j + 1) * b], k)
+            # DDP averages gradients over ranks: scale so that the sum is d(global loss / B)
+            (loss * world.size / (B * dims)).backward()
+            total = total + loss.detach()
+            if sampler is not None:
+                t, values = drawn_terms(model_fn.trace, guide_fn.trace)  # (k, b) each
+                drawn.append(torch.stack([t.to(values.dtype), values], -1).transpose(0, 1))  # (b, k, 2)
+        if sampler is not None:  # every rank records every drawn term, in global example order
+            t, values = world.all_cat(torch.cat(drawn)).unbind(-1)
+            sampler.update(t.long(), values)
+        return world.all_sum(total) / B
 
     began = time.time()
     steps = range(start, tr["steps"])
@@ -172,11 +197,19 @@ def train(
     # pyrodiff checks its data itself; Pyro's per-site validation would cost time at every step
     with (
         pyro.validation_enabled(False),
-        tqdm(steps, initial=start, total=tr["steps"], disable=not progress, desc="train", mininterval=1.0) as bar,
+        tqdm(
+            steps,
+            initial=start,
+            total=tr["steps"],
+            disable=not (progress and world.is_main),
+            desc="train",
+            mininterval=1.0,
+        ) as bar,
     ):
         for step in bar:
             index = torch.randint(len(train_data), (B,), generator=data_generator).to(device)
-            loss = loss_module(train_data[index], k) / B
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_loss(train_data[index])
             if not torch.isfinite(loss):
                 kept = (
                     f"the last good checkpoint ({ckpt_path}, step {start}) is kept"
@@ -184,14 +217,10 @@ def train(
                     else "no checkpoint was written yet"
                 )
                 raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped, {kept}")
-            optimizer.zero_grad(set_to_none=True)
-            (loss / dims).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(network.parameters(), tr["grad_clip"])
             optimizer.step()
             scheduler.step()
             ema.update_parameters(network)
-            if sampler is not None:
-                sampler.update(*drawn_terms(model_fn.trace, guide_fn.trace))
             losses.append(loss.item())
             running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
             bar.set_postfix(loss=f"{running:.4g}", refresh=False)
@@ -200,6 +229,9 @@ def train(
                 start = step + 1
     checkpoint(tr["steps"])
     seconds = time.time() - began
+    world.close()
+    if not world.is_main:
+        return None
 
     trained = model.with_network(ema.module).eval()
     terms = bound_terms(trained, built.data.test[: tr["eval_examples"]].to(device))

@@ -79,3 +79,15 @@ def test_drawn_terms_and_sampler_statistics(float64):
     other = ImportanceSampler(T, history=3)
     other.load_state_dict(state)
     assert torch.equal(other.values, sampler.values)
+
+
+def test_sampler_keeps_the_newest_values_of_each_timestep():
+    sampler = ImportanceSampler(3, history=2)
+    sampler.update(torch.tensor([1, 1, 1, 2]), torch.tensor([1.0, 2.0, 3.0, 5.0]))
+    sampler.update(torch.tensor([2, 3, 3]), torch.tensor([7.0, 8.0, 9.0]))
+    assert sorted(sampler.values[0].tolist()) == [2.0, 3.0]
+    assert sorted(sampler.values[1].tolist()) == [5.0, 7.0]
+    assert sorted(sampler.values[2].tolist()) == [8.0, 9.0]
+    assert sampler.warm
+    expected = torch.tensor([(6.5) ** 0.5, 37.0**0.5, 72.5**0.5], dtype=torch.float64)
+    assert torch.allclose(sampler.probs(), 0.999 * expected / expected.sum() + 0.001 / 3)
