@@ -31,6 +31,7 @@ __all__ = [
     "LinearDenoiser",
     "linear_reverse_coefficients",
     "linear_elbo_terms",
+    "linear_case",
 ]
 
 
@@ -166,3 +167,31 @@ def linear_elbo_terms(
         terms[:, 0] = -(log_mass * w).sum(-1).sum(1)
     terms[:, T] = 0.5 * (s2[-1] + m[-1] ** 2 * x**2 - 1 - np.log(s2[-1])).sum(1)
     return terms
+
+
+def linear_case(
+    schedule: NoiseSchedule,
+    prediction: str = "epsilon",
+    variance: str = "small",
+    decoder: str = "gaussian",
+    shape: tuple[int, int] = (3, 2),
+    seed: int = 0,
+    levels: int = 9,
+):
+    """A ready test case in float64: a :class:`~pyrodiff.reverse.DiffusionModel` with a random
+    :class:`LinearDenoiser` (coefficients ``a`` in [-0.4, 0.4], ``b`` in [-0.2, 0.2]), data ``x0`` of
+    ``shape`` (on the grid of ``levels`` values for the discretized decoder, else uniform in [-1, 1])
+    and its exact terms from :func:`linear_elbo_terms`, shape ``(N, T + 1)``."""
+    from .reverse import DiffusionModel
+
+    T = schedule.num_steps
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.4
+    levels = levels if decoder == "discretized" else None
+    model = DiffusionModel(LinearDenoiser(T, a, b), schedule, prediction, variance, decoder, levels)
+    if levels:
+        x0 = (torch.randint(0, levels, shape, generator=g) * 2 / (levels - 1) - 1).double()
+    else:
+        x0 = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    return model, x0, linear_elbo_terms(schedule, a.numpy(), b.numpy(), x0, prediction, variance, levels)

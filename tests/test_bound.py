@@ -12,23 +12,14 @@ from pyro.infer import Trace_ELBO
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
 from pyrodiff.bound import bound_terms, trace_terms
 from pyrodiff.report import progressive_rate_distortion, write_report
-from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
+from pyrodiff.testing import LinearDenoiser, linear_case
 
 T = 8
 SCHEDULE = NoiseSchedule.linear(T, 0.02, 0.4)
 
 
 def _model(prediction="epsilon", variance="small", decoder="gaussian"):
-    g = torch.Generator().manual_seed(3)
-    a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.8
-    b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.4
-    levels = 9 if decoder == "discretized" else None
-    model = DiffusionModel(LinearDenoiser(T, a, b), SCHEDULE, prediction, variance, decoder, levels)
-    if levels:
-        x0 = (torch.randint(0, levels, (4, 3), generator=g) * 2 / (levels - 1) - 1).double()
-    else:
-        x0 = torch.rand(4, 3, generator=g, dtype=torch.float64) * 2 - 1
-    return model, x0, linear_elbo_terms(SCHEDULE, a.numpy(), b.numpy(), x0, prediction, variance, levels)
+    return linear_case(SCHEDULE, prediction, variance, decoder, shape=(4, 3), seed=3)
 
 
 @pytest.mark.parametrize("draws", ["independent", "trajectory"])

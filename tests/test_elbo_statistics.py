@@ -8,12 +8,11 @@ the draws are seeded, so the tests are deterministic.
 import numpy as np
 import pyro
 import pytest
-import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
+from pyrodiff import DiffusionGuide, NoiseSchedule
 from pyrodiff.loop import loop_guide, loop_model
-from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
+from pyrodiff.testing import linear_case
 
 T = 6
 NUM_DRAWS = 300
@@ -21,17 +20,8 @@ SCHEDULE = NoiseSchedule.linear(T, 0.05, 0.4)
 
 
 def _setup(prediction, variance, decoder="gaussian"):
-    g = torch.Generator().manual_seed(7)
-    a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.8
-    b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.4
-    levels = 9 if decoder == "discretized" else None
-    model = DiffusionModel(LinearDenoiser(T, a, b), SCHEDULE, prediction, variance, decoder, levels)
-    if levels:
-        x0 = (torch.randint(0, levels, (3, 2), generator=g) * 2 / (levels - 1) - 1).double()
-    else:
-        x0 = torch.rand(3, 2, generator=g, dtype=torch.float64) * 2 - 1
-    exact = linear_elbo_terms(SCHEDULE, a.numpy(), b.numpy(), x0, prediction, variance, levels).sum()
-    return model, x0, exact
+    model, x0, exact = linear_case(SCHEDULE, prediction, variance, decoder, shape=(3, 2), seed=7)
+    return model, x0, exact.sum()
 
 
 def _assert_agrees(losses, exact):
