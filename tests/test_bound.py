@@ -1,6 +1,7 @@
 """The decomposition of the bound: closed forms, the trace identity, draws, reports."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyro
@@ -137,3 +138,15 @@ def test_bad_input(float64):
     broken = DiffusionModel(LinearDenoiser(T, torch.full((T,), float("nan")), torch.zeros(T)), SCHEDULE)
     with pytest.raises(FloatingPointError, match="L_"):
         bound_terms(broken, x0)
+
+
+def test_compare_bounds_script(tmp_path, float64):
+    import runpy
+
+    model, x0, _ = _model()
+    for name in ("a", "b"):
+        write_report(bound_terms(model, x0, num_samples=2), tmp_path / name, {"name": name})
+    compare = runpy.run_path(str(Path(__file__).parents[1] / "analysis" / "compare_bounds.py"))["main"]
+    assert compare([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(tmp_path / "c")]) == 0
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "| A |" in table and "| B |" in table and (tmp_path / "c" / "compare.png").exists()
