@@ -70,6 +70,18 @@ def q_posterior(
     return loc, at_timesteps(c.posterior_variance, t, event_dim)
 
 
+def path_timesteps(batch_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The math timestep of each row of a path of batch shape ``(T, N)``: row k - 1 holds k."""
+    T = batch_shape[0]
+    return torch.arange(1, T + 1, device=device).unsqueeze(-1).expand(batch_shape)
+
+
+def is_last_row(batch_shape: torch.Size, event_dim: int, device: torch.device) -> torch.Tensor:
+    """True on row T of a path (the variable x_T), shaped to broadcast over ``(T, N, *D)``."""
+    T = batch_shape[0]
+    return expand_event(torch.arange(T, device=device) == T - 1, event_dim + 1)
+
+
 class _ChainBase(TorchDistribution):
     """The law of the whole path :math:`x_{1:T}` given :math:`x_0`, as a distribution with batch shape
     ``(T, N)`` (time, data) and the data's event shape.  Subclasses choose which factorisation of the
@@ -91,10 +103,6 @@ class _ChainBase(TorchDistribution):
 
     def expand(self, batch_shape, _instance=None):
         return _expand_chain(self, batch_shape)
-
-    def _timesteps(self) -> torch.Tensor:
-        T = self.schedule.num_steps
-        return torch.arange(1, T + 1, device=self.x0.device).unsqueeze(-1).expand(self.batch_shape)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         r"""A path from the forward recursion :math:`x_t = \sqrt{\alpha_t} x_{t-1} + \sqrt{\beta_t}\epsilon_t`,
@@ -136,7 +144,7 @@ class ForwardChain(_ChainBase):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         c = self.schedule.coefficients(value.device, value.dtype)
-        t = self._timesteps()
+        t = path_timesteps(self.batch_shape, self.x0.device)
         loc = at_timesteps(c.alphas, t, self.event_dim).sqrt() * self._shifted(value, -1)
         return normal_log_prob(value, loc, at_timesteps(c.betas, t, self.event_dim), self.event_dim)
 
@@ -152,10 +160,10 @@ class PosteriorChain(_ChainBase):
     def conditionals(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of each row's conditional given the rest of the path ``value``."""
         T = self.schedule.num_steps
-        t_parent = (self._timesteps() + 1).clamp(max=T)
+        t_parent = (path_timesteps(self.batch_shape, self.x0.device) + 1).clamp(max=T)
         loc, var = q_posterior(self.schedule, self.x0, self._shifted(value, +1), t_parent)
         m_T, v_T = q_marginal(self.schedule, self.x0.expand_as(value), torch.full_like(t_parent, T))
-        is_last = (torch.arange(T, device=value.device) == T - 1).reshape((T,) + (1,) * (self.event_dim + 1))
+        is_last = is_last_row(self.batch_shape, self.event_dim, value.device)
         return torch.where(is_last, m_T, loc), torch.where(is_last, v_T, var)
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributions import register_kl
 
 from .decoders import DiscretizedGaussian, check_levels_grid
-from .forward import PosteriorChain, _expand_chain, q_marginal, q_posterior
+from .forward import PosteriorChain, _expand_chain, is_last_row, path_timesteps, q_marginal, q_posterior
 from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
 from .schedule import NoiseSchedule
 from .subsample import draw_timesteps, step_scale
@@ -235,32 +235,28 @@ class ReverseChain(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return _expand_chain(self, batch_shape)
 
-    def _timesteps(self) -> torch.Tensor:
-        T = self.model.schedule.num_steps
-        return torch.arange(1, T + 1, device=self.device).unsqueeze(-1).expand(self.batch_shape)
-
     def means(self, path: torch.Tensor) -> torch.Tensor:
         r"""Row k - 1 holds :math:`\mu_\theta(x_k, k)`, the mean of :math:`x_{k-1}` given :math:`x_k`."""
         if path is not self._path:
             if path.shape != self.shape():
                 raise ValueError(f"a path must have shape {tuple(self.shape())}, got {tuple(path.shape)}")
-            self._path, self._means = path, self.model.predict(path, self._timesteps())[0]
+            self._path, self._means = path, self.model.predict(path, path_timesteps(self.batch_shape, self.device))[0]
         return self._means
 
     def parent_params(self, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of each row's reverse conditional: rows k < T from x_{k+1}, row T the prior."""
         means = self.means(path)
-        t = self._timesteps()
+        t = path_timesteps(self.batch_shape, self.device)
         T = t.shape[0]
         loc = torch.cat([means[1:], torch.zeros_like(means[:1])])
         var = self.model.reverse_variance((t + 1).clamp(max=T), path)
-        is_last = expand_event(torch.arange(T, device=self.device) == T - 1, self.event_dim + 1)
+        is_last = is_last_row(self.batch_shape, self.event_dim, self.device)
         return loc, torch.where(is_last, torch.ones_like(var), var)
 
     def decoder_params(self, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`\mu_\theta(x_1, 1)` and :math:`\sigma_1^2` along ``path``."""
         means = self.means(path)
-        return means[0], self.model.reverse_variance(self._timesteps()[0], means[0])
+        return means[0], self.model.reverse_variance(path_timesteps(self.batch_shape, self.device)[0], means[0])
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         loc, var = self.parent_params(value)

@@ -144,10 +144,6 @@ class NoiseSchedule:
             self._cache[key] = SimpleNamespace(**{n: getattr(self, n).to(device=key[0], dtype=dtype) for n in names})
         return self._cache[key]
 
-    def to_dict(self) -> dict:
-        """A serialisable description (the betas), for checkpoints."""
-        return {"betas": self.betas.tolist()}
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, NoiseSchedule) and torch.equal(self.betas, other.betas)
 
