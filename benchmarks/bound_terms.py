@@ -34,8 +34,7 @@ def loop_terms(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:
         t = torch.full((N,), step, device=x0.device)
         loc, var = q_marginal(model.schedule, x0, t)
         xt = loc + var.sqrt() * torch.randn_like(x0)
-        mean, _ = model.predict(xt, t)
-        var_p = model.reverse_variance(t, xt)
+        mean, var_p, _ = model.predict(xt, t)
         if step == 1:
             terms.append(-model.decoder_distribution(mean, var_p, event_dim).log_prob(x0))
         else:

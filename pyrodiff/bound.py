@@ -92,6 +92,15 @@ class BoundTerms:
     def total_stderr(self) -> float:
         return float(_stderr_over_examples(self.total.unsqueeze(-1))[0])
 
+    def kl_bound(self, log_q: torch.Tensor) -> tuple[float, float]:
+        r"""Mean and standard error of :math:`-\text{ELBO}(x_0) + \log q(x_0)` over the examples, given the
+        exact data log-density ``log_q`` of each (shape ``(N,)``).  It estimates without bias
+        :math:`E_q[-\text{ELBO}] - H(q) = \mathrm{KL}(q(x_0) \,\|\, p_\theta(x_0)) + E_q[\log p_\theta(x_0) - \text{ELBO}]`,
+        an upper bound on the KL from the data to the model; paired per example, its standard error
+        leaves out the spread of :math:`-\log q(x_0)` that comparing with the entropy would add."""
+        excess = self.total + log_q.to(self.total)
+        return excess.mean().item(), float(_stderr_over_examples(excess.unsqueeze(-1))[0])
+
 
 def _stderr_over_examples(values: torch.Tensor) -> torch.Tensor:
     per_example = values.double().mean(0)  # (N, K)
@@ -152,9 +161,8 @@ def bound_terms(
                 path = scaled_sum + eps.cumsum(0)
                 scaled_sum = path[-1]
                 xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
-            mean, x0_hat = model.predict(xt, tt)
+            mean, var_p, x0_hat = model.predict(xt, tt)
             _check_finite(mean, t)
-            var_p = model.reverse_variance(tt, xt)
             if model.decoder == "discretized":  # image data lie in [-1, 1]: so does a reconstruction
                 x0_hat = x0_hat.clamp(-1, 1)
             sq_error[s, :, t - 1] = (x0_hat - x0k).pow(2).sum(sum_event).T

@@ -31,6 +31,11 @@ def _train(args: argparse.Namespace) -> int:
         f"test-set negative ELBO: {b['negative_elbo_nats']:.4f} +- {b['negative_elbo_stderr']:.4f} nats/example "
         f"= {b['bits_per_dim']:.4f} +- {b['bits_per_dim_stderr']:.4f} bits/dim ({b['test_examples']} examples, all T + 1 terms)"
     )
+    if "kl_bound_nats" in b:
+        print(
+            f"bound on KL(data || model) = negative ELBO - data entropy, paired per example: "
+            f"{b['kl_bound_nats']:.4f} +- {b['kl_bound_stderr']:.4f} nats"
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,15 @@ GAUSSIANS8_ENTROPY = math.log(8) + 1 + math.log(2 * math.pi * 0.1**2)
 
 @dataclass
 class Dataset:
-    """A train/test split. ``levels`` is the number of grid values for integer data (None if continuous)."""
+    r"""A train/test split. ``levels`` is the number of grid values for integer data (None if continuous);
+    ``log_density``, where the data's law :math:`q(x_0)` is known exactly, maps ``(N, *D)`` to
+    :math:`\log q(x_0)`, shape ``(N,)``."""
 
     name: str
     train: torch.Tensor
     test: torch.Tensor
     levels: int | None
+    log_density: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -58,10 +62,20 @@ def _digits(root: Path | None) -> Dataset:
     return Dataset("digits", train, test, levels=17)
 
 
+def _gaussians8_centres() -> np.ndarray:
+    angles = 2 * np.pi * np.arange(8) / 8
+    return 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
+
+
 def _gaussians8(num: int, rng: np.random.Generator) -> np.ndarray:
-    angles = 2 * np.pi * rng.integers(0, 8, num) / 8
-    centres = 2.0 * np.stack([np.cos(angles), np.sin(angles)], 1)
-    return centres + 0.1 * rng.standard_normal((num, 2))
+    return _gaussians8_centres()[rng.integers(0, 8, num)] + 0.1 * rng.standard_normal((num, 2))
+
+
+def _gaussians8_log_density(x: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log q(x) = \log \tfrac18 \sum_k N(x; \mu_k, 0.1^2 I)`, in float64."""
+    centres = torch.as_tensor(_gaussians8_centres(), device=x.device)
+    sq = (x.double()[:, None, :] - centres).pow(2).sum(-1)
+    return torch.logsumexp(-sq / (2 * 0.1**2), 1) - math.log(8) - math.log(2 * math.pi * 0.1**2)
 
 
 def _moons(num: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,7 +92,7 @@ def _swissroll(num: int, rng: np.random.Generator) -> np.ndarray:
     return x[:, [0, 2]] / 5.0
 
 
-def _two_d(generator, num_train: int = 20000, num_test: int = 5000):
+def _two_d(generator, log_density=None, num_train: int = 20000, num_test: int = 5000):
     def load(root: Path | None) -> Dataset:
         train = generator(num_train, np.random.default_rng(0))
         test = generator(num_test, np.random.default_rng(1))
@@ -87,6 +101,7 @@ def _two_d(generator, num_train: int = 20000, num_test: int = 5000):
             torch.tensor(train, dtype=torch.float32),
             torch.tensor(test, dtype=torch.float32),
             None,
+            log_density,
         )
 
     return load
@@ -141,7 +156,7 @@ def _cifar10(root: Path | None) -> Dataset:
 
 DATASETS = {
     "digits": _digits,
-    "gaussians8": _two_d(_gaussians8),
+    "gaussians8": _two_d(_gaussians8, _gaussians8_log_density),
     "moons": _two_d(_moons),
     "swissroll": _two_d(_swissroll),
     "mnist": _mnist,

@@ -28,8 +28,7 @@ def loop_model(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:
         x = pyro.sample(f"x_{T}", dist.Normal(torch.zeros_like(x0), 1.0).to_event(event_dim))
         for step in range(T, 0, -1):
             t = torch.full((N,), step, device=x0.device, dtype=torch.long)
-            mean, _ = model.predict(x, t)
-            var = model.reverse_variance(t, x)
+            mean, var, _ = model.predict(x, t)
             if step > 1:
                 x = pyro.sample(f"x_{step - 1}", dist.Normal(mean, var.sqrt()).to_event(event_dim))
         return pyro.sample("x_0", model.decoder_distribution(mean, var, event_dim), obs=x0)

@@ -85,6 +85,7 @@ class UNet(nn.Module):
         lowest resolution.
     :param num_heads: attention heads.
     :param dropout: dropout in the residual blocks.
+    :param out_channels: output channels, by default ``in_channels``; twice that for learned variances.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class UNet(nn.Module):
         attention_levels: tuple[int, ...] | None = None,
         num_heads: int = 4,
         dropout: float = 0.0,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         if attention_levels is None:
@@ -137,7 +139,7 @@ class UNet(nn.Module):
                     block.append(nn.Conv2d(ch, ch, 3, padding=1))
                 self.up.append(block)
 
-        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out = nn.Sequential(_group_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels or in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -171,12 +173,13 @@ class MLPDenoiser(nn.Module):
     """A residual MLP for vector data of dimension ``dim``: the input and the time embedding are
     projected to ``hidden`` units and passed through ``depth`` SiLU residual layers.
 
-    :param dim: data dimension D (input and output size).
+    :param dim: data dimension D (input size).
     :param hidden: width.
     :param depth: number of residual layers.
+    :param out_dim: output size, by default ``dim``; twice that for learned variances.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3) -> None:
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None) -> None:
         super().__init__()
         self.dim = dim
         self.hidden = hidden
@@ -188,7 +191,7 @@ class MLPDenoiser(nn.Module):
                 for _ in range(depth)
             ]
         )
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim or dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:

@@ -13,7 +13,10 @@ multiplies :math:`\ell_t` by :math:`\lambda_t` through ``pyro.poutine``'s scale,
 - ``"min_snr"``: :math:`\lambda_t = \min(\text{snr}_t, \gamma) / \text{snr}_t \cdot 1 / w_t`,
   min-SNR-:math:`\gamma` weighting (Hang et al. 2023) of the noise loss.  Not a bound.
 
-The prior term :math:`L_T` has no parameters and is never reweighted.
+The prior term :math:`L_T` has no parameters and is never reweighted.  Learned variances
+(:class:`~pyrodiff.reverse.DiffusionModel` ``variance="learned"``) are trained by the bound only: the
+noise losses have no term for them (Nichol & Dhariwal's hybrid :math:`L_\text{simple} + \lambda L_\text{vlb}`,
+with the mean's gradient stopped in :math:`L_\text{vlb}`, is not one program's reweighting).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def objective_weights(
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "elbo":
         return torch.ones_like(schedule.betas)
+    if variance == "learned":
+        raise ValueError(f"learned variances are trained by the bound: use objective 'elbo', not {objective!r}")
     sigma2 = schedule.reverse_variance_small if variance == "small" else schedule.reverse_variance_large
     w = schedule.betas**2 / (2 * sigma2 * schedule.alphas * (1 - schedule.alphas_cumprod))
     if objective == "simple":

@@ -49,12 +49,16 @@ def progressive_rate_distortion(terms: BoundTerms) -> tuple[np.ndarray, np.ndarr
     return received, rmse_255
 
 
-def summarise(terms: BoundTerms, meta: dict | None = None) -> dict:
-    """The content of ``bound.json``."""
+def summarise(terms: BoundTerms, meta: dict | None = None, log_q=None) -> dict:
+    r"""The content of ``bound.json``; with the exact data log-density ``log_q`` of each example, also the
+    bound on :math:`\mathrm{KL}(q(x_0) \,\|\, p_\theta(x_0))` (:meth:`~pyrodiff.bound.BoundTerms.kl_bound`)."""
     mean, stderr = terms.mean().double().cpu().numpy(), terms.stderr().double().cpu().numpy()
     mcse, ess = _arviz_stats(terms)
     to_bpd = 1 / (terms.dims * math.log(2))
     total = float(mean.sum())
+    if log_q is not None:
+        kl, kl_stderr = terms.kl_bound(log_q)
+        meta = {**(meta or {}), "kl_bound_nats": kl, "kl_bound_stderr": kl_stderr}
     return {
         **(meta or {}),
         "num_examples": int(terms.nats.shape[1]),
@@ -104,6 +108,13 @@ def _summary_markdown(s: dict) -> str:
         f"| **total (negative ELBO)** | **{s['total_nats']:.4f}** | {s['total_stderr']:.4f} | **{s['bits_per_dim']:.4f}** | 100% |",
         "",
         f"rate (L_1 .. L_T): {s['rate_bits_per_dim']:.4f} bits/dim; distortion (L_0): {s['distortion_bits_per_dim']:.4f} bits/dim.",
+    ]
+    if "kl_bound_nats" in s:
+        lines.append(
+            f"Bound on KL(q(x_0) || p_theta(x_0)), negative ELBO + log q(x_0) paired per example: "
+            f"{s['kl_bound_nats']:.4f} +- {s['kl_bound_stderr']:.4f} nats."
+        )
+    lines += [
         f"ArviZ: smallest ESS over terms {min(s['terms_ess']):.0f}, largest MCSE {max(s['terms_mcse']):.3g} nats.",
         "",
     ]
@@ -145,11 +156,12 @@ def _plots(terms: BoundTerms, s: dict, folder: Path) -> None:
     plt.close(fig)
 
 
-def write_report(terms: BoundTerms, out_dir: str | Path, meta: dict | None = None) -> dict:
-    """Write ``bound.json``, ``terms.csv``, ``summary.md`` and the plots to ``out_dir``; return the summary."""
+def write_report(terms: BoundTerms, out_dir: str | Path, meta: dict | None = None, log_q=None) -> dict:
+    """Write ``bound.json``, ``terms.csv``, ``summary.md`` and the plots to ``out_dir``; return the summary
+    (``log_q``: see :func:`summarise`)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = summarise(terms, meta)
+    summary = summarise(terms, meta, log_q)
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out.parent))
     try:
         (staging / "bound.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -218,4 +230,5 @@ def report_checkpoint(
     terms = bound_terms(model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"report-{split}"
     meta = {"name": built.spec["name"], "checkpoint": str(checkpoint), "split": split, "draws": draws}
-    return write_report(terms, out, meta), out
+    log_q = built.data.log_density(data) if built.data.log_density else None
+    return write_report(terms, out, meta, log_q), out

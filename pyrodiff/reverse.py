@@ -1,8 +1,16 @@
 r"""The reverse (denoising) chain :math:`p_\theta(x_{0:T})` as a Pyro model.
 
-:math:`p(x_T) = N(0, I)`; for t >= 2, :math:`p_\theta(x_{t-1} \mid x_t) = N(\mu_\theta(x_t, t), \sigma_t^2 I)`
-with a fixed :math:`\sigma_t^2` (MATH.md); the decoder :math:`p_\theta(x_0 \mid x_1)` scores the data
-(:mod:`pyrodiff.decoders`).  The network's output is turned into :math:`\mu_\theta` by one of three
+:math:`p(x_T) = N(0, I)`; for t >= 2, :math:`p_\theta(x_{t-1} \mid x_t) = N(\mu_\theta(x_t, t), \sigma_t^2 I)`;
+the decoder :math:`p_\theta(x_0 \mid x_1)` scores the data (:mod:`pyrodiff.decoders`).  The variance
+:math:`\sigma_t^2` is fixed, "small" :math:`\tilde\beta_t` or "large" :math:`\beta_t` (MATH.md), or "learned" as
+Nichol & Dhariwal (2021, eq. 15) learn it, per dimension, interpolating in the log domain between the two:
+
+.. math:: \log \sigma_\theta^2(x_t, t) = f \log \beta_t + (1 - f) \log \tilde\beta_t, \qquad f = (v_\theta(x_t, t) + 1) / 2,
+
+with :math:`v_\theta` the second half of the network's output channels and :math:`\tilde\beta_1` replaced by
+:math:`\tilde\beta_2` (improved-diffusion's ``learned_range``).  At t = 1 the range is
+:math:`[\tilde\beta_2, \beta_1]`: on continuous data the decoder's best variance is near :math:`\beta_1`, above
+the fixed choices' :math:`\tilde\beta_2`.  The network's output is turned into :math:`\mu_\theta` by one of three
 parameterisations (Ho et al. 2020, eq. 11; Salimans & Ho 2022 for v):
 
 - ``epsilon``: :math:`\mu_\theta = \frac{1}{\sqrt{\alpha_t}}\big(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}\epsilon_\theta\big)`
@@ -16,6 +24,8 @@ runs DDPM's ancestral sampler (Ho et al. 2020, Algorithm 2), T sequential calls.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -25,26 +35,38 @@ from torch import nn
 from torch.distributions import register_kl
 
 from .decoders import DiscretizedGaussian, check_levels_grid
-from .forward import PosteriorChain, _expand_chain, is_last_row, path_timesteps, q_marginal, q_posterior
+from .forward import PosteriorChain, _expand_chain, path_timesteps, q_marginal, q_posterior
 from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
 from .schedule import NoiseSchedule
 from .subsample import draw_timesteps, step_scale
 
-__all__ = ["DiffusionModel", "ReverseChain"]
+__all__ = ["DiffusionModel", "ReverseChain", "Prediction"]
 
 PREDICTIONS = ("epsilon", "x0", "v")
-VARIANCES = ("small", "large")
+VARIANCES = ("small", "large", "learned")
 DECODERS = ("gaussian", "discretized")
+
+
+class Prediction(NamedTuple):
+    r"""What one network call gives for :math:`x_t`: the reverse step :math:`N(\text{mean}, \text{variance})`
+    and the implied :math:`\hat x_0`.  ``variance`` broadcasts against ``mean``: shape ``t.shape + (1, ...)``
+    for fixed variances, the data's shape for learned ones."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    x0: torch.Tensor
 
 
 class DiffusionModel(nn.Module):
     r"""The reverse chain as a Pyro model, :math:`p(x_T)\prod_{t \ge 2} p_\theta(x_{t-1} \mid x_t)\, p_\theta(x_0 \mid x_1)`.
 
     :param network: any module called as ``network(x_t, t)`` with ``x_t`` of shape ``(B, *D)`` and
-        ``t`` a LongTensor of shape ``(B,)`` holding math timesteps 1..T; returns shape ``(B, *D)``.
+        ``t`` a LongTensor of shape ``(B,)`` holding math timesteps 1..T; returns shape ``(B, *D)``, or
+        for learned variances ``(B, 2 D_0, D_1, ...)``: the prediction, then :math:`v_\theta`, along dim 1.
     :param schedule: the noise schedule (T >= 2).
     :param prediction: what the network predicts: ``"epsilon"``, ``"x0"`` or ``"v"``.
-    :param variance: ``"small"`` (:math:`\tilde\beta_t`) or ``"large"`` (:math:`\beta_t`).
+    :param variance: ``"small"`` (:math:`\tilde\beta_t`), ``"large"`` (:math:`\beta_t`) or ``"learned"``
+        (see the module docstring; train it with the bound, ``objective="elbo"``).
     :param decoder: ``"gaussian"`` (continuous data) or ``"discretized"`` (data on a grid of
         ``levels`` values in [-1, 1]).
     :param levels: number of levels of the discretized decoder (256 for 8-bit images).
@@ -98,14 +120,9 @@ class DiffusionModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ transitions
-    def reverse_variance(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        r""":math:`\sigma_t^2` for timesteps ``t``, shaped to broadcast against ``like`` (batch ``t.shape``)."""
-        c = self.schedule.coefficients(like.device, like.dtype)
-        table = c.reverse_variance_small if self.variance == "small" else c.reverse_variance_large
-        return at_timesteps(table, t, like.dim() - t.dim())
-
-    def predict(self, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""One network call on a batch of any leading shape: returns :math:`(\mu_\theta(x_t, t), \hat x_0)`."""
+    def predict(self, xt: torch.Tensor, t: torch.Tensor) -> Prediction:
+        r"""One network call on a batch of any leading shape ``t.shape``: :math:`\mu_\theta(x_t, t)`,
+        :math:`\sigma_t^2` and :math:`\hat x_0`."""
         batch = t.shape
         flat_x = xt.reshape((-1,) + xt.shape[t.dim() :])
         flat_t = t.reshape(-1)
@@ -116,23 +133,32 @@ class DiffusionModel(nn.Module):
                 out = self.network(flat_x, flat_t).to(xt.dtype)
         except RuntimeError as e:
             raise ValueError(f"data of shape {tuple(flat_x.shape[1:])} does not fit the network: {e}") from e
-        if out.shape != flat_x.shape:
+        learned = self.variance == "learned"
+        expected = (flat_x.shape[0], 2 * flat_x.shape[1]) + flat_x.shape[2:] if learned else flat_x.shape
+        if out.shape != expected:
             raise ValueError(
-                f"the network returned shape {tuple(out.shape)} for input shape {tuple(flat_x.shape)}; "
-                "it must return the shape of x_t"
+                f"the network returned shape {tuple(out.shape)} for input shape {tuple(flat_x.shape)}; it must "
+                + ("return twice the channels of x_t (learned variances)" if learned else "return the shape of x_t")
             )
+        out, v = out.chunk(2, dim=1) if learned else (out, None)
         out = out.reshape(xt.shape)
         c = self.schedule.coefficients(xt.device, xt.dtype)
         event_dim = xt.dim() - len(batch)
+        small = at_timesteps(c.reverse_variance_small, t, event_dim)
+        if v is None:
+            variance = small if self.variance == "small" else at_timesteps(c.reverse_variance_large, t, event_dim)
+        else:
+            f = (v.reshape(xt.shape) + 1) / 2
+            variance = torch.exp(f * at_timesteps(c.betas, t, event_dim).log() + (1 - f) * small.log())
         abar = at_timesteps(c.alphas_cumprod, t, event_dim)
         if self.prediction == "epsilon":
             x0_hat = (xt - (1 - abar).sqrt() * out) / abar.sqrt()
             beta = at_timesteps(c.betas, t, event_dim)
             mean = (xt - beta / (1 - abar).sqrt() * out) / at_timesteps(c.alphas, t, event_dim).sqrt()
-            return mean, x0_hat
+            return Prediction(mean, variance, x0_hat)
         x0_hat = out if self.prediction == "x0" else abar.sqrt() * xt - (1 - abar).sqrt() * out
         mean, _ = q_posterior(self.schedule, x0_hat, xt, t)
-        return mean, x0_hat
+        return Prediction(mean, variance, x0_hat)
 
     def decoder_distribution(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int):
         r""":math:`p_\theta(x_0 \mid x_1)` with mean ``loc`` = :math:`\mu_\theta(x_1, 1)` and variance :math:`\sigma_1^2`."""
@@ -176,10 +202,9 @@ class DiffusionModel(nn.Module):
             with pyro.plate("steps", subsample_steps, dim=-2), pyro.poutine.scale(scale=step_scale(t, T)):
                 loc, var = q_marginal(self.schedule, x0, t)
                 xt = pyro.sample("x_t", dist.Normal(loc, var.sqrt()).to_event(event_dim))
-                mean, _ = self.predict(xt, t)
-                var = self.reverse_variance(t, xt)
+                mean, var, _ = self.predict(xt, t)
                 is_decoder = t == 1
-                step_var = torch.where(expand_event(is_decoder, event_dim), torch.ones_like(var), var)
+                step_var = torch.where(expand_event(is_decoder, event_dim), 1.0, var)
                 pyro.sample("x_{t-1}", dist.Normal(mean, step_var.sqrt()).to_event(event_dim).mask(~is_decoder))
                 # rows with t >= 2 are masked out of the decoder; their mean is set to the data so
                 # that no infinite log-density (and NaN gradient) can arise there
@@ -189,7 +214,10 @@ class DiffusionModel(nn.Module):
         return xt
 
     def check_data(self, x0: torch.Tensor) -> None:
-        """Refuse data of the wrong shape, non-finite data, or data off the decoder's grid."""
+        """Refuse data of the wrong shape, non-finite data, or data off the decoder's grid.  The checks of
+        the values read the data (a device synchronisation on a GPU), so like Pyro's checks of
+        distribution arguments they run only while Pyro's validation is enabled (the default);
+        ``pyrodiff train`` checks the whole training set once and trains with validation off."""
         if not torch.is_tensor(x0) or x0.dim() < 2:
             raise ValueError("x0 must be a tensor of shape (N, *data_shape)")
         if self.data_shape is None:
@@ -198,6 +226,8 @@ class DiffusionModel(nn.Module):
             raise ValueError(
                 f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}"
             )
+        if not dist.is_validation_enabled():
+            return
         if not torch.isfinite(x0).all():
             raise ValueError("data contains NaN or infinite values")
         if self.decoder == "discretized":
@@ -225,7 +255,7 @@ class ReverseChain(TorchDistribution):
         self.model = model
         self.device, self.dtype = torch.device(device), dtype
         self._path: torch.Tensor | None = None
-        self._means: torch.Tensor | None = None
+        self._predictions: Prediction | None = None
         super().__init__(torch.Size((model.schedule.num_steps, num_examples)), torch.Size(data_shape))
 
     @constraints.dependent_property
@@ -235,28 +265,26 @@ class ReverseChain(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return _expand_chain(self, batch_shape)
 
-    def means(self, path: torch.Tensor) -> torch.Tensor:
-        r"""Row k - 1 holds :math:`\mu_\theta(x_k, k)`, the mean of :math:`x_{k-1}` given :math:`x_k`."""
+    def predictions(self, path: torch.Tensor) -> Prediction:
+        r"""Row k - 1 holds :math:`\mu_\theta(x_k, k)` and :math:`\sigma_k^2`, the law of :math:`x_{k-1}` given :math:`x_k`."""
         if path is not self._path:
             if path.shape != self.shape():
                 raise ValueError(f"a path must have shape {tuple(self.shape())}, got {tuple(path.shape)}")
-            self._path, self._means = path, self.model.predict(path, path_timesteps(self.batch_shape, self.device))[0]
-        return self._means
+            self._path, self._predictions = (
+                path,
+                self.model.predict(path, path_timesteps(self.batch_shape, self.device)),
+            )
+        return self._predictions
 
     def parent_params(self, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of each row's reverse conditional: rows k < T from x_{k+1}, row T the prior."""
-        means = self.means(path)
-        t = path_timesteps(self.batch_shape, self.device)
-        T = t.shape[0]
-        loc = torch.cat([means[1:], torch.zeros_like(means[:1])])
-        var = self.model.reverse_variance((t + 1).clamp(max=T), path)
-        is_last = is_last_row(self.batch_shape, self.event_dim, self.device)
-        return loc, torch.where(is_last, torch.ones_like(var), var)
+        mean, var, _ = self.predictions(path)
+        return torch.cat([mean[1:], torch.zeros_like(mean[:1])]), torch.cat([var[1:], torch.ones_like(var[:1])])
 
     def decoder_params(self, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r""":math:`\mu_\theta(x_1, 1)` and :math:`\sigma_1^2` along ``path``."""
-        means = self.means(path)
-        return means[0], self.model.reverse_variance(path_timesteps(self.batch_shape, self.device)[0], means[0])
+        mean, var, _ = self.predictions(path)
+        return mean[0], var[0]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         loc, var = self.parent_params(value)
@@ -272,16 +300,16 @@ class ReverseChain(TorchDistribution):
             )
         T, N = self.batch_shape
         x = torch.randn((N,) + self.event_shape, device=self.device, dtype=self.dtype)
-        path, means = [x], []
+        path, predictions = [x], []
         for step in range(T, 0, -1):
             t = torch.full((N,), step, device=self.device, dtype=torch.long)
-            mean = self.model.predict(x, t)[0]
-            means.append(mean)
+            mean, var, x0_hat = self.model.predict(x, t)
+            predictions.append(Prediction(mean, var, x0_hat))
             if step > 1:
-                x = mean + self.model.reverse_variance(t, x).sqrt() * torch.randn_like(x)
+                x = mean + var.sqrt() * torch.randn_like(x)
                 path.append(x)
         self._path = torch.stack(path[::-1])
-        self._means = torch.stack(means[::-1])
+        self._predictions = Prediction(*(torch.stack(p[::-1]) for p in zip(*predictions, strict=True)))
         return self._path
 
 

@@ -87,10 +87,13 @@ def build_schedule(spec: dict) -> NoiseSchedule:
 def build_network(spec: dict, data: Dataset):
     n = dict(spec["network"])
     kind = n.pop("kind", "unet")
+    channels = data.data_shape[0]
+    out = 2 * channels if spec["model"].get("variance") == "learned" else channels  # prediction, then v
     if kind == "unet":
-        return UNet(in_channels=data.data_shape[0], **{k: tuple(v) if isinstance(v, list) else v for k, v in n.items()})
+        n = {k: tuple(v) if isinstance(v, list) else v for k, v in n.items()}
+        return UNet(in_channels=channels, out_channels=out, **n)
     if kind == "mlp":
-        return MLPDenoiser(dim=data.data_shape[0], **n)
+        return MLPDenoiser(dim=channels, out_dim=out, **n)
     raise ValueError(f"unknown network kind {kind!r}: unet or mlp")
 
 

@@ -74,16 +74,28 @@ def data_batches(
 
 
 class LinearDenoiser(nn.Module):
-    """``network(x_t, t) = a[t-1] * x_t + b[t-1]``: a network linear in :math:`x_t`, one scalar pair per t."""
+    """``network(x_t, t) = a[t-1] * x_t + b[t-1]``: a network linear in :math:`x_t`, one scalar pair per t.
+    Given ``v``, it also outputs the constant ``v[t-1]`` as a second half of the channels (dim 1), the
+    interpolation output of learned variances."""
 
-    def __init__(self, num_steps: int, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        num_steps: int,
+        a: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.a = nn.Parameter(torch.zeros(num_steps) if a is None else torch.as_tensor(a).clone())
         self.b = nn.Parameter(torch.zeros(num_steps) if b is None else torch.as_tensor(b).clone())
+        self.v = None if v is None else nn.Parameter(torch.as_tensor(v).clone())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return self.a[t - 1].reshape(shape) * x + self.b[t - 1].reshape(shape)
+        out = self.a[t - 1].reshape(shape) * x + self.b[t - 1].reshape(shape)
+        if self.v is None:
+            return out
+        return torch.cat([out, self.v[t - 1].reshape(shape).expand_as(x)], dim=1)
 
 
 def linear_denoisers(num_steps: int, dtype: torch.dtype = torch.float64) -> st.SearchStrategy[LinearDenoiser]:
@@ -122,9 +134,12 @@ def linear_elbo_terms(
     variance: str = "small",
     levels: int | None = None,
     quadrature_points: int = 80,
+    v=None,
 ) -> np.ndarray:
     r"""Every term of the bound, shape ``(N, T + 1)`` (column k is :math:`L_k`, nats), for the model with
-    network :class:`LinearDenoiser` ``(a, b)``.  With :math:`x_t \sim N(m x_0, s^2)`:
+    network :class:`LinearDenoiser` ``(a, b)`` (and ``v`` for learned variances, where
+    :math:`\sigma_t^2 = \beta_t^f \tilde\beta_t^{1-f}`, :math:`f = (v_t + 1)/2`, :math:`\tilde\beta_1 := \tilde\beta_2`).
+    With :math:`x_t \sim N(m x_0, s^2)`:
 
     - :math:`L_{t-1} = \tfrac12\sum_d \big[\log\frac{\sigma_t^2}{\tilde\beta_t} + \frac{\tilde\beta_t}{\sigma_t^2} - 1
       + \frac{(A x_0 - d + (B - c) m x_0)^2 + (B - c)^2 s^2}{\sigma_t^2}\big]`, where :math:`A x_0 + B x_t`
@@ -141,7 +156,12 @@ def linear_elbo_terms(
     abar = np.cumprod(alpha)
     abar_prev = np.concatenate([[1.0], abar[:-1]])
     beta_tilde = beta * (1 - abar_prev) / (1 - abar)
-    sigma2 = np.concatenate([[beta_tilde[1]], (beta_tilde if variance == "small" else beta)[1:]])
+    small = np.concatenate([[beta_tilde[1]], beta_tilde[1:]])
+    if variance == "learned":
+        f = (np.asarray(v, np.float64) + 1) / 2
+        sigma2 = beta**f * small ** (1 - f)
+    else:
+        sigma2 = small if variance == "small" else np.concatenate([[beta_tilde[1]], beta[1:]])
     A = np.sqrt(abar_prev) * beta / (1 - abar)
     B = np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
     m, s2 = np.sqrt(abar), 1 - abar
@@ -179,7 +199,8 @@ def linear_case(
     levels: int = 9,
 ):
     """A ready test case in float64: a :class:`~pyrodiff.reverse.DiffusionModel` with a random
-    :class:`LinearDenoiser` (coefficients ``a`` in [-0.4, 0.4], ``b`` in [-0.2, 0.2]), data ``x0`` of
+    :class:`LinearDenoiser` (coefficients ``a`` in [-0.4, 0.4], ``b`` in [-0.2, 0.2], and ``v`` in [-1, 1]
+    for learned variances), data ``x0`` of
     ``shape`` (on the grid of ``levels`` values for the discretized decoder, else uniform in [-1, 1])
     and its exact terms from :func:`linear_elbo_terms`, shape ``(N, T + 1)``."""
     from .reverse import DiffusionModel
@@ -188,10 +209,12 @@ def linear_case(
     g = torch.Generator().manual_seed(seed)
     a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.8
     b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.4
+    v = torch.rand(T, generator=g, dtype=torch.float64) * 2 - 1 if variance == "learned" else None
     levels = levels if decoder == "discretized" else None
-    model = DiffusionModel(LinearDenoiser(T, a, b), schedule, prediction, variance, decoder, levels)
+    model = DiffusionModel(LinearDenoiser(T, a, b, v), schedule, prediction, variance, decoder, levels)
     if levels:
         x0 = (torch.randint(0, levels, shape, generator=g) * 2 / (levels - 1) - 1).double()
     else:
         x0 = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
-    return model, x0, linear_elbo_terms(schedule, a.numpy(), b.numpy(), x0, prediction, variance, levels)
+    v = None if v is None else v.numpy()
+    return model, x0, linear_elbo_terms(schedule, a.numpy(), b.numpy(), x0, prediction, variance, levels, v=v)

@@ -110,6 +110,8 @@ def train(
     if tr["compile"]:
         model.network = torch.compile(model.network)
     train_data = built.data.train.to(device)
+    with pyro.validation_enabled(True):  # once here: the loop runs with validation off
+        model.check_data(train_data)
     optimizer = _optimizer(network.parameters(), tr, device)
     warmup = max(1, tr["warmup_steps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -194,7 +196,7 @@ def train(
     began = time.time()
     steps = range(start, tr["steps"])
     running = None
-    # pyrodiff checks its data itself; Pyro's per-site validation would cost time at every step
+    # the training data were checked above; Pyro's per-site validation would cost time at every step
     with (
         pyro.validation_enabled(False),
         tqdm(
@@ -234,7 +236,8 @@ def train(
         return None
 
     trained = model.with_network(ema.module).eval()
-    terms = bound_terms(trained, built.data.test[: tr["eval_examples"]].to(device))
+    test = built.data.test[: tr["eval_examples"]].to(device)
+    terms = bound_terms(trained, test)
     report = {
         "spec": spec["name"],
         "steps": tr["steps"],
@@ -250,6 +253,8 @@ def train(
         "levels": model.levels,
         "bits_per_dim_is_8bit_scale": terms.is_8bit_scale,
     }
+    if built.data.log_density is not None:
+        report["kl_bound_nats"], report["kl_bound_stderr"] = terms.kl_bound(built.data.log_density(test))
     (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
     samples_path = out / "samples.png"
     n = num_samples or (64 if train_data.dim() == 4 else 2000)

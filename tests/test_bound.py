@@ -26,7 +26,12 @@ def _model(prediction="epsilon", variance="small", decoder="gaussian"):
 @pytest.mark.parametrize("draws", ["independent", "trajectory"])
 @pytest.mark.parametrize(
     "prediction, variance, decoder",
-    [("epsilon", "small", "gaussian"), ("v", "large", "gaussian"), ("x0", "small", "discretized")],
+    [
+        ("epsilon", "small", "gaussian"),
+        ("v", "large", "gaussian"),
+        ("x0", "small", "discretized"),
+        ("epsilon", "learned", "discretized"),
+    ],
 )
 def test_every_term_agrees_with_its_closed_form(draws, prediction, variance, decoder, float64):
     model, x0, exact = _model(prediction, variance, decoder)
@@ -127,6 +132,20 @@ def test_rate_is_monotone_and_report_files(tmp_path, float64):
     assert saved["rate_bits_per_dim"] + saved["distortion_bits_per_dim"] == pytest.approx(saved["bits_per_dim"])
     assert summary["num_samples"] == 3 and summary["num_examples"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
+    assert "kl_bound_nats" not in saved
+
+
+def test_kl_bound_pairs_the_bound_with_the_data_log_density(tmp_path, float64):
+    """With log q(x_0) known, the report gives mean(-ELBO + log q) and its paired standard error."""
+    model, x0, _ = _model()
+    pyro.set_rng_seed(8)
+    terms = bound_terms(model, x0, num_samples=5)
+    log_q = -0.5 * x0.pow(2).sum(-1)
+    excess = (terms.total.mean(0) + log_q).numpy()  # per example, averaged over draws
+    summary = write_report(terms, tmp_path / "r", {"name": "linear"}, log_q)
+    assert summary["kl_bound_nats"] == pytest.approx(excess.mean())
+    assert summary["kl_bound_stderr"] == pytest.approx(excess.std(ddof=1) / np.sqrt(len(excess)))
+    assert "Bound on KL" in (tmp_path / "r" / "summary.md").read_text()
 
 
 def test_bad_input(float64):

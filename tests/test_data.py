@@ -4,6 +4,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from pyrodiff.data import GAUSSIANS8_ENTROPY, load_dataset
 from pyrodiff.decoders import check_levels_grid
@@ -29,6 +30,18 @@ def test_gaussians8_entropy_and_geometry():
     x = load_dataset("gaussians8").train.numpy()
     r = np.linalg.norm(x, axis=1)
     assert abs(r.mean() - 2.0) < 0.01
+
+
+def test_gaussians8_log_density_is_normalised_and_its_mean_is_the_entropy():
+    d = load_dataset("gaussians8")
+    grid = torch.linspace(-3, 3, 601, dtype=torch.float64)
+    xy = torch.cartesian_prod(grid, grid)
+    cell = (grid[1] - grid[0]) ** 2
+    assert (d.log_density(xy).exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
+    neg_log_q = -d.log_density(d.test)
+    stderr = neg_log_q.std() / len(neg_log_q) ** 0.5
+    assert abs(neg_log_q.mean() - GAUSSIANS8_ENTROPY) < 4 * stderr
+    assert load_dataset("moons").log_density is None
 
 
 def test_missing_local_files_give_a_clear_error(tmp_path):

@@ -30,7 +30,10 @@ def _assert_agrees(losses, exact):
     assert abs(losses.mean() - exact) < 4 * stderr, (losses.mean(), exact, stderr)
 
 
-CASES = [(p, v) for p in ("epsilon", "x0", "v") for v in ("small", "large")]
+CASES = [(p, v) for p in ("epsilon", "x0", "v") for v in ("small", "large")] + [
+    ("epsilon", "learned"),
+    ("v", "learned"),
+]
 
 
 @pytest.mark.parametrize("prediction, variance", CASES)
@@ -61,9 +64,9 @@ def test_forward_order_with_trace_elbo(subsample_steps, float64):
     _assert_agrees([Trace_ELBO().loss(model, guide, x0, subsample_steps) for _ in range(NUM_DRAWS)], exact)
 
 
-@pytest.mark.parametrize("order", ["posterior", "forward"])
-def test_loop_version_is_unbiased(order, float64):
-    model, x0, exact = _setup("epsilon", "large")
+@pytest.mark.parametrize("order, variance", [("posterior", "large"), ("forward", "learned")])
+def test_loop_version_is_unbiased(order, variance, float64):
+    model, x0, exact = _setup("epsilon", variance)
     guide = DiffusionGuide(SCHEDULE, order=order)
     pyro.set_rng_seed(14)
     losses = [

@@ -22,6 +22,14 @@ def test_unet_shapes_and_time_dependence(shape, kwargs):
 def test_unet_starts_at_zero_and_refuses_bad_input():
     net = UNet(1, channels=8, channel_mult=(1, 2))
     assert torch.count_nonzero(net(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]))) == 0
+    assert UNet(1, channels=8, channel_mult=(1, 2), out_channels=2)(
+        torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    ).shape == (
+        2,
+        2,
+        8,
+        8,
+    )
     with pytest.raises(ValueError, match="needs input"):
         net(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="divisible"):
@@ -31,6 +39,7 @@ def test_unet_starts_at_zero_and_refuses_bad_input():
 def test_mlp_denoiser():
     net = MLPDenoiser(2, hidden=16, depth=2)
     assert net(torch.randn(5, 2), torch.arange(1, 6)).shape == (5, 2)
+    assert MLPDenoiser(2, hidden=16, out_dim=4)(torch.randn(5, 2), torch.arange(1, 6)).shape == (5, 4)
     with pytest.raises(ValueError, match="needs input"):
         net(torch.randn(5, 3), torch.arange(1, 6))
 

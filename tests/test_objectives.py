@@ -34,7 +34,7 @@ def test_simple_objective_is_the_noise_regression(prediction, float64):
     xt = gt.nodes["x_t"]["value"][0]
     abar = s.alphas_cumprod[t - 1][:, None]
     eps = (xt - abar.sqrt() * x0) / (1 - abar).sqrt()
-    _, x0_hat = model.predict(xt, t)
+    x0_hat = model.predict(xt, t).x0
     eps_hat = (xt - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
     kl = torch.distributions.kl_divergence(gt.nodes["x_{t-1}"]["fn"], mt.nodes["x_{t-1}"]["fn"])
     scale = gt.nodes["x_{t-1}"]["scale"]
@@ -71,6 +71,14 @@ def test_reweighting_needs_subsampled_terms():
 def test_unknown_objective():
     with pytest.raises(ValueError, match="objective"):
         objective_weights(NoiseSchedule.linear(4), "perceptual")
+
+
+def test_learned_variances_are_trained_by_the_bound():
+    schedule = NoiseSchedule.linear(4)
+    assert torch.equal(objective_weights(schedule, "elbo", "learned"), torch.ones(4, dtype=torch.float64))
+    for objective in ("simple", "min_snr"):
+        with pytest.raises(ValueError, match="learned variances"):
+            objective_weights(schedule, objective, "learned")
 
 
 def test_prior_term_is_not_reweighted():

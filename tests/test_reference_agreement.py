@@ -34,14 +34,20 @@ def _reference_decoder_nll(x, mean, log_scale):
     return -logp
 
 
-def _reference_terms_bpd(schedule, a, b, x0, eps, variance):
-    """Reference per-term bits/dim (mean over dimensions) for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+def _reference_terms_bpd(schedule, a, b, x0, eps, variance, v=None):
+    """Reference per-term bits/dim (mean over dimensions) for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps;
+    learned variances are the reference's ``learned_range``: frac = (v + 1) / 2 between the clipped
+    posterior log-variance and log beta."""
     beta = schedule.betas.numpy()
     abar = np.cumprod(1 - beta)
     abar_prev = np.append(1.0, abar[:-1])
     post_var = beta * (1 - abar_prev) / (1 - abar)
     post_logvar_clipped = np.log(np.append(post_var[1], post_var[1:]))
-    model_logvar = post_logvar_clipped if variance == "small" else np.log(np.append(post_var[1], beta[1:]))
+    if variance == "learned":
+        frac = (v + 1) / 2
+        model_logvar = frac * np.log(beta) + (1 - frac) * post_logvar_clipped
+    else:
+        model_logvar = post_logvar_clipped if variance == "small" else np.log(np.append(post_var[1], beta[1:]))
     c1, c2 = beta * np.sqrt(abar_prev) / (1 - abar), (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar)
     T, out = len(beta), []
     for i in range(T):  # reference index i = our t - 1
@@ -61,20 +67,23 @@ def _reference_terms_bpd(schedule, a, b, x0, eps, variance):
     return np.stack(out, -1)  # (N, T + 1)
 
 
-@pytest.mark.parametrize("variance", ["small", "large"])
+@pytest.mark.parametrize("variance", ["small", "large", "learned"])
 def test_terms_agree_with_improved_diffusion(variance, float64):
     T, N, D = 50, 6, 16
     schedule = NoiseSchedule.linear(T, 1e-4, 0.2)
     g = torch.Generator().manual_seed(0)
     a = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.2
     b = (torch.rand(T, generator=g, dtype=torch.float64) - 0.5) * 0.1
+    v = torch.rand(T, generator=g, dtype=torch.float64) * 2 - 1 if variance == "learned" else None
     x0 = torch.randint(0, 256, (N, D), generator=g).double() / 127.5 - 1
-    model = DiffusionModel(LinearDenoiser(T, a, b), schedule, "epsilon", variance, "discretized", 256)
+    model = DiffusionModel(LinearDenoiser(T, a, b, v), schedule, "epsilon", variance, "discretized", 256)
     torch.manual_seed(3)
     ours = bound_terms(model, x0, num_samples=1, draws="independent", chunk_size=T).bits_per_dim[0].numpy()
     torch.manual_seed(3)
     eps = torch.randn(T, N, D, dtype=torch.float64).numpy()  # the same draws bound_terms made
-    ref = _reference_terms_bpd(schedule, a.numpy(), b.numpy(), x0.numpy(), eps, variance)
+    ref = _reference_terms_bpd(
+        schedule, a.numpy(), b.numpy(), x0.numpy(), eps, variance, None if v is None else v.numpy()
+    )
     assert np.allclose(ours[:, 1:], ref[:, 1:], rtol=1e-9, atol=1e-12)  # every KL term and the prior
     # the decoder differs only by the tanh approximation of the CDF: measured here at most 2.4e-3
     # bits/dim on an L_0 of about 2.5 bits/dim (0.1% relative); documented in the README

@@ -55,7 +55,7 @@ def test_mean_field_kl_is_the_sum_of_per_step_kls():
         t = k + 1
         c0, ct, bt = s.posterior_mean_coef_x0[t - 1], s.posterior_mean_coef_xt[t - 1], s.posterior_variance[t - 1]
         q = Normal(c0 * x0 + ct * path[k], bt.sqrt())
-        mean, _ = model.predict(path[k], torch.full((3,), t))
+        mean = model.predict(path[k], torch.full((3,), t)).mean
         p = Normal(mean, s.posterior_variance[t - 1].sqrt())
         assert torch.allclose(kl[k - 1], kl_divergence(q, p).sum(-1).float(), rtol=1e-4, atol=1e-5)
     abar = s.alphas_cumprod[-1]
@@ -105,6 +105,10 @@ def test_data_errors():
         Trace_ELBO().loss(model, guide, torch.full((3, 2), 0.01))
     with pytest.raises(ValueError, match="NaN"):
         Trace_ELBO().loss(model, guide, torch.full((3, 2), float("nan")))
+    with pyro.validation_enabled(False):  # value checks follow Pyro's validation; shape checks always run
+        model.check_data(torch.full((3, 2), float("nan")))
+        with pytest.raises(ValueError, match="does not fit"):
+            model.check_data(torch.zeros(3, 5))
 
 
 def test_unet_shape_mismatch_is_named():
@@ -118,7 +122,7 @@ def test_unet_shape_mismatch_is_named():
     "kwargs, match",
     [
         ({"prediction": "score"}, "prediction"),
-        ({"variance": "learned"}, "variance"),
+        ({"variance": "fixed"}, "variance"),
         ({"decoder": "bernoulli"}, "decoder"),
         ({"decoder": "discretized"}, "levels"),
     ],
@@ -158,3 +162,31 @@ def test_svi_with_pyro_optim():
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     assert torch.isfinite(torch.tensor(svi.step(torch.zeros(4, 2))))
     assert set(pyro.get_param_store().keys()) == {"network$$$a", "network$$$b"}
+
+
+@pytest.mark.parametrize("v, fixed", [(-1.0, "small"), (1.0, "large")])
+def test_learned_variance_spans_the_fixed_ones(v, fixed, float64):
+    """Interpolation output v = -1 gives beta_tilde_t, v = +1 gives beta_t (Nichol & Dhariwal, eq. 15);
+    at t = 1 the range is [beta_tilde_2, beta_1]."""
+    T = 6
+    schedule = NoiseSchedule.linear(T, 0.05, 0.3)
+    a, b = torch.rand(T, dtype=torch.float64), torch.rand(T, dtype=torch.float64)
+    learned = DiffusionModel(LinearDenoiser(T, a, b, torch.full((T,), v)), schedule, variance="learned")
+    fixed_model = DiffusionModel(LinearDenoiser(T, a, b), schedule, variance=fixed)
+    x, t = torch.randn(T, 3, dtype=torch.float64), torch.arange(1, T + 1)
+    got, want = learned.predict(x, t), fixed_model.predict(x, t)
+    assert torch.allclose(got.mean, want.mean) and torch.allclose(got.x0, want.x0)
+    assert got.variance.shape == x.shape
+    want_var = want.variance.expand_as(x).clone()
+    if fixed == "large":
+        want_var[0] = schedule.betas[0]
+    assert torch.allclose(got.variance, want_var, rtol=1e-12)
+
+
+def test_learned_variance_samples_and_checks_the_network():
+    T = 5
+    schedule = NoiseSchedule.linear(T, 0.05, 0.3)
+    model = DiffusionModel(LinearDenoiser(T, v=torch.zeros(T)), schedule, variance="learned", data_shape=(3,))
+    assert model.sample(4).shape == (4, 3)
+    with pytest.raises(ValueError, match="twice the channels"):
+        DiffusionModel(LinearDenoiser(T), schedule, variance="learned").predict(torch.zeros(2, 3), torch.tensor([1, 2]))
