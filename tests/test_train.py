@@ -136,3 +136,14 @@ def test_cli_train_and_sample(tmp_path, capsys):
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert cli.main(["sample", str(tmp_path / "missing.pt")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_learned_variances_train_on_the_bound_and_refuse_the_noise_losses(tmp_path):
+    spec = copy.deepcopy(TINY_2D)
+    spec["model"]["variance"] = "learned"
+    result = train(spec, tmp_path / "learned", progress=False, num_samples=8)
+    assert np.isfinite(result.test_bound["negative_elbo_nats"])
+    assert "kl_bound_nats" in result.test_bound  # gaussians8's density is known exactly
+    spec["training"]["objective"] = "simple"
+    with pytest.raises(ValueError, match="learned variances"):
+        train(spec, tmp_path / "simple", progress=False)
