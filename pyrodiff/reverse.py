@@ -144,12 +144,7 @@ class DiffusionModel(nn.Module):
         out = out.reshape(xt.shape)
         c = self.schedule.coefficients(xt.device, xt.dtype)
         event_dim = xt.dim() - len(batch)
-        small = at_timesteps(c.reverse_variance_small, t, event_dim)
-        if v is None:
-            variance = small if self.variance == "small" else at_timesteps(c.reverse_variance_large, t, event_dim)
-        else:
-            f = (v.reshape(xt.shape) + 1) / 2
-            variance = torch.exp(f * at_timesteps(c.betas, t, event_dim).log() + (1 - f) * small.log())
+        variance = self._reverse_variance(c, t, event_dim, None if v is None else v.reshape(xt.shape))
         abar = at_timesteps(c.alphas_cumprod, t, event_dim)
         if self.prediction == "epsilon":
             x0_hat = (xt - (1 - abar).sqrt() * out) / abar.sqrt()
@@ -159,6 +154,15 @@ class DiffusionModel(nn.Module):
         x0_hat = out if self.prediction == "x0" else abar.sqrt() * xt - (1 - abar).sqrt() * out
         mean, _ = q_posterior(self.schedule, x0_hat, xt, t)
         return Prediction(mean, variance, x0_hat)
+
+    def _reverse_variance(self, c, t: torch.Tensor, event_dim: int, v: torch.Tensor | None) -> torch.Tensor:
+        r""":math:`\sigma_t^2`: the fixed table at ``t``, or for learned variances
+        :math:`\exp(f \log \beta_t + (1 - f) \log \tilde\beta_t)` with :math:`f = (v + 1) / 2`."""
+        small = at_timesteps(c.reverse_variance_small, t, event_dim)
+        if v is None:
+            return small if self.variance == "small" else at_timesteps(c.reverse_variance_large, t, event_dim)
+        f = (v + 1) / 2
+        return torch.exp(f * at_timesteps(c.betas, t, event_dim).log() + (1 - f) * small.log())
 
     def decoder_distribution(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int):
         r""":math:`p_\theta(x_0 \mid x_1)` with mean ``loc`` = :math:`\mu_\theta(x_1, 1)` and variance :math:`\sigma_1^2`."""
@@ -243,8 +247,8 @@ class ReverseChain(TorchDistribution):
     r"""The reverse chain's law of the path :math:`x_{1:T}` (batch shape ``(T, N)``, the data's event shape).
 
     ``log_prob`` row k < T is :math:`\log p_\theta(x_k \mid x_{k+1})`, row T is :math:`\log N(x_T; 0, I)`.
-    The network means along a path are computed in one batched call and kept for that path, so that
-    the decoder (which needs :math:`\mu_\theta(x_1, 1)`), ``log_prob`` and the analytic KL to the
+    The network's means and variances along a path are computed in one batched call and kept for that
+    path, so that the decoder (which needs :math:`\mu_\theta(x_1, 1)`), ``log_prob`` and the analytic KL to the
     posterior-order guide (``TraceMeanField_ELBO``) share them.  ``sample`` is DDPM's ancestral sampler.
     """
 
