@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -231,6 +232,10 @@ def train(
                 start = step + 1
     checkpoint(tr["steps"])
     seconds = time.time() - began
+    # DistributedDataParallel holds the process group: release it (and the compiled wrapper) first, so
+    # that leaving the group tears the backend down while every rank is still there
+    model.network = network
+    gc.collect()
     world.close()
     if not world.is_main:
         return None
