@@ -23,7 +23,13 @@ from pyro.infer import TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, UNet
 
-CONFIGS = {"float32": (None, False), "bf16": (torch.bfloat16, False), "compile": (None, True), "bf16 + compile": (torch.bfloat16, True)}  # fmt: skip
+#: name -> (autocast dtype around the network, torch.compile of the network)
+CONFIGS = {
+    "float32": (None, False),
+    "bf16": (torch.bfloat16, False),
+    "compile": (None, True),
+    "bf16 + compile": (torch.bfloat16, True),
+}
 
 
 def main():

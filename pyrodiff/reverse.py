@@ -158,11 +158,12 @@ class DiffusionModel(nn.Module):
     def _reverse_variance(self, c, t: torch.Tensor, event_dim: int, v: torch.Tensor | None) -> torch.Tensor:
         r""":math:`\sigma_t^2`: the fixed table at ``t``, or for learned variances
         :math:`\exp(f \log \beta_t + (1 - f) \log \tilde\beta_t)` with :math:`f = (v + 1) / 2`."""
-        small = at_timesteps(c.reverse_variance_small, t, event_dim)
         if v is None:
-            return small if self.variance == "small" else at_timesteps(c.reverse_variance_large, t, event_dim)
+            table = c.reverse_variance_small if self.variance == "small" else c.reverse_variance_large
+            return at_timesteps(table, t, event_dim)
         f = (v + 1) / 2
-        return torch.exp(f * at_timesteps(c.betas, t, event_dim).log() + (1 - f) * small.log())
+        log_small = at_timesteps(c.reverse_variance_small, t, event_dim).log()
+        return torch.exp(f * at_timesteps(c.betas, t, event_dim).log() + (1 - f) * log_small)
 
     def decoder_distribution(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int):
         r""":math:`p_\theta(x_0 \mid x_1)` with mean ``loc`` = :math:`\mu_\theta(x_1, 1)` and variance :math:`\sigma_1^2`."""
