@@ -22,8 +22,9 @@ from pyro.infer import TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from pyrodiff.bound import bound_terms
-from pyrodiff.subsample import ImportanceSampler, _Subsample
-from pyrodiff.train import load_trained
+from pyrodiff.importance import ImportanceSampler
+from pyrodiff.timesteps import _Subsample
+from pyrodiff.trained import load_trained
 
 
 class SharedTimesteps(Messenger):

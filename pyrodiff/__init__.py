@@ -2,33 +2,37 @@
 
 The forward chain is a parameterless guide (:class:`DiffusionGuide`), the reverse chain a model
 (:class:`DiffusionModel`); ``pyro.infer.SVI`` with ``Trace_ELBO`` optimises the diffusion model's
-evidence lower bound as a hierarchical VAE with a fixed encoder.  See ``MATH.md`` for the notation.
+evidence lower bound as a hierarchical VAE with a fixed encoder.  ``docs/MATH.md`` has the notation,
+``docs/API.md`` the public interface.
 """
 
-from .bound import BoundTerms, bound_terms, trace_terms
+from . import kl as _kl  # noqa: F401  (registers the KL divergences of the chains)
+from . import samplers
+from .bound import BoundTerms, bound_terms
+from .data import Dataset, load_dataset
 from .decoders import DiscretizedGaussian
-from .forward import DiffusionGuide, ForwardChain, PosteriorChain
+from .forward import DiffusionGuide
+from .importance import ImportanceSampler
 from .networks import MLPDenoiser, UNet
 from .objectives import objective_weights, reweight
-from .reverse import DiffusionModel, ReverseChain
+from .reverse import DiffusionModel, Prediction
 from .schedule import NoiseSchedule
-from .subsample import ImportanceSampler
 
 __all__ = [
     "BoundTerms",
+    "Dataset",
     "DiffusionGuide",
     "DiffusionModel",
     "DiscretizedGaussian",
-    "ForwardChain",
     "ImportanceSampler",
     "MLPDenoiser",
     "NoiseSchedule",
-    "PosteriorChain",
-    "ReverseChain",
+    "Prediction",
     "UNet",
     "bound_terms",
+    "load_dataset",
     "objective_weights",
     "reweight",
-    "trace_terms",
+    "samplers",
 ]
 __version__ = "0.1.0"

@@ -20,15 +20,21 @@ import math
 from dataclasses import dataclass
 
 import torch
-from pyro.poutine.util import prune_subsample_sites
+from tqdm.auto import tqdm
 
+from .decoders import Decoder
 from .forward import q_marginal, q_posterior
 from .gaussian import normal_kl
 from .reverse import DiffusionModel
 
-__all__ = ["bound_terms", "BoundTerms", "trace_terms"]
+__all__ = ["bound_terms", "BoundTerms", "nats_to_bits_per_dim", "DRAWS"]
 
 DRAWS = ("trajectory", "independent")
+
+
+def nats_to_bits_per_dim(nats, dims: int):
+    r"""nats per example to bits per dimension: :math:`\text{nats} / (D \ln 2)` (a float, array or tensor)."""
+    return nats / (dims * math.log(2))
 
 
 @dataclass
@@ -36,16 +42,17 @@ class BoundTerms:
     r"""Per-term draws of the bound.
 
     ``nats[s, n, k]`` is draw s of :math:`L_k` for example n (nats); ``x0_sq_error[s, n, t - 1]`` is the
-    squared error :math:`\|\hat x_0(x_t) - x_0\|^2` (summed over dimensions, data scale [-1, 1]) of the
+    squared error :math:`\|\hat x_0(x_t) - x_0\|^2` (summed over dimensions, on the data's scale) of the
     prediction of :math:`x_0` from the same draw of :math:`x_t`, clipped to [-1, 1] for image data
-    (discretized decoder) as in Ho et al.'s progressive decoding.
+    (discretized decoder) as in Ho et al.'s progressive decoding.  ``decoder`` is the model's decoder,
+    which says on what scale bits/dim and distortions are; ``model`` is :meth:`DiffusionModel.describe`.
     """
 
     nats: torch.Tensor
     x0_sq_error: torch.Tensor
     dims: int
-    decoder: str
-    levels: int | None
+    decoder: Decoder
+    model: dict
 
     @property
     def num_steps(self) -> int:
@@ -66,9 +73,9 @@ class BoundTerms:
         r""":math:`L_0`, shape ``(S, N)``."""
         return self.nats[..., 0]
 
-    def to_bits_per_dim(self, nats: torch.Tensor) -> torch.Tensor:
+    def to_bits_per_dim(self, nats):
         """nats per example -> bits per dimension, ``nats / (D ln 2)``."""
-        return nats / (self.dims * math.log(2))
+        return nats_to_bits_per_dim(nats, self.dims)
 
     @property
     def bits_per_dim(self) -> torch.Tensor:
@@ -78,7 +85,7 @@ class BoundTerms:
     @property
     def is_8bit_scale(self) -> bool:
         """Whether bits/dim is comparable with published 8-bit figures (discretized decoder, 256 levels)."""
-        return self.decoder == "discretized" and self.levels == 256
+        return self.decoder.is_8bit_scale
 
     def mean(self) -> torch.Tensor:
         """Mean of each term over draws and examples, ``(T + 1,)`` nats."""
@@ -119,6 +126,7 @@ def bound_terms(
     num_samples: int = 1,
     draws: str = "independent",
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> BoundTerms:
     r"""Draws of every term :math:`L_0 .. L_T` of the bound for the examples ``x0``: see the module docstring.
 
@@ -128,14 +136,15 @@ def bound_terms(
     :param draws: ``"independent"`` per timestep, or ``"trajectory"`` (one forward path per draw).
     :param chunk_size: timesteps per network call (memory grows with ``chunk_size * N``, not with T);
         by default as many as keep one call at about 4096 network inputs.
+    :param progress: show a progress bar over the chunks.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if draws not in DRAWS:
         raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     model.check_data(x0)
-    if x0.shape[0] == 0:
-        raise ValueError("no examples to decompose the bound of")
     schedule, T, N = model.schedule, model.schedule.num_steps, x0.shape[0]
     chunk_size = chunk_size or max(1, 4096 // N)
     event_dim = x0.dim() - 1
@@ -145,6 +154,7 @@ def bound_terms(
     sq_error = x0.new_empty(num_samples, N, T)
     m_T, v_T = q_marginal(schedule, x0, torch.full((N,), T, device=x0.device))
     nats[:, :, T] = normal_kl(m_T, v_T, torch.zeros_like(x0), torch.ones_like(v_T), event_dim)
+    bar = tqdm(total=num_samples * T, desc="bound", unit="step", disable=not progress, mininterval=1.0, leave=False)
     for s in range(num_samples):
         scaled_sum = x0.clone()  # x_t / sqrt(abar_t) = x_0 + sum_{u <= t} sqrt(beta_u / abar_u) eps_u
         for start in range(1, T + 1, chunk_size):
@@ -163,9 +173,7 @@ def bound_terms(
                 xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
             mean, var_p, x0_hat = model.predict(xt, tt)
             _check_finite(mean, t)
-            if model.decoder == "discretized":  # image data lie in [-1, 1]: so does a reconstruction
-                x0_hat = x0_hat.clamp(-1, 1)
-            sq_error[s, :, t - 1] = (x0_hat - x0k).pow(2).sum(sum_event).T
+            sq_error[s, :, t - 1] = (model.decoder.reconstruction(x0_hat) - x0k).pow(2).sum(sum_event).T
             # L_{t-1} for t >= 2 in this chunk
             kl_rows = t >= 2
             if kl_rows.any():
@@ -175,8 +183,10 @@ def bound_terms(
             if start == 1:  # L_0 from the draw of x_1
                 decoder = model.decoder_distribution(mean[0], var_p[0], event_dim)
                 nats[s, :, 0] = -decoder.log_prob(x0)
+            bar.update(K)
+    bar.close()
     _check_finite(nats.transpose(0, 2), torch.arange(T + 1, device=x0.device) + 1)
-    return BoundTerms(nats, sq_error, int(x0[0].numel()), model.decoder, model.levels)
+    return BoundTerms(nats, sq_error, int(x0[0].numel()), model.decoder, model.describe())
 
 
 def _check_finite(values: torch.Tensor, t: torch.Tensor) -> None:
@@ -188,16 +198,3 @@ def _check_finite(values: torch.Tensor, t: torch.Tensor) -> None:
         raise FloatingPointError(
             f"the term L_{k} of the bound is not finite (the network's output or the data is broken there)"
         )
-
-
-def trace_terms(model_trace, guide_trace) -> torch.Tensor:
-    r"""The same terms read off one pair of full-chain traces (single-sample, not Rao-Blackwellised):
-    column k of the result, shape ``(N, T + 1)``, is :math:`\log q - \log p` of row k of the site
-    ``"x_{1:T}"`` (k = 1..T) and column 0 is :math:`-\log p_\theta(x_0 \mid x_1)`.  Their sum over k is
-    exactly the loss of ``Trace_ELBO`` on the same traces."""
-    model_trace, guide_trace = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
-    for tr in (model_trace, guide_trace):
-        tr.compute_log_prob()
-    chain = guide_trace.nodes["x_{1:T}"]["log_prob"] - model_trace.nodes["x_{1:T}"]["log_prob"]  # (T, N)
-    decoder = -model_trace.nodes["x_0"]["log_prob"]
-    return torch.cat([decoder.unsqueeze(-1), chain.T], dim=-1)

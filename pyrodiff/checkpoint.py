@@ -3,22 +3,32 @@
 A checkpoint is a ``torch.save`` dictionary with the specification, the network, its exponential
 moving average, the optimiser, the step and every random-number state needed to continue exactly.
 It is written to a temporary file in the same folder, flushed to disk and renamed over the old one,
-so a crash never leaves a half-written checkpoint and the previous one survives until the new one
-is complete.
+and the folder is flushed too, so a crash never leaves a half-written checkpoint and the previous one
+survives until the new one is complete. A process killed mid-save can leave its temporary file
+behind; :func:`remove_stale_temporaries` clears those.
+
+A checkpoint is read with ``torch.load(..., weights_only=True)``: it holds only tensors and plain
+data, and unpickling anything else could run code from the file, so such a file is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temporaries", "CheckpointError", "FORMAT"]
 
 FORMAT = "pyrodiff-checkpoint-1"
 _KEYS = ("format", "spec", "step", "network", "ema", "optimizer")
+#: How torch's weights-only unpickler names a global (a class or function) it refused to load.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+_TEMPORARY_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -29,7 +39,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=_TEMPORARY_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **state}, f)
@@ -40,15 +50,62 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk, so that the rename survives a power cut, not only the data.
+
+    Windows cannot open a folder this way, and some filesystems refuse to sync one; there the rename is
+    left for the operating system to flush."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path, name: str = "checkpoint.pt") -> list[Path]:
+    """Delete the temporary files ``NAME.*.tmp`` that a process killed mid-save left in ``folder``; return them.
+
+    :func:`save_checkpoint` writes ``NAME.<random>.tmp`` beside ``NAME`` and renames it, so such a file
+    outlives only an interrupted save. Call this when no other process is saving to ``folder`` (at the
+    start of training), or it would delete that save's file before the rename."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(re.escape(name + ".") + ".+" + re.escape(_TEMPORARY_SUFFIX))
+    stale = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, spec: dict | None = None, map_location="cpu") -> dict:
-    """Read a checkpoint; refuse a corrupt one, or one made with a specification other than ``spec``."""
+    """Read a checkpoint; refuse a corrupt one, one made with a specification other than ``spec``, and one
+    holding anything but tensors and plain data (unpickling that could run code from the file)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # how torch's weights-only unpickler refuses a file
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt, or holds objects other than tensors and plain data; "
+                f"it was not loaded, because loading it could run code"
+            ) from e
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain data ({refused[1]}); "
+            f"it was not loaded, because loading it could run code"
+        ) from e
     except Exception as e:  # torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in _KEYS):

@@ -28,8 +28,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"checkpoint: {result.checkpoint}")
     print(f"samples:    {result.samples}")
     print(
-        f"test-set negative ELBO: {b['negative_elbo_nats']:.4f} +- {b['negative_elbo_stderr']:.4f} nats/example "
-        f"= {b['bits_per_dim']:.4f} +- {b['bits_per_dim_stderr']:.4f} bits/dim ({b['test_examples']} examples, all T + 1 terms)"
+        f"test-set negative ELBO: {b['total_nats']:.4f} +- {b['total_stderr']:.4f} nats/example "
+        f"= {b['bits_per_dim']:.4f} +- {b['bits_per_dim_stderr']:.4f} bits/dim ({b['num_examples']} examples, all T + 1 terms)"
     )
     if "kl_bound_nats" in b:
         print(
@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from .plots import save_samples_figure
-    from .train import load_trained
+    from .trained import load_trained
 
     torch.manual_seed(args.seed)
     built, model = load_trained(args.checkpoint, args.device, args.data_root)

@@ -3,7 +3,9 @@
 Bundled (no download): scikit-learn's 8x8 ``digits`` (17 grey levels, scaled to a 17-level grid in
 [-1, 1]) and three 2-D sets: ``gaussians8`` (8 Gaussians of std 0.1 on a circle of radius 2, whose
 differential entropy, 0.312 nats, is the limit of the negative ELBO), ``moons`` and ``swissroll``.
-Local files: ``mnist`` (IDX files) and ``cifar10`` (the python pickle batches), read with numpy.
+Local files: ``mnist`` (IDX files) and ``cifar10`` (the python pickle batches), read with numpy. A data
+root may come from a specification file, so the CIFAR-10 batches are unpickled with an allow-list of
+the few numpy globals they hold: a crafted batch cannot run code.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -140,13 +143,62 @@ def _mnist(root: Path | None) -> Dataset:
     return Dataset("mnist", as_tensor(train), as_tensor(test), levels=256)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch, refusing every global but those its numpy arrays need.
+
+    A batch is a dict of bytes keys holding lists, bytes and uint8 arrays. An array pickles as
+    ``_reconstruct(ndarray, ...)`` with a ``dtype`` (the official Python 2 files and protocols up to 4,
+    ``numpy.core`` before numpy 2, ``numpy._core`` since), or with protocol 5 as ``_frombuffer``. Any
+    other global (``os.system``, say) is what a crafted file would call, so it is refused."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+        }
+    )
+
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise ValueError(
+                f"{self.path} refers to {module}.{name}, which a CIFAR-10 batch never holds; "
+                f"it was not loaded, because unpickling it could run code"
+            )
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> np.ndarray:
+    """The images of one CIFAR-10 python batch, ``(N, 3, 32, 32)`` uint8, read without running code from it."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        try:
+            d = _BatchUnpickler(f, path).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable CIFAR-10 python batch: {e}") from e
+    if not isinstance(d, dict) or b"data" not in d:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch: it has no b'data' entry")
+    try:
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: b'data' is not an array of bytes ({e})") from e
+    if data.size % (3 * 32 * 32):
+        raise ValueError(f"{path}: b'data' holds {data.size} values, not a whole number of 3x32x32 images")
+    return data.reshape(-1, 3, 32, 32)
+
+
 def _cifar10(root: Path | None) -> Dataset:
     root = Path(root or "data/cifar-10-batches-py")
 
     def batch(name: str) -> np.ndarray:
-        with open(_find(root, [name], "CIFAR-10"), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return _read_cifar_batch(_find(root, [name], "CIFAR-10"))
 
     train = np.concatenate([batch(f"data_batch_{i}") for i in range(1, 6)])
     test = batch("test_batch")

@@ -5,15 +5,29 @@ r"""Decoders :math:`p_\theta(x_0 \mid x_1)`: the last step of the reverse chain,
   (256 for 8-bit images); each level owns a bin of width :math:`2/(\text{levels} - 1)`, open-ended
   at -1 and 1, and gets the Gaussian mass of its bin.  pyrodiff uses the exact normal CDF
   (``torch.special.log_ndtr``) where improved-diffusion uses a tanh approximation of it.
+
+Each is parsed once from its name into a :class:`Decoder` (:func:`parse_decoder`), which also knows the
+data's scale: the grid it checks, how a reconstruction :math:`\hat x_0` is clipped, and the units in which
+a distortion is reported.
 """
 
 from __future__ import annotations
 
 import torch
-from pyro.distributions import constraints
+from pyro.distributions import Normal, constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
-__all__ = ["DiscretizedGaussian", "check_levels_grid", "log_normal_bin_mass"]
+__all__ = [
+    "Decoder",
+    "GaussianDecoder",
+    "DiscretizedDecoder",
+    "DECODERS",
+    "parse_decoder",
+    "DiscretizedGaussian",
+    "check_levels_grid",
+    "log_normal_bin_mass",
+    "round_to_grid",
+]
 
 
 def log_normal_bin_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
@@ -44,6 +58,12 @@ def check_levels_grid(x: torch.Tensor, levels: int) -> None:
         )
 
 
+def round_to_grid(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """``x`` clamped to [-1, 1] and rounded to the nearest of the ``levels`` grid values (the bin it falls in)."""
+    step = 2 / (levels - 1)
+    return ((x.clamp(-1, 1) + 1) / step).round() * step - 1
+
+
 class DiscretizedGaussian(TorchDistribution):
     r"""A Gaussian :math:`N(\text{loc}, \text{scale}^2)` integrated over the bins of a grid of ``levels``
     values in [-1, 1]: :math:`P(x) = \Phi\big(\tfrac{x^+ - \mu}{\sigma}\big) - \Phi\big(\tfrac{x^- - \mu}{\sigma}\big)`
@@ -72,21 +92,139 @@ class DiscretizedGaussian(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         h = self.half_width
-        inf = torch.tensor(float("inf"), dtype=self.loc.dtype, device=self.loc.device)
-        upper = torch.where(value > 1 - h, inf, (value + h - self.loc) / self.scale)
-        lower = torch.where(value < -1 + h, -inf, (value - h - self.loc) / self.scale)
+        upper = torch.where(value > 1 - h, float("inf"), (value + h - self.loc) / self.scale)
+        lower = torch.where(value < -1 + h, float("-inf"), (value - h - self.loc) / self.scale)
         return log_normal_bin_mass(lower, upper)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         """A Gaussian draw rounded to the nearest level (the bin it falls in), clamped to [-1, 1]."""
         shape = self._extended_shape(sample_shape)
-        x = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(
-            shape, dtype=self.loc.dtype, device=self.loc.device
-        )
-        index = ((x.clamp(-1, 1) + 1) / (2 * self.half_width)).round()
-        return index * 2 * self.half_width - 1
+        noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return round_to_grid(self.loc.expand(shape) + self.scale.expand(shape) * noise, self.levels)
 
     @property
     def mean(self) -> torch.Tensor:
         return self.loc
+
+
+class Decoder:
+    r""":math:`p_\theta(x_0 \mid x_1)` as a choice of the model: its distribution given the reverse mean and
+    variance at :math:`x_1`, and what it implies about the data's scale."""
+
+    name: str = ""
+    levels: int | None = None
+
+    def distribution(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int) -> TorchDistribution:
+        """The decoder with mean ``loc`` and variance ``variance`` (broadcast to ``loc``), ``event_dim`` data dims."""
+        raise NotImplementedError
+
+    def draw(self, loc: torch.Tensor, variance: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """A draw of :math:`x_0` given standard normal ``noise`` of the data's shape."""
+        return loc + variance.sqrt() * noise
+
+    def check(self, x0: torch.Tensor) -> None:
+        """Refuse data this decoder cannot score (reads the values: a device synchronisation on a GPU)."""
+
+    def reconstruction(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        r"""A prediction :math:`\hat x_0` as a reconstruction of the data (clipped to the data's range)."""
+        return x0_hat
+
+    @property
+    def units_per_data_unit(self) -> float:
+        """Factor from the data's scale to the units distortions are reported in (:attr:`distortion_units`)."""
+        return 1.0
+
+    @property
+    def distortion_units(self) -> str:
+        return "data units"
+
+    @property
+    def is_8bit_scale(self) -> bool:
+        """Whether bits/dim is comparable with published 8-bit figures (discretized, 256 levels)."""
+        return False
+
+    def describe(self) -> str:
+        return self.name
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.levels == self.levels
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.levels))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class GaussianDecoder(Decoder):
+    r""":math:`N(\mu_\theta(x_1, 1), \sigma_1^2 I)`: a density for continuous data (its :math:`L_0` may be negative)."""
+
+    name = "gaussian"
+
+    def distribution(self, loc, variance, event_dim):
+        return Normal(loc, variance.sqrt().expand_as(loc)).to_event(event_dim)
+
+    def describe(self) -> str:
+        return "continuous Gaussian decoder (a density on the data's scale)"
+
+
+class DiscretizedDecoder(Decoder):
+    r"""Data on a grid of ``levels`` values in [-1, 1], each scored by the Gaussian mass of its bin."""
+
+    name = "discretized"
+
+    def __init__(self, levels: int) -> None:
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+            raise ValueError(
+                f"the discretized decoder needs an integer number of levels >= 2 (256 for 8-bit images), got {levels!r}"
+            )
+        self.levels = levels
+
+    def distribution(self, loc, variance, event_dim):
+        return DiscretizedGaussian(loc, variance.sqrt().expand_as(loc), self.levels).to_event(event_dim)
+
+    def draw(self, loc, variance, noise):
+        return round_to_grid(super().draw(loc, variance, noise), self.levels)
+
+    def check(self, x0):
+        check_levels_grid(x0, self.levels)
+
+    def reconstruction(self, x0_hat):
+        return x0_hat.clamp(-1, 1)
+
+    @property
+    def units_per_data_unit(self) -> float:
+        return (self.levels - 1) / 2
+
+    @property
+    def distortion_units(self) -> str:
+        return f"grey levels 0..{self.levels - 1}"
+
+    @property
+    def is_8bit_scale(self) -> bool:
+        return self.levels == 256
+
+    def describe(self) -> str:
+        return f"discretized decoder, {self.levels} levels" + (" (8-bit scale)" if self.is_8bit_scale else "")
+
+    def __repr__(self) -> str:
+        return f"DiscretizedDecoder(levels={self.levels})"
+
+
+DECODERS = ("gaussian", "discretized")
+
+
+def parse_decoder(decoder: str | Decoder, levels: int | None = None) -> Decoder:
+    """The :class:`Decoder` named ``decoder`` (``"gaussian"``, or ``"discretized"`` with ``levels``)."""
+    if isinstance(decoder, Decoder):
+        return decoder
+    if not isinstance(decoder, str) or decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "gaussian":
+        if levels is not None:
+            raise ValueError("levels belong to the discretized decoder; the gaussian decoder takes none")
+        return GaussianDecoder()
+    if levels is None:
+        raise ValueError("the discretized decoder needs levels >= 2 (256 for 8-bit images)")
+    return DiscretizedDecoder(levels)

@@ -1,7 +1,7 @@
 r"""The forward (noising) chain :math:`q(x_{1:T} \mid x_0)`: closed forms and the Pyro guide.
 
 The guide has no parameters.  It exposes the same sample sites in both of its orders
-(MATH.md, "The two chains"):
+(docs/MATH.md, "The two chains"):
 
 - full chain (``subsample_steps=None``): one site ``"x_{1:T}"`` inside the plates
   ``time`` (dim -2, size T) and ``data`` (dim -1, size N); its value has shape ``(T, N, *D)``,
@@ -10,7 +10,7 @@ The guide has no parameters.  It exposes the same sample sites in both of its or
 - subsampled (``subsample_steps=k``): the per-example timesteps ``"t"`` (a subsample site,
   shared with the model and pruned from the ELBO like a plate's subsample), ``"x_T"``, and inside
   the plate ``steps`` (dim -2, size k) the pair ``"x_t"``, ``"x_{t-1}"``
-  (see :mod:`pyrodiff.subsample`).
+  (see :mod:`pyrodiff.timesteps`).
 """
 
 from __future__ import annotations
@@ -18,30 +18,41 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
-from pyro.distributions.torch_distribution import TorchDistribution
-from torch.distributions import register_kl
 
 from .gaussian import at_timesteps, expand_event, normal_log_prob
+from .path import PathDistribution, is_last_row, path_timesteps
 from .schedule import NoiseSchedule
-from .subsample import draw_timesteps, step_scale
+from .timesteps import draw_timesteps, step_scale
 
 __all__ = [
     "DiffusionGuide",
-    "ForwardChain",
-    "PosteriorChain",
+    "QForwardOrder",
+    "QPosteriorOrder",
     "ForwardTransition",
     "q_marginal",
     "q_posterior",
-    "FORWARD_ORDER_MEAN_FIELD_ERROR",
+    "check_batch",
+    "SCHEDULE_KEY",
 ]
 
-FORWARD_ORDER_MEAN_FIELD_ERROR = (
-    "TraceMeanField_ELBO is biased with DiffusionGuide(order='forward'): in the forward-order guide "
-    "x_t is a descendant of x_{t-1}, yet x_t is the model's parent of x_{t-1}, so the per-site "
-    "analytic KLs do not sum to the ELBO (MATH.md: -2.72 against the exact -2.16 on a 3-step chain). "
-    "Use DiffusionGuide(order='posterior') with TraceMeanField_ELBO, or Trace_ELBO with either order."
-)
+#: key of the ``infer`` dict in which the guide's sites carry its schedule (replayed into the model,
+#: which refuses a guide built on another schedule)
+SCHEDULE_KEY = "diffusion_schedule"
+
+
+def check_batch(x0) -> None:
+    """Refuse what cannot be a batch of data ``(N, *D)`` with N >= 1 of floating type; under Pyro's
+    validation (the default), also non-finite values (reading them is a device synchronisation)."""
+    if not torch.is_tensor(x0):
+        raise TypeError(f"x0 must be a torch tensor of shape (N, *data_shape), got {type(x0).__name__}")
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must have shape (N, *data_shape), got shape {tuple(x0.shape)}")
+    if x0.shape[0] == 0:
+        raise ValueError("x0 holds no examples (N = 0)")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must be a floating-point tensor, got {x0.dtype}")
+    if dist.is_validation_enabled() and not torch.isfinite(x0).all():
+        raise ValueError("data contains NaN or infinite values")
 
 
 def q_marginal(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,25 +81,11 @@ def q_posterior(
     return loc, at_timesteps(c.posterior_variance, t, event_dim)
 
 
-def path_timesteps(batch_shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """The math timestep of each row of a path of batch shape ``(T, N)``: row k - 1 holds k."""
-    T = batch_shape[0]
-    return torch.arange(1, T + 1, device=device).unsqueeze(-1).expand(batch_shape)
-
-
-def is_last_row(batch_shape: torch.Size, event_dim: int, device: torch.device) -> torch.Tensor:
-    """True on row T of a path (the variable x_T), shaped to broadcast over ``(T, N, *D)``."""
-    T = batch_shape[0]
-    return expand_event(torch.arange(T, device=device) == T - 1, event_dim + 1)
-
-
-class _ChainBase(TorchDistribution):
-    """The law of the whole path :math:`x_{1:T}` given :math:`x_0`, as a distribution with batch shape
-    ``(T, N)`` (time, data) and the data's event shape.  Subclasses choose which factorisation of the
-    same joint ``log_prob`` reports per timestep."""
+class _QPath(PathDistribution):
+    """The law of the whole path :math:`x_{1:T}` given :math:`x_0` (batch shape ``(T, N)``, the data's event
+    shape).  Subclasses choose which factorisation of the same joint ``log_prob`` reports per timestep."""
 
     has_rsample = True
-    arg_constraints: dict = {}
 
     def __init__(self, x0: torch.Tensor, schedule: NoiseSchedule, validate_args=None) -> None:
         self.x0 = x0
@@ -96,13 +93,6 @@ class _ChainBase(TorchDistribution):
         T = schedule.num_steps
         batch_shape = torch.Size((T,) + x0.shape[:1])
         super().__init__(batch_shape, x0.shape[1:], validate_args=validate_args)
-
-    @constraints.dependent_property
-    def support(self):
-        return constraints.independent(constraints.real, self.event_dim)
-
-    def expand(self, batch_shape, _instance=None):
-        return _expand_chain(self, batch_shape)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         r"""A path from the forward recursion :math:`x_t = \sqrt{\alpha_t} x_{t-1} + \sqrt{\beta_t}\epsilon_t`,
@@ -128,17 +118,7 @@ class _ChainBase(TorchDistribution):
         return torch.cat([x0, value.narrow(time_dim, 0, value.size(time_dim) - 1)], time_dim)
 
 
-def _expand_chain(chain: TorchDistribution, batch_shape) -> TorchDistribution:
-    """Chains are laws of whole paths: they broadcast only to their own batch shape ``(T, N)``."""
-    if torch.Size(batch_shape) != chain.batch_shape:
-        raise ValueError(
-            f"the chain over x_(1:T) has batch shape (T, N) = {tuple(chain.batch_shape)} and cannot be "
-            f"expanded to {tuple(batch_shape)}; vectorised particles are not supported"
-        )
-    return chain
-
-
-class ForwardChain(_ChainBase):
+class QForwardOrder(_QPath):
     r"""The forward chain in forward order: ``log_prob`` row k is :math:`\log q(x_k \mid x_{k-1})`,
     :math:`q(x_k \mid x_{k-1}) = N(\sqrt{\alpha_k} x_{k-1}, \beta_k I)`."""
 
@@ -149,7 +129,7 @@ class ForwardChain(_ChainBase):
         return normal_log_prob(value, loc, at_timesteps(c.betas, t, self.event_dim), self.event_dim)
 
 
-class PosteriorChain(_ChainBase):
+class QPosteriorOrder(_QPath):
     r"""The forward chain in posterior order: ``log_prob`` row k < T is
     :math:`\log q(x_k \mid x_{k+1}, x_0)` and row T is :math:`\log q(x_T \mid x_0)`."""
 
@@ -169,13 +149,7 @@ class PosteriorChain(_ChainBase):
 
 class ForwardTransition(dist.Normal):
     r"""A Normal used for the forward-order guide's sites, so that ``TraceMeanField_ELBO`` (which
-    would be biased on them) is refused with a clear error instead of a warning."""
-
-
-@register_kl(ForwardTransition, torch.distributions.Normal)
-@register_kl(ForwardChain, TorchDistribution)
-def _kl_forward_order(q, p):
-    raise ValueError(FORWARD_ORDER_MEAN_FIELD_ERROR)
+    would be biased on them) is refused with a clear error instead of a warning (:mod:`pyrodiff.kl`)."""
 
 
 class DiffusionGuide:
@@ -201,11 +175,12 @@ class DiffusionGuide:
     def __call__(self, x0: torch.Tensor, subsample_steps: int | None = None, **kwargs) -> torch.Tensor:
         if x0 is None:
             raise ValueError("the guide q(x_{1:T} | x_0) needs data x0")
+        check_batch(x0)
         N = x0.shape[0]
         if subsample_steps is None:
-            chain = (PosteriorChain if self.order == "posterior" else ForwardChain)(x0, self.schedule)
+            chain = (QPosteriorOrder if self.order == "posterior" else QForwardOrder)(x0, self.schedule)
             with pyro.plate("data", N, dim=-1), pyro.plate("time", self.schedule.num_steps, dim=-2):
-                return pyro.sample("x_{1:T}", chain)
+                return pyro.sample("x_{1:T}", chain, infer={SCHEDULE_KEY: self.schedule})
         return self._subsampled(x0, subsample_steps)
 
     def _subsampled(self, x0: torch.Tensor, subsample_steps: int) -> torch.Tensor:
@@ -214,7 +189,9 @@ class DiffusionGuide:
         t = draw_timesteps(N, subsample_steps, T, x0.device)
         with pyro.plate("data", N, dim=-1):
             loc_T, var_T = q_marginal(self.schedule, x0, torch.full((N,), T, device=x0.device))
-            pyro.sample("x_T", dist.Normal(loc_T, var_T.sqrt()).to_event(event_dim))
+            pyro.sample(
+                "x_T", dist.Normal(loc_T, var_T.sqrt()).to_event(event_dim), infer={SCHEDULE_KEY: self.schedule}
+            )
             x0 = x0.expand(t.shape + x0.shape[1:])
             with pyro.plate("steps", subsample_steps, dim=-2), pyro.poutine.scale(scale=step_scale(t, T)):
                 if self.order == "posterior":

@@ -1,6 +1,6 @@
 r"""Training objectives as reweightings of the per-timestep terms of the bound.
 
-The subsampled program (:mod:`pyrodiff.subsample`) scores, for each drawn timestep t, the term
+The subsampled program (:mod:`pyrodiff.timesteps`) scores, for each drawn timestep t, the term
 :math:`\ell_t` (:math:`L_0` at t = 1, :math:`L_{t-1}` for t >= 2).  For a Gaussian reverse step,
 :math:`L_{t-1} = w_t\, E\|\epsilon - \hat\epsilon_\theta\|^2` with
 :math:`w_t = \frac{\beta_t^2}{2 \sigma_t^2 \alpha_t (1 - \bar\alpha_t)}` (Ho et al. 2020, eq. 12), whatever
@@ -23,30 +23,66 @@ from __future__ import annotations
 
 import torch
 
+from .parameterization import ReverseVariance, parse_variance
 from .schedule import NoiseSchedule
-from .subsample import TimestepWeighting
+from .timesteps import TimestepWeighting
 
-__all__ = ["OBJECTIVES", "objective_weights", "reweight"]
+__all__ = ["OBJECTIVES", "Objective", "parse_objective", "objective_weights", "reweight"]
 
 OBJECTIVES = ("elbo", "simple", "min_snr")
 
 
+class Objective:
+    r"""A training objective: the weights :math:`\lambda_t` of the drawn terms.  ``is_bound`` says whether
+    the loss is the negative ELBO; ``loss_name`` names what a training loss under it holds."""
+
+    def __init__(self, name: str, gamma: float = 5.0) -> None:
+        if not isinstance(name, str) or name not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+        if not gamma > 0:
+            raise ValueError(f"the min-SNR gamma must be positive, got {gamma!r}")
+        self.name, self.gamma = name, gamma
+
+    @property
+    def is_bound(self) -> bool:
+        return self.name == "elbo"
+
+    @property
+    def loss_name(self) -> str:
+        """The column name of a training loss under this objective, per example."""
+        return "negative_elbo_nats" if self.is_bound else f"{self.name}_loss"
+
+    def weights(self, schedule: NoiseSchedule, variance: str | ReverseVariance = "small") -> torch.Tensor:
+        r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1), for reverse variances ``variance``."""
+        if self.is_bound:
+            return torch.ones_like(schedule.betas)
+        variance = parse_variance(variance)
+        if variance.learned:
+            raise ValueError(f"learned variances are trained by the bound: use objective 'elbo', not {self.name!r}")
+        sigma2 = variance.table(schedule)
+        w = schedule.betas**2 / (2 * sigma2 * schedule.alphas * (1 - schedule.alphas_cumprod))
+        if self.name == "simple":
+            return 1 / w
+        snr = schedule.log_snr.exp()
+        return torch.clamp(snr, max=self.gamma) / snr / w
+
+    def __repr__(self) -> str:
+        return f"Objective({self.name!r})"
+
+
+def parse_objective(objective: str | Objective) -> Objective:
+    """The :class:`Objective` named ``objective``; an object passes through."""
+    return objective if isinstance(objective, Objective) else Objective(objective)
+
+
 def objective_weights(
-    schedule: NoiseSchedule, objective: str, variance: str = "small", gamma: float = 5.0
+    schedule: NoiseSchedule, objective: str | Objective, variance: str | ReverseVariance = "small", gamma: float = 5.0
 ) -> torch.Tensor:
-    r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1), for reverse variances ``variance``."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if objective == "elbo":
-        return torch.ones_like(schedule.betas)
-    if variance == "learned":
-        raise ValueError(f"learned variances are trained by the bound: use objective 'elbo', not {objective!r}")
-    sigma2 = schedule.reverse_variance_small if variance == "small" else schedule.reverse_variance_large
-    w = schedule.betas**2 / (2 * sigma2 * schedule.alphas * (1 - schedule.alphas_cumprod))
-    if objective == "simple":
-        return 1 / w
-    snr = schedule.log_snr.exp()
-    return torch.clamp(snr, max=gamma) / snr / w
+    r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1) of ``objective`` (``"elbo"``, ``"simple"`` or
+    ``"min_snr"`` with ``gamma``), for reverse variances ``variance``."""
+    if not isinstance(objective, Objective):
+        objective = Objective(objective, gamma)
+    return objective.weights(schedule, variance)
 
 
 def reweight(fn, weights: torch.Tensor):

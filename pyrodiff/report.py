@@ -1,12 +1,15 @@
 r"""The bound report: where the bits go, term by term, with uncertainties and plots.
 
-:func:`write_report` turns the draws of :func:`pyrodiff.bound.bound_terms` into ``bound.json``,
-``terms.csv``, ``summary.md`` and three plots (the terms :math:`L_k` on a log scale with error bars;
-the cumulative rate; the rate-distortion curve of progressive decoding, Ho et al. 2020, section 4.3).
-Uncertainty: the standard error across examples of each term's mean, and ArviZ's Monte Carlo standard
-error and effective sample size of the per-term draws (chains = independent draws of the noisy
-inputs, draws = examples).  Every file is written to a temporary folder first and moved into place
-only when all are complete.
+:func:`summarise` is the one schema of every bound pyrodiff writes (``bound.json`` of a report and the
+``test_bound.json`` written after training): the model's choices (prediction, variance, decoder,
+schedule), the total, rate and distortion, and every term with its standard error.
+:func:`write_report` adds ``terms.csv``, ``rate_distortion.csv``, ``summary.md`` and three plots (the
+terms :math:`L_k` on a log scale with error bars; the cumulative rate; the rate-distortion curve of
+progressive decoding, Ho et al. 2020, section 4.3).  Uncertainty: the standard error across examples of
+each term's mean, and ArviZ's Monte Carlo standard error and effective sample size of the per-term draws
+(chains = independent draws of the noisy inputs, draws = examples).  Every file is written to a
+temporary folder first and moved into place only when all are complete; an existing report is never
+replaced unless asked.
 """
 
 from __future__ import annotations
@@ -21,11 +24,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-from .bound import BoundTerms
-from .plots import plt
+from .bound import BoundTerms, bound_terms, nats_to_bits_per_dim
+from .trained import load_trained
 
-__all__ = ["write_report", "summarise", "progressive_rate_distortion"]
+__all__ = ["write_report", "summarise", "progressive_rate_distortion", "report_checkpoint", "REPORT_FILES"]
+
+REPORT_FILES = (
+    "bound.json",
+    "terms.csv",
+    "rate_distortion.csv",
+    "summary.md",
+    "terms.png",
+    "cumulative_rate.png",
+    "rate_distortion.png",
+)
 
 
 def _arviz_stats(terms: BoundTerms) -> tuple[np.ndarray, np.ndarray]:
@@ -40,72 +55,85 @@ def _arviz_stats(terms: BoundTerms) -> tuple[np.ndarray, np.ndarray]:
 
 
 def progressive_rate_distortion(terms: BoundTerms) -> tuple[np.ndarray, np.ndarray]:
-    r"""For stopping the reverse process at t = T..1: the rate :math:`\sum_{k \ge t} L_k` in bits/dim
-    received so far, and the distortion, the RMSE of :math:`\hat x_0(x_t)` on the 0..255 scale."""
+    r"""For stopping the reverse process at t = T, T-1, .., 1 (entry i is t = T - i): the rate
+    :math:`\sum_{k \ge t} L_k` in bits/dim received so far, and the distortion, the root mean square error
+    per dimension of :math:`\hat x_0(x_t)`, in the decoder's distortion units (grey levels for a discretized
+    decoder, the data's own units for a continuous one)."""
     rate = terms.to_bits_per_dim(terms.mean()).double().cpu().numpy()[1:]  # L_1..L_T
     received = np.cumsum(rate[::-1])  # t = T, T-1, .., 1
     mse = terms.x0_sq_error.double().mean((0, 1)).cpu().numpy() / terms.dims  # per dimension, t = 1..T
-    rmse_255 = np.sqrt(mse[::-1]) * 127.5
-    return received, rmse_255
+    return received, np.sqrt(mse[::-1]) * terms.decoder.units_per_data_unit
 
 
-def summarise(terms: BoundTerms, meta: dict | None = None, log_q=None) -> dict:
-    r"""The content of ``bound.json``; with the exact data log-density ``log_q`` of each example, also the
+def summarise(terms: BoundTerms, meta: dict | None = None, log_q: torch.Tensor | None = None) -> dict:
+    r"""The content of ``bound.json`` (and of training's ``test_bound.json``): ``meta`` (name, split, ...),
+    the model's choices, and every term; with the exact data log-density ``log_q`` of each example, also the
     bound on :math:`\mathrm{KL}(q(x_0) \,\|\, p_\theta(x_0))` (:meth:`~pyrodiff.bound.BoundTerms.kl_bound`)."""
     mean, stderr = terms.mean().double().cpu().numpy(), terms.stderr().double().cpu().numpy()
     mcse, ess = _arviz_stats(terms)
-    to_bpd = 1 / (terms.dims * math.log(2))
-    total = float(mean.sum())
-    if log_q is not None:
-        kl, kl_stderr = terms.kl_bound(log_q)
-        meta = {**(meta or {}), "kl_bound_nats": kl, "kl_bound_stderr": kl_stderr}
-    return {
+    total, total_stderr = float(mean.sum()), terms.total_stderr()
+    summary = {
         **(meta or {}),
+        "model": terms.model,
         "num_examples": int(terms.nats.shape[1]),
         "num_samples": int(terms.nats.shape[0]),
         "num_steps": terms.num_steps,
         "dims": terms.dims,
-        "decoder": terms.decoder,
-        "levels": terms.levels,
+        "decoder": terms.decoder.name,
+        "levels": terms.decoder.levels,
+        "scale": terms.decoder.describe(),
         "bits_per_dim_is_8bit_scale": terms.is_8bit_scale,
         "total_nats": total,
-        "total_stderr": terms.total_stderr(),
-        "bits_per_dim": total * to_bpd,
-        "bits_per_dim_stderr": terms.total_stderr() * to_bpd,
-        "rate_bits_per_dim": float(mean[1:].sum()) * to_bpd,
-        "distortion_bits_per_dim": float(mean[0]) * to_bpd,
+        "total_stderr": total_stderr,
+        "bits_per_dim": nats_to_bits_per_dim(total, terms.dims),
+        "bits_per_dim_stderr": nats_to_bits_per_dim(total_stderr, terms.dims),
+        "rate_bits_per_dim": nats_to_bits_per_dim(float(mean[1:].sum()), terms.dims),
+        "distortion_bits_per_dim": nats_to_bits_per_dim(float(mean[0]), terms.dims),
+        "distortion_units": terms.decoder.distortion_units,
         "terms_nats": mean.tolist(),
         "terms_stderr": stderr.tolist(),
+        "terms_bits_per_dim": nats_to_bits_per_dim(mean, terms.dims).tolist(),
         "terms_mcse": mcse.tolist(),
         "terms_ess": ess.tolist(),
     }
+    if log_q is not None:
+        summary["kl_bound_nats"], summary["kl_bound_stderr"] = terms.kl_bound(log_q)
+    return summary
 
 
-def _summary_markdown(s: dict) -> str:
-    T = s["num_steps"]
-    mean, se = np.array(s["terms_nats"]), np.array(s["terms_stderr"])
-    to_bpd = 1 / (s["dims"] * math.log(2))
-    edges = [0, 1, 2, 11, 101, T]
+def _row_groups(T: int) -> list[tuple[str, slice]]:
+    """The rows of the summary table: L_0, L_1, L_2..L_10, L_11..L_100, L_101..L_{T-1}, L_T (as T allows)."""
     rows = [("L_0 (decoder, distortion)", slice(0, 1))]
-    for lo, hi in zip(edges[1:-1], edges[2:], strict=False):
+    edges = [1, 2, 11, 101, T]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         if lo < T:
             hi = min(hi, T)
             rows.append((f"L_{lo}" + (f" .. L_{hi - 1}" if hi - 1 > lo else ""), slice(lo, hi)))
     rows.append((f"L_{T} (prior)", slice(T, T + 1)))
-    scale = "8-bit scale" if s["bits_per_dim_is_8bit_scale"] else f"{s['decoder']} decoder, levels={s['levels']}"
+    return rows
+
+
+def summary_markdown(s: dict) -> str:
+    """``summary.md``: the table of term groups (nats, standard error, bits/dim, share of the rate)."""
+    T = s["num_steps"]
+    mean, se = np.array(s["terms_nats"]), np.array(s["terms_stderr"])
+    rate_nats = mean[1:].sum()
+    m = s["model"]
     lines = [
-        f"# Where the bits go ({s.get('name', 'model')}, {s.get('split', '')} split)",
+        f"# Where the bits go ({s.get('name', 'model')}, {s.get('split', 'given')} split)",
         "",
-        f"{s['num_examples']} examples x {s['num_samples']} draws of the noisy inputs; bits/dim on the {scale}.",
+        f"{s['num_examples']} examples x {s['num_samples']} draws of the noisy inputs; {s['scale']}; "
+        f"prediction {m['prediction']}, variance {m['variance']}, {m['schedule']['kind']} schedule, T = {T}.",
         "",
-        "| terms | nats/example | +- stderr | bits/dim | share of bound |",
+        "| terms | nats/example | +- stderr | bits/dim | share of rate |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for label, sl in rows:
+    for label, sl in _row_groups(T):
         v, e = mean[sl].sum(), math.sqrt((se[sl] ** 2).sum())
-        lines.append(f"| {label} | {v:.4f} | {e:.4f} | {v * to_bpd:.4f} | {100 * v / s['total_nats']:.1f}% |")
+        share = "" if sl.start == 0 else f"{100 * v / rate_nats:.1f}%"  # L_0 is distortion, and may be negative
+        lines.append(f"| {label} | {v:.4f} | {e:.4f} | {nats_to_bits_per_dim(v, s['dims']):.4f} | {share} |")
     lines += [
-        f"| **total (negative ELBO)** | **{s['total_nats']:.4f}** | {s['total_stderr']:.4f} | **{s['bits_per_dim']:.4f}** | 100% |",
+        f"| **total (negative ELBO)** | **{s['total_nats']:.4f}** | {s['total_stderr']:.4f} | **{s['bits_per_dim']:.4f}** | |",
         "",
         f"rate (L_1 .. L_T): {s['rate_bits_per_dim']:.4f} bits/dim; distortion (L_0): {s['distortion_bits_per_dim']:.4f} bits/dim.",
     ]
@@ -123,70 +151,82 @@ def _summary_markdown(s: dict) -> str:
 
 def _plots(terms: BoundTerms, s: dict, folder: Path) -> None:
     k = np.arange(terms.num_steps + 1)
-    mean, se = np.array(s["terms_nats"]), np.array(s["terms_stderr"])
-    to_bpd = 1 / (s["dims"] * math.log(2))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.errorbar(k, mean * to_bpd, yerr=se * to_bpd, fmt=".", ms=2, elinewidth=0.6, capsize=0)
+    bpd = np.array(s["terms_bits_per_dim"])
+    se = nats_to_bits_per_dim(np.array(s["terms_stderr"]), s["dims"])
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.errorbar(k, bpd, yerr=se, fmt=".", ms=2, elinewidth=0.6, capsize=0)
     ax.set_yscale("log")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(-0.3, terms.num_steps * 1.15)
     ax.set_xlabel("k (L_0 decoder, L_1..L_{T-1} denoising KLs, L_T prior)")
     ax.set_ylabel("L_k (bits/dim)")
-    ax.set_title("Terms of the bound, mean +- standard error" + (" (L_0 < 0 not shown)" if mean[0] <= 0 else ""))
+    ax.set_title("Terms of the bound, mean +- standard error" + (" (L_0 < 0 not shown)" if bpd[0] <= 0 else ""))
     fig.savefig(folder / "terms.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    cumulative = np.cumsum((mean * to_bpd)[::-1])[::-1]  # sum_{j >= k} L_j
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    cumulative = np.cumsum(bpd[::-1])[::-1]  # sum_{j >= k} L_j
     ax.plot(k[1:], cumulative[1:])
     ax.set_xscale("log")
     ax.set_xlabel("k")
     ax.set_ylabel("rate sum_{j >= k} L_j (bits/dim)")
     ax.set_title(f"Cumulative rate (total rate {s['rate_bits_per_dim']:.3f} bits/dim)")
     fig.savefig(folder / "cumulative_rate.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
     rate, rmse = progressive_rate_distortion(terms)
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.subplots()
     ax.plot(rate, rmse)
     ax.set_xlabel("rate received (bits/dim)")
-    ax.set_ylabel("distortion: RMSE of x0_hat on 0..255")
+    ax.set_ylabel(f"distortion: RMSE of x0_hat ({terms.decoder.distortion_units})")
     ax.set_title("Progressive decoding (Ho et al. 2020, 4.3)")
     fig.savefig(folder / "rate_distortion.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
-def write_report(terms: BoundTerms, out_dir: str | Path, meta: dict | None = None, log_q=None) -> dict:
-    """Write ``bound.json``, ``terms.csv``, ``summary.md`` and the plots to ``out_dir``; return the summary
-    (``log_q``: see :func:`summarise`)."""
+def write_report(
+    terms: BoundTerms,
+    out_dir: str | Path,
+    meta: dict | None = None,
+    log_q: torch.Tensor | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write :data:`REPORT_FILES` to ``out_dir``; return the summary (``log_q``: see :func:`summarise`).
+    A folder that already holds a report is refused unless ``overwrite``."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a report folder")
+    if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
+        raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = summarise(terms, meta, log_q)
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out.parent))
     try:
         (staging / "bound.json").write_text(json.dumps(summary, indent=2) + "\n")
-        to_bpd = 1 / (terms.dims * math.log(2))
         with open(staging / "terms.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["k", "nats", "stderr", "bits_per_dim", "mcse", "ess"])
-            for k, (m, e, mc, es) in enumerate(
+            for k, row in enumerate(
                 zip(
                     summary["terms_nats"],
                     summary["terms_stderr"],
+                    summary["terms_bits_per_dim"],
                     summary["terms_mcse"],
                     summary["terms_ess"],
                     strict=True,
                 )
             ):
-                w.writerow([k, f"{m:.8g}", f"{e:.4g}", f"{m * to_bpd:.8g}", f"{mc:.4g}", f"{es:.1f}"])
+                m, e, b, mc, es = row
+                w.writerow([k, f"{m:.8g}", f"{e:.4g}", f"{b:.8g}", f"{mc:.4g}", f"{es:.1f}"])
         rate, rmse = progressive_rate_distortion(terms)
+        units = terms.decoder.distortion_units.replace(" ", "_").replace(".", "")
         with open(staging / "rate_distortion.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["t", "rate_bits_per_dim", "rmse_0_255"])
+            w.writerow(["t", "rate_bits_per_dim", f"rmse_{units}"])
             w.writerows(
                 (terms.num_steps - i, f"{r:.6g}", f"{d:.6g}") for i, (r, d) in enumerate(zip(rate, rmse, strict=True))
             )
-        (staging / "summary.md").write_text(_summary_markdown(summary))
+        (staging / "summary.md").write_text(summary_markdown(summary))
         _plots(terms, summary, staging)
         out.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
@@ -206,29 +246,32 @@ def report_checkpoint(
     device: str = "cpu",
     data_root: str | Path | None = None,
     chunk_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> tuple[dict, Path]:
     """Decompose the bound of a checkpoint's EMA model on a data split and write the report
     (default folder: ``report-SPLIT`` beside the checkpoint).  Returns the summary and the folder."""
-    import torch
-
-    from .bound import bound_terms
-    from .train import load_trained
-
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"report-{split}"
+    if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
+        raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
     built, model = load_trained(checkpoint, device, data_root)
     data = getattr(built.data, split)[:max_examples]
-    if len(data) == 0:
-        raise ValueError(f"the {split} split has no examples to report on")
     if tuple(data.shape[1:]) != model.data_shape:
         raise ValueError(
             f"checkpoint's data shape {model.data_shape} does not match the {split} data {tuple(data.shape[1:])}"
         )
     torch.manual_seed(0)
-    terms = bound_terms(model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size)
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"report-{split}"
+    terms = bound_terms(
+        model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size, progress=progress
+    )
     meta = {"name": built.spec["name"], "checkpoint": str(checkpoint), "split": split, "draws": draws}
     log_q = built.data.log_density(data) if built.data.log_density else None
-    return write_report(terms, out, meta, log_q), out
+    return write_report(terms, out, meta, log_q, overwrite=overwrite), out

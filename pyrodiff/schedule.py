@@ -29,11 +29,6 @@ class NoiseSchedule:
     - ``posterior_mean_coef_x0`` :math:`\sqrt{\bar\alpha_{t-1}}\,\beta_t / (1 - \bar\alpha_t)`
     - ``posterior_mean_coef_xt`` :math:`\sqrt{\alpha_t}\,(1 - \bar\alpha_{t-1}) / (1 - \bar\alpha_t)`
 
-    - ``reverse_variance_small`` :math:`\tilde\beta_t` and ``reverse_variance_large`` :math:`\beta_t`, the
-      fixed variances :math:`\sigma_t^2` of the reverse chain (improved-diffusion's ``fixedsmall`` and
-      ``fixedlarge``); both use :math:`\tilde\beta_2` at t = 1, where :math:`\tilde\beta_1 = 0`
-      (defined for T >= 2)
-
     so that :math:`q(x_{t-1} \mid x_t, x_0) = N(\text{coef}_{x_0} x_0 + \text{coef}_{x_t} x_t,
     \tilde\beta_t I)` (Ho et al. 2020, eq. 6-7).
 
@@ -41,7 +36,7 @@ class NoiseSchedule:
     strictly inside (0, 1) and the log-SNR decreases strictly in ``t``.
     """
 
-    def __init__(self, betas: torch.Tensor | list[float]) -> None:
+    def __init__(self, betas: torch.Tensor | list[float], description: dict | None = None) -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(
@@ -71,10 +66,9 @@ class NoiseSchedule:
         self.posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.posterior_mean_coef_x0 = alphas_cumprod_prev.sqrt() * betas / (1.0 - alphas_cumprod)
         self.posterior_mean_coef_xt = alphas.sqrt() * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        decoder_variance = self.posterior_variance[1:2] if self.num_steps > 1 else self.betas[:1]
-        self.reverse_variance_small = torch.cat([decoder_variance, self.posterior_variance[1:]])
-        self.reverse_variance_large = torch.cat([decoder_variance, betas[1:]])
-        self._cache: dict[tuple[torch.device, torch.dtype], SimpleNamespace] = {}
+        self._cache: dict[tuple[str, torch.device, torch.dtype], object] = {}
+        #: how the schedule was made (recorded in reports): the constructor and its arguments
+        self.description = {"kind": "betas", "num_steps": self.num_steps, **(description or {})}
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -84,7 +78,8 @@ class NoiseSchedule:
         The endpoints are the paper's for ``T = 1000``; they are used as given for any ``T``.
         """
         _check_num_steps(num_steps)
-        return cls(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64))
+        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        return cls(betas, {"kind": "linear", "beta_start": beta_start, "beta_end": beta_end})
 
     @classmethod
     def cosine(cls, num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
@@ -95,7 +90,7 @@ class NoiseSchedule:
         _check_num_steps(num_steps)
         t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta))
+        return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta), {"kind": "cosine", "s": s, "max_beta": max_beta})
 
     @classmethod
     def sigmoid(
@@ -112,7 +107,10 @@ class NoiseSchedule:
         u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         v_start, v_end = torch.sigmoid(torch.tensor([start / tau, end / tau], dtype=torch.float64))
         abar = (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
-        return cls(torch.clamp(1 - abar[1:] / abar[:-1], max=max_beta))
+        return cls(
+            torch.clamp(1 - abar[1:] / abar[:-1], max=max_beta),
+            {"kind": "sigmoid", "start": start, "end": end, "tau": tau, "max_beta": max_beta},
+        )
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor | list[float]) -> NoiseSchedule:
@@ -126,22 +124,23 @@ class NoiseSchedule:
         return self.betas.numel()
 
     def coefficients(self, device: torch.device | str, dtype: torch.dtype) -> SimpleNamespace:
-        """All per-timestep quantities on ``device`` in ``dtype`` (computed in float64, cast once, cached)."""
-        key = (torch.device(device), dtype)
+        """All the per-timestep quantities above on ``device`` in ``dtype`` (computed in float64, cast once,
+        cached, so that the hot path copies nothing from the host)."""
+        return self.cached("coefficients", _all_coefficients, device, dtype)
+
+    def cached(self, name: str, compute, device: torch.device | str, dtype: torch.dtype):
+        """``compute(self)`` (a float64 table, or a namespace of them) cast to ``device`` and ``dtype`` once and
+        cached under ``name``: how other modules keep their own per-timestep tables of this schedule on
+        the device (e.g. the fixed reverse variances of :mod:`pyrodiff.parameterization`)."""
+        key = (name, torch.device(device), dtype)
         if key not in self._cache:
-            names = (
-                "betas",
-                "alphas",
-                "alphas_cumprod",
-                "alphas_cumprod_prev",
-                "log_snr",
-                "posterior_variance",
-                "posterior_mean_coef_x0",
-                "posterior_mean_coef_xt",
-                "reverse_variance_small",
-                "reverse_variance_large",
+            value = compute(self)
+            cast = lambda x: x.to(device=key[1], dtype=dtype)  # noqa: E731
+            self._cache[key] = (
+                SimpleNamespace(**{k: cast(v) for k, v in vars(value).items()})
+                if isinstance(value, SimpleNamespace)
+                else cast(value)
             )
-            self._cache[key] = SimpleNamespace(**{n: getattr(self, n).to(device=key[0], dtype=dtype) for n in names})
         return self._cache[key]
 
     def __eq__(self, other: object) -> bool:
@@ -152,6 +151,22 @@ class NoiseSchedule:
             f"NoiseSchedule(num_steps={self.num_steps}, beta_1={self.betas[0].item():.3g}, "
             f"beta_T={self.betas[-1].item():.3g}, alpha_bar_T={self.alphas_cumprod[-1].item():.3g})"
         )
+
+
+_COEFFICIENTS = (
+    "betas",
+    "alphas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "log_snr",
+    "posterior_variance",
+    "posterior_mean_coef_x0",
+    "posterior_mean_coef_xt",
+)
+
+
+def _all_coefficients(schedule: NoiseSchedule) -> SimpleNamespace:
+    return SimpleNamespace(**{n: getattr(schedule, n) for n in _COEFFICIENTS})
 
 
 def _check_num_steps(num_steps: int) -> None:

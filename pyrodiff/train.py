@@ -33,10 +33,12 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import RandomStreams, init_world
 from .objectives import objective_weights, reweight
 from .plots import save_samples_figure
+from .report import summarise
 from .spec import Built, build
-from .subsample import ImportanceSampler, drawn_terms
+from .importance import ImportanceSampler
+from .traces import drawn_terms
 
-__all__ = ["train", "TrainingError", "TrainResult", "load_trained"]
+__all__ = ["train", "TrainingError", "TrainResult"]
 
 CHECKPOINT = "checkpoint.pt"
 ESTIMATORS = {"mean_field": TraceMeanField_ELBO, "trace": Trace_ELBO}
@@ -243,23 +245,9 @@ def train(
     trained = model.with_network(ema.module).eval()
     test = built.data.test[: tr["eval_examples"]].to(device)
     terms = bound_terms(trained, test)
-    report = {
-        "spec": spec["name"],
-        "steps": tr["steps"],
-        "train_seconds_this_run": seconds,
-        "test_examples": terms.nats.shape[1],
-        "negative_elbo_nats": terms.total.mean().item(),
-        "negative_elbo_stderr": terms.total_stderr(),
-        "bits_per_dim": terms.to_bits_per_dim(terms.total.mean()).item(),
-        "bits_per_dim_stderr": terms.to_bits_per_dim(torch.tensor(terms.total_stderr())).item(),
-        "rate_bits_per_dim": terms.to_bits_per_dim(terms.rate.mean()).item(),
-        "distortion_bits_per_dim": terms.to_bits_per_dim(terms.distortion.mean()).item(),
-        "decoder": model.decoder,
-        "levels": model.levels,
-        "bits_per_dim_is_8bit_scale": terms.is_8bit_scale,
-    }
-    if built.data.log_density is not None:
-        report["kl_bound_nats"], report["kl_bound_stderr"] = terms.kl_bound(built.data.log_density(test))
+    meta = {"name": spec["name"], "split": "test", "steps": tr["steps"], "train_seconds_this_run": seconds}
+    log_q = built.data.log_density(test) if built.data.log_density is not None else None
+    report = summarise(terms, meta, log_q)
     (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
     samples_path = out / "samples.png"
     n = num_samples or (64 if train_data.dim() == 4 else 2000)
@@ -276,17 +264,3 @@ def _write_losses(path: Path, losses: list[float]) -> None:
         w.writerow(["step", "loss_nats_per_example"])
         w.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
     tmp.replace(path)
-
-
-def load_trained(checkpoint_path: str | Path, device: str = "cpu", data_root=None) -> tuple[Built, torch.nn.Module]:
-    """The specification's objects and the EMA-weighted model of a checkpoint."""
-    state = load_checkpoint(checkpoint_path, map_location=device)
-    built = build(state["spec"], data_root)
-    ema = AveragedModel(
-        built.model.network, multi_avg_fn=get_ema_multi_avg_fn(state["spec"]["training"]["ema_decay"]), use_buffers=True
-    )
-    try:
-        ema.load_state_dict(state["ema"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {checkpoint_path} does not fit its specification's network: {e}") from e
-    return built, built.model.with_network(ema.module).to(device).eval()

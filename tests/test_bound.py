@@ -11,7 +11,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
-from pyrodiff.bound import bound_terms, trace_terms
+from pyrodiff.bound import bound_terms
+from pyrodiff.traces import trace_terms
 from pyrodiff.report import progressive_rate_distortion, write_report
 from pyrodiff.testing import LinearDenoiser, linear_case
 

@@ -1,4 +1,5 @@
 import gzip
+import os
 import pickle
 import struct
 
@@ -68,6 +69,102 @@ def test_local_mnist_and_cifar_readers(tmp_path):
             pickle.dump({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8)}, f)
     c = load_dataset("cifar10", tmp_path)
     assert c.train.shape == (15, 3, 32, 32) and c.test.shape == (3, 3, 32, 32)
+
+
+def _python2_batch(images: np.ndarray) -> bytes:
+    """A CIFAR-10 batch as the official files hold it: a Python 2 protocol-2 pickle of a dict with str keys
+    (bytes under ``encoding="bytes"``) and a uint8 array pickled through ``numpy.core.multiarray._reconstruct``."""
+    raw = images.astype(np.uint8).tobytes()
+    n, d = images.shape
+    return (
+        b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\nq\x03"
+        b"K\x00\x85U\x01b\x87Rq\x04(K\x01M" + struct.pack("<H", n) + b"M" + struct.pack("<H", d) + b"\x86"
+        b"cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq\x06(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tbU\x06labels]q\x07(K\x01K\x02eU\x0bbatch_labelU\x05dummyu."
+    )
+
+
+_CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _write_cifar(root):
+    for name in _CIFAR_FILES:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8)}, f)
+
+
+@pytest.mark.parametrize("form", ["python2", 4, 5])
+def test_cifar_batches_in_every_numpy_pickle_form_are_read(tmp_path, form):
+    images = np.random.default_rng(0).integers(0, 256, (2, 3072), dtype=np.uint8)
+    for name in _CIFAR_FILES:
+        batch = {b"data": images, b"labels": [0, 1], b"batch_label": b"dummy"}
+        blob = _python2_batch(images) if form == "python2" else pickle.dumps(batch, protocol=form)
+        (tmp_path / name).write_bytes(blob)
+    c = load_dataset("cifar10", tmp_path)
+    assert c.train.shape == (10, 3, 32, 32) and c.test.shape == (2, 3, 32, 32)
+    expected = torch.tensor(images.reshape(-1, 3, 32, 32) / 127.5 - 1.0, dtype=torch.float32)
+    assert torch.equal(c.test, expected)
+
+
+def test_gzipped_cifar_batches_are_read(tmp_path):
+    _write_cifar(tmp_path)
+    for name in _CIFAR_FILES:
+        (tmp_path / (name + ".gz")).write_bytes(gzip.compress((tmp_path / name).read_bytes()))
+        (tmp_path / name).unlink()
+    assert load_dataset("cifar10", tmp_path).train.shape == (10, 3, 32, 32)
+
+
+class _RunsCode:
+    """Pickles as a call to ``os.system``: unpickling it runs the shell command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "MARKER"
+    _write_cifar(tmp_path)
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"hook": _RunsCode(f"touch '{marker}'")}, f)
+    with pytest.raises(ValueError) as caught:
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+    message = str(caught.value)
+    assert str(tmp_path / "data_batch_1") in message and f"{os.system.__module__}.system" in message
+    assert "could run code" in message
+    with open(tmp_path / "data_batch_1", "rb") as f:
+        pickle.load(f)  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "batch, error",
+    [
+        ({b"labels": [0, 1]}, "no b'data' entry"),
+        ([np.zeros((2, 3072), np.uint8)], "no b'data' entry"),
+        ({b"data": np.zeros((2, 3000), np.uint8)}, "6000 values, not a whole number of 3x32x32 images"),
+        ({b"data": [b"not", b"pixels"]}, "b'data' is not an array of bytes"),
+    ],
+)
+def test_a_malformed_cifar_batch_is_named(tmp_path, batch, error):
+    _write_cifar(tmp_path)
+    with open(tmp_path / "data_batch_3", "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(ValueError, match=error) as caught:
+        load_dataset("cifar10", tmp_path)
+    assert str(tmp_path / "data_batch_3") in str(caught.value)
+
+
+def test_a_truncated_cifar_batch_is_named(tmp_path):
+    _write_cifar(tmp_path)
+    path = tmp_path / "test_batch"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable CIFAR-10 python batch") as caught:
+        load_dataset("cifar10", tmp_path)
+    assert str(path) in str(caught.value)
 
 
 def test_truncated_idx_file(tmp_path):

@@ -9,7 +9,7 @@ from pyro import poutine
 from torch.distributions import MultivariateNormal
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.forward import ForwardChain, PosteriorChain, q_marginal, q_posterior
+from pyrodiff.forward import QForwardOrder, QPosteriorOrder, q_marginal, q_posterior
 from pyrodiff.testing import data_batches, schedules
 
 
@@ -50,7 +50,7 @@ def _joint_covariance(schedule):
 
 @given(schedules(max_steps=8), data_batches(max_dim=3))
 def test_both_orders_give_the_joint_density(schedule, x0):
-    fwd, post = ForwardChain(x0, schedule), PosteriorChain(x0, schedule)
+    fwd, post = QForwardOrder(x0, schedule), QPosteriorOrder(x0, schedule)
     path = fwd.rsample()
     lp_fwd, lp_post = fwd.log_prob(path), post.log_prob(path)
     assert lp_fwd.shape == lp_post.shape == (schedule.num_steps, x0.shape[0])
@@ -64,7 +64,7 @@ def test_both_orders_give_the_joint_density(schedule, x0):
 def test_rsample_has_the_forward_marginals(float64):
     schedule = NoiseSchedule.linear(50, 1e-3, 0.2)
     x0 = torch.tensor([[0.7, -0.3]])
-    paths = ForwardChain(x0.expand(20000, 2), schedule).rsample()  # (T, 20000, 2)
+    paths = QForwardOrder(x0.expand(20000, 2), schedule).rsample()  # (T, 20000, 2)
     loc, var = q_marginal(schedule, x0, torch.arange(1, 51)[:, None])  # (T, 2), (T, 1)
     mean, v = paths.mean(1), paths.var(1)
     n = paths.shape[1]

@@ -8,7 +8,7 @@ from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, UNet
-from pyrodiff.forward import FORWARD_ORDER_MEAN_FIELD_ERROR
+from pyrodiff.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
 from pyrodiff.testing import LinearDenoiser
 
 

@@ -8,7 +8,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
-from pyrodiff.subsample import ImportanceSampler, drawn_terms
+from pyrodiff.importance import ImportanceSampler
+from pyrodiff.traces import drawn_terms
 from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
 
 T = 6

@@ -1,0 +1,213 @@
+r"""Parameterisations of the reverse step :math:`p_\theta(x_{t-1} \mid x_t) = N(\mu_\theta(x_t, t), \sigma_t^2 I)`.
+
+Two independent choices, each parsed once from its name into an object that the model, the objectives
+and the specification share:
+
+- **what the network predicts** (:class:`Target`): the noise :math:`\epsilon` (Ho et al. 2020, eq. 11), the
+  data :math:`x_0`, or :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1 - \bar\alpha_t}\,x_0` (Salimans & Ho
+  2022).  With :math:`x_t = \sqrt{\bar\alpha_t} x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon` any one of the three
+  determines the other two given :math:`x_t` (:func:`eps_to_x0`, :func:`x0_to_eps`, :func:`v_to_x0`,
+  :func:`v_to_eps`), and the reverse mean is the posterior mean at the predicted :math:`\hat x_0`,
+  :math:`\mu_\theta = \tilde\mu_t(\hat x_0, x_t)`.
+- **the reverse variance** (:class:`ReverseVariance`): fixed "small" :math:`\tilde\beta_t` or "large"
+  :math:`\beta_t` (improved-diffusion's ``fixedsmall``/``fixedlarge``; both take :math:`\tilde\beta_2` at
+  t = 1, where :math:`\tilde\beta_1 = 0`), or "learned" (Nichol & Dhariwal 2021, eq. 15):
+  :math:`\log\sigma^2 = f \log\beta_t + (1 - f)\log\tilde\beta_t`, :math:`f = (v_\theta + 1)/2`, with
+  :math:`\tilde\beta_1` replaced by :math:`\tilde\beta_2` (their ``learned_range``).  A learned variance
+  doubles the network's output channels: the prediction, then :math:`v_\theta`, along dim 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gaussian import at_timesteps
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "Target",
+    "ReverseVariance",
+    "TARGETS",
+    "VARIANCES",
+    "parse_target",
+    "parse_variance",
+    "eps_to_x0",
+    "x0_to_eps",
+    "v_to_x0",
+    "v_to_eps",
+]
+
+
+# ---------------------------------------------------------------------- conversions
+def eps_to_x0(eps: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    r""":math:`\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\epsilon) / \sqrt{\bar\alpha_t}`."""
+    return (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def x0_to_eps(x0: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    r""":math:`\epsilon = (x_t - \sqrt{\bar\alpha_t}\,x_0) / \sqrt{1 - \bar\alpha_t}`."""
+    return (xt - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def v_to_x0(v: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    r""":math:`x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1 - \bar\alpha_t}\,v`."""
+    return abar.sqrt() * xt - (1 - abar).sqrt() * v
+
+
+def v_to_eps(v: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    r""":math:`\epsilon = \sqrt{1 - \bar\alpha_t}\,x_t + \sqrt{\bar\alpha_t}\,v`."""
+    return (1 - abar).sqrt() * xt + abar.sqrt() * v
+
+
+# ---------------------------------------------------------------------- what the network predicts
+class Target:
+    """What the network's (first ``C``) output channels predict; :meth:`to_x0` turns them into
+    :math:`\\hat x_0`, given :math:`x_t` and :math:`\\bar\\alpha_t` broadcast against the data."""
+
+    name: str = ""
+
+    def to_x0(self, out: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"Target({self.name!r})"
+
+
+class EpsilonTarget(Target):
+    r"""The network predicts the noise :math:`\epsilon` (Ho et al. 2020)."""
+
+    name = "epsilon"
+
+    def to_x0(self, out, xt, abar):
+        return eps_to_x0(out, xt, abar)
+
+
+class X0Target(Target):
+    r"""The network predicts :math:`x_0` itself."""
+
+    name = "x0"
+
+    def to_x0(self, out, xt, abar):
+        return out
+
+
+class VTarget(Target):
+    r"""The network predicts :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1 - \bar\alpha_t}\,x_0`."""
+
+    name = "v"
+
+    def to_x0(self, out, xt, abar):
+        return v_to_x0(out, xt, abar)
+
+
+# ---------------------------------------------------------------------- reverse variances
+class ReverseVariance:
+    r""":math:`\sigma_t^2` of the reverse step.  Fixed variances have a :meth:`table` (float64, entry t - 1);
+    learned ones read :math:`v_\theta` from the network's extra output channels."""
+
+    name: str = ""
+    learned: bool = False
+
+    def output_channels(self, data_channels: int) -> int:
+        """Channels the network must return for data with ``data_channels`` channels."""
+        return 2 * data_channels if self.learned else data_channels
+
+    def table(self, schedule: NoiseSchedule) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.name!r} variance has no fixed table")
+
+    def variance(
+        self,
+        schedule: NoiseSchedule,
+        t: torch.Tensor,
+        event_dim: int,
+        like: torch.Tensor,
+        v: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r""":math:`\sigma_t^2` at the timesteps ``t`` on the device and in the dtype of ``like``: shape
+        ``t.shape + (1,) * event_dim`` for fixed variances, the shape of ``v`` for learned ones."""
+        table = schedule.cached(f"reverse_variance_{self.name}", self.table, like.device, like.dtype)
+        return at_timesteps(table, t, event_dim)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"ReverseVariance({self.name!r})"
+
+
+def _clipped_posterior_variance(schedule: NoiseSchedule) -> torch.Tensor:
+    r""":math:`\tilde\beta_t` with :math:`\tilde\beta_2` in place of :math:`\tilde\beta_1 = 0` (T >= 2)."""
+    return torch.cat([schedule.posterior_variance[1:2], schedule.posterior_variance[1:]])
+
+
+class SmallVariance(ReverseVariance):
+    r"""Fixed :math:`\sigma_t^2 = \tilde\beta_t` (:math:`\tilde\beta_2` at t = 1): the lower bound of Ho et al."""
+
+    name = "small"
+
+    def table(self, schedule):
+        return _clipped_posterior_variance(schedule)
+
+
+class LargeVariance(ReverseVariance):
+    r"""Fixed :math:`\sigma_t^2 = \beta_t` (:math:`\tilde\beta_2` at t = 1): the upper bound of Ho et al."""
+
+    name = "large"
+
+    def table(self, schedule):
+        return torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
+
+
+class LearnedVariance(ReverseVariance):
+    r"""Nichol & Dhariwal (2021, eq. 15): :math:`\sigma^2 = \exp(f \log\beta_t + (1 - f)\log\tilde\beta_t)`,
+    :math:`f = (v + 1)/2`, per dimension; :math:`v = -1` gives "small", :math:`v = 1` gives :math:`\beta_t`."""
+
+    name = "learned"
+    learned = True
+
+    def variance(self, schedule, t, event_dim, like, v=None):
+        if v is None:
+            raise ValueError("a learned variance needs the network's interpolation output v")
+        f = (v + 1) / 2
+        log_small = schedule.cached("log_clipped_posterior_variance", _log_clipped, like.device, like.dtype)
+        log_beta = schedule.cached("log_betas", _log_betas, like.device, like.dtype)
+        return torch.exp(f * at_timesteps(log_beta, t, event_dim) + (1 - f) * at_timesteps(log_small, t, event_dim))
+
+
+def _log_clipped(schedule: NoiseSchedule) -> torch.Tensor:
+    return _clipped_posterior_variance(schedule).log()
+
+
+def _log_betas(schedule: NoiseSchedule) -> torch.Tensor:
+    return schedule.betas.log()
+
+
+TARGETS: dict[str, Target] = {c.name: c() for c in (EpsilonTarget, X0Target, VTarget)}
+VARIANCES: dict[str, ReverseVariance] = {c.name: c() for c in (SmallVariance, LargeVariance, LearnedVariance)}
+
+
+def parse_target(target: str | Target) -> Target:
+    """The :class:`Target` named ``target`` (``"epsilon"``, ``"x0"`` or ``"v"``); an object passes through."""
+    if isinstance(target, Target):
+        return target
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ValueError(f"prediction must be one of {tuple(TARGETS)}, got {target!r}")
+    return TARGETS[target]
+
+
+def parse_variance(variance: str | ReverseVariance) -> ReverseVariance:
+    """The :class:`ReverseVariance` named ``variance`` (``"small"``, ``"large"`` or ``"learned"``)."""
+    if isinstance(variance, ReverseVariance):
+        return variance
+    if not isinstance(variance, str) or variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {tuple(VARIANCES)}, got {variance!r}")
+    return VARIANCES[variance]
