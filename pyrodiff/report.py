@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -219,7 +220,7 @@ def write_report(
                 m, e, b, mc, es = row
                 w.writerow([k, f"{m:.8g}", f"{e:.4g}", f"{b:.8g}", f"{mc:.4g}", f"{es:.1f}"])
         rate, rmse = progressive_rate_distortion(terms)
-        units = terms.decoder.distortion_units.replace(" ", "_").replace(".", "")
+        units = re.sub(r"[^0-9a-z]+", "_", terms.decoder.distortion_units.lower())
         with open(staging / "rate_distortion.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["t", "rate_bits_per_dim", f"rmse_{units}"])
