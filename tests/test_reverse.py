@@ -1,5 +1,6 @@
 from contextlib import nullcontext
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -7,7 +8,7 @@ from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
-from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, UNet
+from pyrodiff import DiffusionGuide, DiffusionModel, MLPDenoiser, NoiseSchedule, UNet
 from pyrodiff.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
 from pyrodiff.testing import LinearDenoiser
 
@@ -193,3 +194,47 @@ def test_learned_variance_samples_and_checks_the_network():
     assert model.sample(4).shape == (4, 3)
     with pytest.raises(ValueError, match="twice the channels"):
         DiffusionModel(LinearDenoiser(T), schedule, variance="learned").predict(torch.zeros(2, 3), torch.tensor([1, 2]))
+
+
+def test_a_refused_call_leaves_no_state_behind():
+    """Data of the wrong shape for the network is refused, and the model still takes correct data after."""
+    schedule = NoiseSchedule.linear(4)
+    model = DiffusionModel(UNet(1, channels=8, channel_mult=(1,), num_res_blocks=1), schedule)
+    guide = DiffusionGuide(schedule)
+    with pytest.raises(ValueError, match="needs input"):
+        Trace_ELBO().loss(model, guide, torch.zeros(2, 8, 8))
+    assert model.data_shape is None
+    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(model, guide, torch.zeros(2, 1, 8, 8))))
+    assert model.data_shape == (1, 8, 8)
+
+
+def test_a_guide_on_another_schedule_is_refused():
+    model, _ = _model()
+    other = DiffusionGuide(NoiseSchedule.linear(5, 0.01, 0.2))  # same length, other betas
+    for estimator, k in ((Trace_ELBO, None), (TraceMeanField_ELBO, None), (Trace_ELBO, 2)):
+        with pytest.raises(ValueError, match="another noise schedule"):
+            estimator().loss(model, other, torch.zeros(3, 2), k)
+    same = DiffusionGuide(NoiseSchedule.linear(5, 0.05, 0.3))  # an equal schedule, another object
+    assert torch.isfinite(torch.tensor(Trace_ELBO().loss(model, same, torch.zeros(3, 2))))
+
+
+@pytest.mark.parametrize(
+    "data, error, match",
+    [
+        (np.zeros((3, 2)), TypeError, "torch tensor"),
+        (torch.zeros(0, 2), ValueError, "no examples"),
+        (torch.zeros(3, 2, dtype=torch.long), TypeError, "floating"),
+        (torch.full((3, 2), float("nan")), ValueError, "NaN"),
+    ],
+)
+def test_bad_data_is_named_where_it_enters(data, error, match):
+    model, guide = _model()
+    with pytest.raises(error, match=match):
+        Trace_ELBO().loss(model, guide, data)  # the guide runs first: it must name the problem
+
+
+def test_data_of_another_dtype_than_the_network_is_named():
+    schedule = NoiseSchedule.linear(5)
+    model = DiffusionModel(MLPDenoiser(2, hidden=8, depth=1), schedule)  # float32 weights
+    with pytest.raises(TypeError, match="float64 does not match the network's torch.float32"):
+        Trace_ELBO().loss(model, DiffusionGuide(schedule), torch.zeros(3, 2, dtype=torch.float64))

@@ -1,0 +1,130 @@
+"""Samplers: the reverse step's values, reproducibility, and the exact law of the ancestral chain."""
+
+import numpy as np
+import pytest
+import torch
+from pyro import poutine
+
+from pyrodiff import DiffusionModel, NoiseSchedule, samplers
+from pyrodiff.decoders import check_levels_grid
+from pyrodiff.testing import LinearDenoiser, linear_reverse_coefficients
+
+T = 5
+SCHEDULE = NoiseSchedule.linear(T, 0.05, 0.3)
+
+
+def _model(prediction="epsilon", variance="small", decoder="gaussian", levels=None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(4)
+    a = (torch.rand(T, generator=g, dtype=dtype) - 0.5) * 0.8
+    b = (torch.rand(T, generator=g, dtype=dtype) - 0.5) * 0.4
+    net = LinearDenoiser(T, a, b)
+    return DiffusionModel(net, SCHEDULE, prediction, variance, decoder, levels, data_shape=(3,)), a, b
+
+
+def _sigma2(variance):
+    """The fixed reverse variances, from the betas (beta_tilde_2 at t = 1)."""
+    beta = SCHEDULE.betas.numpy()
+    abar = np.cumprod(1 - beta)
+    tilde = beta[1] * (1 - abar[0]) / (1 - abar[1])
+    post = beta * (1 - np.concatenate([[1.0], abar[:-1]])) / (1 - abar)
+    return np.concatenate([[tilde], (post if variance == "small" else beta)[1:]])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_reverse_step_with_explicit_noise(prediction, variance, float64):
+    model, a, b = _model(prediction, variance)
+    c, d = linear_reverse_coefficients(SCHEDULE, a.numpy(), b.numpy(), prediction)
+    sigma2 = _sigma2(variance)
+    x = torch.randn(4, 3)
+    z = torch.randn(4, 3)
+    for t in range(2, T + 1):
+        expected = c[t - 1] * x.numpy() + d[t - 1] + np.sqrt(sigma2[t - 1]) * z.numpy()
+        assert np.allclose(samplers.reverse_step(model, x, t, noise=z).numpy(), expected, rtol=1e-12)
+    # at t = 1, the Gaussian decoder's draw; per-example timesteps mix both
+    x0 = c[0] * x.numpy() + d[0] + np.sqrt(sigma2[0]) * z.numpy()
+    assert np.allclose(samplers.reverse_step(model, x, 1, noise=z).numpy(), x0, rtol=1e-12)
+    mixed = samplers.reverse_step(model, x, torch.tensor([1, 3, 1, 5]), noise=z).numpy()
+    for i, t in enumerate([1, 3, 1, 5]):
+        assert np.allclose(mixed[i], c[t - 1] * x[i].numpy() + d[t - 1] + np.sqrt(sigma2[t - 1]) * z[i].numpy())
+
+
+def test_the_discretized_decoder_draws_on_the_grid(float64):
+    model, _, _ = _model(decoder="discretized", levels=9)
+    x0 = samplers.reverse_step(model, torch.randn(200, 3) * 3, 1, generator=torch.Generator().manual_seed(0))
+    check_levels_grid(x0, 9)
+    assert len(torch.unique(x0)) > 3
+    # per-example timesteps: the rows at t = 1 are decoded onto the grid, the others are Gaussian steps
+    x, z, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([1, 2, 1, 4])
+    out = samplers.reverse_step(model, x, t, noise=z)
+    for i in range(4):
+        alone = samplers.reverse_step(model, x[i : i + 1], int(t[i]), noise=z[i : i + 1])
+        assert torch.equal(out[i : i + 1], alone)
+    check_levels_grid(out[t == 1], 9)
+    off_grid = (out[t > 1] + 1) * 4
+    assert ((off_grid - off_grid.round()).abs() > 1e-3).any()
+
+
+def test_reproducible_given_x_T_and_the_generator(float64):
+    model, _, _ = _model()
+    x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    runs = [samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    other = samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(runs[0], other)
+    counted = [samplers.ancestral(model, 6, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(counted[0], counted[1]) and counted[0].shape == (6, 3)
+
+
+def test_path_and_last_steps(float64):
+    model, a, b = _model("x0")
+    c, d = linear_reverse_coefficients(SCHEDULE, a.numpy(), b.numpy(), "x0")
+    x_T = torch.randn(4, 3)
+    x0, path = samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(2), return_path=True)
+    assert path.shape == (T, 4, 3) and torch.equal(path[-1], x_T)
+    x1, path_none = samplers.ancestral(
+        model, x_T, generator=torch.Generator().manual_seed(2), last="none", return_path=True
+    )
+    assert torch.equal(x1, path[0]) and torch.equal(path_none, path)
+    mean = samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(2), last="mean")
+    assert np.allclose(mean.numpy(), c[0] * path[0].numpy() + d[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="last"):
+        samplers.ancestral(model, x_T, last="median")
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ancestral_samples_have_the_chain_s_exact_marginal(variance, float64):
+    """x_(t-1) = c_t x_t + d_t + sigma_t z from x_T ~ N(0, I): mean and variance follow the linear recursion
+    m <- c m + d, v <- c^2 v + sigma^2 down to x_0 (the Gaussian decoder is the same step at t = 1)."""
+    model, a, b = _model("v", variance)
+    c, d = linear_reverse_coefficients(SCHEDULE, a.numpy(), b.numpy(), "v")
+    sigma2 = _sigma2(variance)
+    m, v = 0.0, 1.0
+    for t in range(T, 0, -1):
+        m, v = c[t - 1] * m + d[t - 1], c[t - 1] ** 2 * v + sigma2[t - 1]
+    n = 40000
+    x = samplers.ancestral(model, n, generator=torch.Generator().manual_seed(5)).numpy()
+    assert np.abs(x.mean(0) - m).max() < 4 * np.sqrt(v / n)
+    assert np.abs(x.var(0) - v).max() < 4 * v * np.sqrt(2 / (n - 1))
+
+
+def test_the_pyro_model_samples_through_the_sampler(float64):
+    model, _, _ = _model()
+    trace = poutine.trace(model).get_trace(None, batch_size=5)
+    path = trace.nodes["x_{1:T}"]["value"]
+    assert path.shape == (T, 5, 3) and trace.nodes["x_0"]["value"].shape == (5, 3)
+    trace.compute_log_prob()  # a sampled path can be scored: every row of the chain, then the decoder
+    assert trace.nodes["x_{1:T}"]["log_prob"].shape == (T, 5)
+    assert model.sample(7, generator=torch.Generator().manual_seed(0)).shape == (7, 3)
+
+
+def test_bad_arguments(float64):
+    model, _, _ = _model()
+    with pytest.raises(ValueError, match="1..T"):
+        samplers.reverse_step(model, torch.zeros(2, 3), T + 1)
+    with pytest.raises(ValueError, match="noise"):
+        samplers.reverse_step(model, torch.zeros(2, 3), 2, noise=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="positive integer"):
+        samplers.ancestral(model, 0)
+    with pytest.raises(ValueError, match="data_shape"):
+        samplers.ancestral(DiffusionModel(LinearDenoiser(T), SCHEDULE), 3)
