@@ -1,64 +1,105 @@
 """Compare the bound decompositions of several checkpoints on one plot and one table.
 
     python analysis/compare_bounds.py runs/digits/checkpoint.pt runs/digits-cosine/checkpoint.pt \\
-        --labels linear cosine --out reports/compare [--num-samples 1] [--max-examples 200]
+        [--labels linear cosine] --out reports/compare [--num-samples 1] [--max-examples 200] [--overwrite]
 
-Each argument is a checkpoint (decomposed on its test split, and its report written beside it) or a
-folder holding a ``bound.json`` written by ``pyrodiff report``.  Writes ``compare.png`` (L_1..L_T against k,
-log scales, one curve per model, with standard-error bands) and ``compare.md`` (with L_0).
+Each argument is a checkpoint (decomposed on its test split, and its report written beside it, in
+``report-test``) or a folder holding a ``bound.json`` written by ``pyrodiff report``.  Writes
+``compare.png`` (L_1..L_T against k, log scales, one curve per model, with standard-error bands) and
+``compare.md`` (with L_0).  Models are labelled by what ``bound.json`` records (name, prediction,
+variance, schedule) unless ``--labels`` are given.  Neither an existing ``compare.md`` nor an existing
+report beside a checkpoint is replaced without ``--overwrite`` (pass the report's folder to reuse it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from pyrodiff.plots import plt
-from pyrodiff.report import report_checkpoint
+from pyrodiff.bound import nats_to_bits_per_dim
+from pyrodiff.report import REPORT_FILES, report_checkpoint
 
 
-def load_summary(source: str, args) -> dict:
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "bound.json").exists():
-            raise SystemExit(f"{path} holds no bound.json: run `pyrodiff report` first or pass a checkpoint")
-        return json.loads((path / "bound.json").read_text())
-    summary, _ = report_checkpoint(path, split="test", num_samples=args.num_samples, max_examples=args.max_examples)
+def report_folder(source: Path) -> Path:
+    """Where a source's ``bound.json`` is, or will be written: the folder itself, or ``report-test``
+    beside a checkpoint (:func:`~pyrodiff.report.report_checkpoint`'s default)."""
+    return source if source.is_dir() else source.parent / "report-test"
+
+
+def check_sources(sources: list[Path], out: Path, overwrite: bool) -> None:
+    """Refuse, before anything is computed, a missing source, a folder without ``bound.json``, and results
+    that would be replaced without ``overwrite``: a report beside a checkpoint, ``compare.md``."""
+    for source in sources:
+        if not source.exists():
+            raise SystemExit(f"{source}: no such checkpoint or report folder")
+        if source.is_dir() and not (source / "bound.json").exists():
+            raise SystemExit(f"{source} holds no bound.json: run `pyrodiff report` first or pass a checkpoint")
+        folder = report_folder(source)
+        if source.is_file() and not overwrite and any((folder / f).exists() for f in REPORT_FILES):
+            raise SystemExit(f"{folder} already holds a report: pass that folder instead of {source}, or --overwrite")
+    if not overwrite and any((out / f).exists() for f in ("compare.md", "compare.png")):
+        raise SystemExit(f"{out} already holds a comparison: choose another --out or pass --overwrite")
+
+
+def load_summary(source: Path, args: argparse.Namespace) -> dict:
+    """The ``bound.json`` of a report folder, or of a new report of a checkpoint's test split."""
+    if source.is_dir():
+        return json.loads((source / "bound.json").read_text())
+    summary, _ = report_checkpoint(
+        source,
+        split="test",
+        num_samples=args.num_samples,
+        max_examples=args.max_examples,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     return summary
 
 
-def main(argv=None) -> int:
+def label(summary: dict) -> str:
+    """A model's label from what its ``bound.json`` records: name, prediction, variance, schedule."""
+    m = summary["model"]
+    return (
+        f"{summary.get('name', 'model')}: {m['prediction']}, {m['variance']} variance, {m['schedule']['kind']} schedule"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sources", nargs="+")
-    p.add_argument("--labels", nargs="+")
-    p.add_argument("--out", default="reports/compare")
+    p.add_argument("sources", nargs="+", type=Path)
+    p.add_argument("--labels", nargs="+", help="one label per source (default: from each bound.json)")
+    p.add_argument("--out", default="reports/compare", type=Path)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-examples", type=int)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing reports beside checkpoints and compare.md"
+    )
     args = p.parse_args(argv)
-    labels = args.labels or [Path(s).parent.name if Path(s).is_file() else Path(s).name for s in args.sources]
-    if len(labels) != len(args.sources):
+    if args.labels is not None and len(args.labels) != len(args.sources):
         raise SystemExit("give one label per source")
+    check_sources(args.sources, args.out, args.overwrite)
     summaries = [load_summary(s, args) for s in args.sources]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    labels = args.labels or [label(s) for s in summaries]
+    args.out.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     rows = [
         "| model | T | bits/dim | +- | rate | distortion | L_T (prior) | examples |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for label, s in zip(labels, summaries, strict=True):
-        to_bpd = 1 / (s["dims"] * math.log(2))
-        mean, se = np.array(s["terms_nats"]) * to_bpd, np.array(s["terms_stderr"]) * to_bpd
+    for name, s in zip(labels, summaries, strict=True):
+        mean = np.array(s["terms_bits_per_dim"])
+        se = nats_to_bits_per_dim(np.array(s["terms_stderr"]), s["dims"])
         k = np.arange(1, len(mean))  # the KL terms L_1..L_T (L_0 may be negative: a density; see the table)
-        ax.plot(k, mean[1:], lw=1, label=label)
+        ax.plot(k, mean[1:], lw=1, label=name)
         ax.fill_between(k, np.clip(mean[1:] - se[1:], 1e-12, None), mean[1:] + se[1:], alpha=0.25)
         rows.append(
-            f"| {label} | {s['num_steps']} | {s['bits_per_dim']:.4f} | {s['bits_per_dim_stderr']:.4f} | "
+            f"| {name} | {s['num_steps']} | {s['bits_per_dim']:.4f} | {s['bits_per_dim_stderr']:.4f} | "
             f"{s['rate_bits_per_dim']:.4f} | {s['distortion_bits_per_dim']:.4f} | {mean[-1]:.2e} | {s['num_examples']} |"
         )
     ax.set_yscale("log")
@@ -66,12 +107,11 @@ def main(argv=None) -> int:
     ax.set_xlabel("k (L_1 .. L_T; L_0 is in the table)")
     ax.set_ylabel("L_k (bits/dim)")
     ax.legend()
-    fig.savefig(out / "compare.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(args.out / "compare.png", dpi=110, bbox_inches="tight")
     table = "\n".join(rows) + "\n"
-    (out / "compare.md").write_text(table)
+    (args.out / "compare.md").write_text(table)
     print(table)
-    print(f"wrote {out / 'compare.png'} and {out / 'compare.md'}")
+    print(f"wrote {args.out / 'compare.png'} and {args.out / 'compare.md'}")
     return 0
 
 

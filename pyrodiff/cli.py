@@ -1,4 +1,8 @@
-"""The ``pyrodiff`` command: ``train`` a specification, ``sample`` a checkpoint, ``report`` its bound."""
+"""The ``pyrodiff`` command: ``train`` a specification, ``sample`` a checkpoint, ``report`` its bound.
+
+Every error (a bad specification, checkpoint or argument, a result that would be overwritten) is printed
+as one line, ``pyrodiff: error: ...``, with exit status 2; a training stopped by Ctrl-C exits with 130.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,62 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CheckpointError
 
-DEFAULT_SPEC = "models/digits.toml"
+DEFAULT_SPEC = "digits"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as the command's other errors are."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"pyrodiff: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(minimum: int):
+    """An argument type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _train(args: argparse.Namespace) -> int:
     from .spec import load_spec
-    from .train import train
+    from .train import TrainingInterrupted, train
 
+    if args.change_hyperparameters and not args.resume:
+        raise ValueError("--change-hyperparameters applies to a resume: pass --resume too")
     spec = load_spec(args.config)
-    out = Path(args.out or Path("runs") / spec["name"])
-    result = train(
-        spec, out, steps=args.steps, device=args.device, seed=args.seed, resume=args.resume, data_root=args.data_root
-    )
+    out = Path(args.out or Path("runs") / spec.name)
+    try:
+        result = train(
+            spec,
+            out,
+            steps=args.steps,
+            device=args.device,
+            seed=args.seed,
+            resume=args.resume,
+            data_root=args.data_root,
+            change_hyperparameters=args.change_hyperparameters,
+        )
+    except TrainingInterrupted as e:
+        resume = f"pyrodiff train --config {args.config} --out {out} --resume"
+        if e.checkpoint is not None:
+            print(
+                f"pyrodiff: interrupted: step {e.step} saved to {e.checkpoint}; continue with: {resume}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"pyrodiff: {e}; continue with: {resume}", file=sys.stderr)
+        return 130
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     b = result.test_bound
@@ -40,14 +84,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import torch
+
     from .plots import save_samples_figure
     from .trained import load_trained
 
+    out = Path(args.out or Path(args.checkpoint).with_name(f"samples-seed{args.seed}.png"))
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
     torch.manual_seed(args.seed)
     built, model = load_trained(args.checkpoint, args.device, args.data_root)
-    samples = model.sample(args.num)
-    out = Path(args.out or Path(args.checkpoint).with_name("samples.png"))
-    save_samples_figure(samples, out, data=built.data.test, title=f"{built.spec['name']}: {args.num} samples")
+    samples = model.sample(args.num, progress=True)
+    save_samples_figure(samples, out, data=built.data.test, title=f"{built.spec.name}: {args.num} samples")
     print(f"samples: {out}")
     return 0
 
@@ -64,6 +112,8 @@ def _report(args: argparse.Namespace) -> int:
         args.max_examples,
         args.device,
         args.data_root,
+        overwrite=args.overwrite,
+        progress=True,
     )
     print((out / "summary.md").read_text())
     print(f"report: {out} (bound.json, terms.csv, summary.md, terms.png, cumulative_rate.png, rate_distortion.png)")
@@ -71,45 +121,70 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyrodiff", description=__doc__)
+    parser = _Parser(prog="pyrodiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model specification (default: bundled digits)")
-    t.add_argument("--config", default=DEFAULT_SPEC, help=f"model specification (default {DEFAULT_SPEC})")
-    t.add_argument("--steps", type=int, help="training steps (overrides the specification)")
+    t.add_argument(
+        "--config",
+        default=DEFAULT_SPEC,
+        help=f"model specification: a TOML file, or the name of a bundled one in models/ (default {DEFAULT_SPEC})",
+    )
+    t.add_argument("--steps", type=_integer(1), help="training steps (overrides the specification)")
     t.add_argument("--out", help="output folder (default runs/NAME)")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    t.add_argument("--seed", type=int, help="random seed (overrides the specification)")
+    t.add_argument("--seed", type=_integer(0), help="random seed (overrides the specification)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    t.add_argument(
+        "--change-hyperparameters",
+        action="store_true",
+        help="with --resume: accept a specification whose lr, weight_decay, warmup_steps, grad_clip or ema_decay "
+        "differ from the checkpoint's (they take effect from the next step)",
+    )
     t.add_argument("--data-root", help="folder of local dataset files (MNIST, CIFAR-10)")
     t.set_defaults(run=_train)
     s = sub.add_parser("sample", help="draw samples from a checkpoint (ancestral sampling) into a PNG")
     s.add_argument("checkpoint")
-    s.add_argument("--num", type=int, default=64)
-    s.add_argument("--out", help="PNG file (default: samples.png beside the checkpoint)")
+    s.add_argument("--num", type=_integer(1), default=64, help="number of samples (default 64)")
+    s.add_argument("--out", help="PNG file (default: samples-seedS.png beside the checkpoint)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_integer(0), default=0)
     s.add_argument("--data-root")
     s.set_defaults(run=_sample)
     r = sub.add_parser("report", help="decompose the bound into its T + 1 terms: JSON, CSV, Markdown and plots")
     r.add_argument("checkpoint")
     r.add_argument("--split", default="test", choices=["test", "train"])
-    r.add_argument("--num-samples", type=int, default=1, help="independent draws of the noisy inputs (default 1)")
+    r.add_argument(
+        "--num-samples", type=_integer(1), default=1, help="independent draws of the noisy inputs (default 1)"
+    )
     r.add_argument("--draws", default="independent", choices=["independent", "trajectory"])
-    r.add_argument("--max-examples", type=int, help="use only the first N examples of the split")
+    r.add_argument("--max-examples", type=_integer(1), help="use only the first N examples of the split")
     r.add_argument("--out", help="report folder (default: report-SPLIT beside the checkpoint)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing report in the folder")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--data-root")
     r.set_defaults(run=_report)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; the exit status (argument errors exit with status 2 from the parser)."""
     args = build_parser().parse_args(argv)
     try:
+        from .train import check_device
+
+        check_device(args.device)
         return args.run(args)
-    except (ValueError, CheckpointError, FileNotFoundError, RuntimeError, ArithmeticError) as e:
-        print(f"pyrodiff: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, CheckpointError, RuntimeError, ArithmeticError) as e:
+        print(f"pyrodiff: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pyrodiff: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

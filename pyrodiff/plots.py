@@ -1,15 +1,16 @@
-"""Pictures of samples: a grid of images, or a scatter of 2-D samples over the data."""
+"""Pictures of samples: a grid of images, or a scatter of 2-D samples over the data.
+
+Figures are made with matplotlib's object-oriented API (:class:`matplotlib.figure.Figure`, no pyplot), so
+importing this module chooses no backend for the process and draws no window.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (re-exported for the report)
-import torch  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 __all__ = ["save_samples_figure"]
 
@@ -17,7 +18,8 @@ __all__ = ["save_samples_figure"]
 def save_samples_figure(
     samples: torch.Tensor, path: str | Path, data: torch.Tensor | None = None, title: str = ""
 ) -> None:
-    """Write ``samples`` (images ``(N, C, H, W)`` in [-1, 1], or points ``(N, 2)``) as a PNG to ``path``."""
+    """Write ``samples`` (images ``(N, C, H, W)`` in [-1, 1], or points ``(N, 2)``) as a PNG to ``path``
+    (through a temporary file, so an existing picture is replaced only by a complete one)."""
     samples = samples.detach().float().cpu()
     fig = _image_grid(samples) if samples.dim() == 4 else _scatter(samples, data)
     if title:
@@ -26,11 +28,10 @@ def save_samples_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     tmp.replace(path)
 
 
-def _image_grid(images: torch.Tensor):
+def _image_grid(images: torch.Tensor) -> Figure:
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -39,7 +40,8 @@ def _image_grid(images: torch.Tensor):
     for i, img in enumerate(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)):
         r, c = divmod(i, cols)
         grid[1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + c * (W + 1) : 1 + c * (W + 1) + W] = img
-    fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
+    fig = Figure(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
+    ax = fig.subplots()
     ax.imshow(
         grid.squeeze(-1).numpy() if C == 1 else grid.numpy(),
         cmap="gray_r" if C == 1 else None,
@@ -51,8 +53,9 @@ def _image_grid(images: torch.Tensor):
     return fig
 
 
-def _scatter(points: torch.Tensor, data: torch.Tensor | None):
-    fig, ax = plt.subplots(figsize=(5, 5))
+def _scatter(points: torch.Tensor, data: torch.Tensor | None) -> Figure:
+    fig = Figure(figsize=(5, 5))
+    ax = fig.subplots()
     if data is not None:
         d = data.detach().float().cpu()[: len(points) * 4]
         ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.3, c="tab:blue", label="data")

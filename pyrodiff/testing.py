@@ -16,10 +16,14 @@ import math
 
 import numpy as np
 import torch
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
-from scipy.special import log_ndtr
 from torch import nn
+
+try:
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+    from scipy.special import log_ndtr
+except ImportError as e:  # pragma: no cover
+    raise ImportError(f"pyrodiff.testing needs the testing extra: pip install 'pyrodiff[testing]' ({e})") from e
 
 from .schedule import NoiseSchedule
 

@@ -5,51 +5,78 @@ turns the model and guide into a module whose output is the loss; it is minimise
 linear learning-rate warm-up, gradient-norm clipping and an exponential moving average (EMA) of the
 weights, used for evaluation and sampling.  Options: Nichol & Dhariwal's importance sampler of
 timesteps, bf16 autocast around the network only (log-densities stay float32), ``torch.compile`` of
-the network.  Checkpoints are atomic and hold every state needed to
-resume exactly: network, EMA, optimiser, scheduler, step, loss history and the random-number
-states of Pyro (torch's global generator) and of the data order.
+the network.
+
+Checkpoints are atomic and hold every state needed to resume exactly: network, EMA, optimiser,
+scheduler, step, loss history and the random-number states of Pyro (torch's global generator) and of
+the data order.  A checkpoint is written only for weights whose loss is finite, so the one kept after
+a failure can be resumed.  Ctrl-C (SIGINT) finishes the current step and saves a checkpoint before
+stopping (one process; under ``torchrun`` the last checkpoint is kept as it is).
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import gc
 import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .bound import bound_terms
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distributed import RandomStreams, init_world
+from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .distributed import RandomStreams, World, init_world
+from .importance import ImportanceSampler
 from .objectives import objective_weights, reweight
 from .plots import save_samples_figure
 from .report import summarise
-from .spec import Built, build
-from .importance import ImportanceSampler
+from .spec import ESTIMATORS, Spec, as_spec, build
 from .traces import drawn_terms
 
-__all__ = ["train", "TrainingError", "TrainResult"]
+__all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_KEYS", "HYPERPARAMETERS"]
 
 CHECKPOINT = "checkpoint.pt"
-ESTIMATORS = {"mean_field": TraceMeanField_ELBO, "trace": Trace_ELBO}
+LOSSES = "losses.csv"
+#: ``[training]`` keys a resume may always change: how long to train, how often to save, what to evaluate.
+RUN_KEYS = ("steps", "checkpoint_every", "eval_examples")
+#: The optimisation hyperparameters a resume may change when asked (``change_hyperparameters=True``).
+HYPERPARAMETERS = ("lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """Training stopped: a non-finite loss (the last good checkpoint is kept)."""
+    """Training cannot start (an unusable output folder) or had to stop (a non-finite loss; the last
+    good checkpoint is kept)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Training was stopped by SIGINT (Ctrl-C).  ``checkpoint`` is where this run's state was saved after
+    ``step`` steps, or None when nothing was saved beyond the last checkpoint."""
+
+    def __init__(self, message: str, checkpoint: Path | None, step: int) -> None:
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step
 
 
 @dataclass
 class TrainResult:
+    """What a finished run wrote: the checkpoint, the samples' picture, the test-set bound
+    (:func:`~pyrodiff.report.summarise`'s schema), the number of steps and this run's training time."""
+
     checkpoint: Path
     samples: Path
     test_bound: dict
@@ -57,13 +84,8 @@ class TrainResult:
     seconds: float
 
 
-def _optimizer(params, tr: dict, device: torch.device) -> torch.optim.Optimizer:
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=tr["lr"], weight_decay=tr["weight_decay"], **kwargs)
-
-
 def train(
-    spec: dict,
+    spec: Spec | Mapping,
     out_dir: str | Path,
     steps: int | None = None,
     device: str = "cpu",
@@ -72,195 +94,366 @@ def train(
     progress: bool = True,
     data_root: str | Path | None = None,
     num_samples: int | None = None,
+    change_hyperparameters: bool = False,
 ) -> TrainResult | None:
     """Train the model of ``spec``, writing ``checkpoint.pt``, ``losses.csv``, ``test_bound.json`` and
     ``samples.png`` to ``out_dir``.  The test-set bound is the exact decomposition of
     :func:`~pyrodiff.bound.bound_terms` (every term, one draw of the noisy inputs) on the first
     ``eval_examples`` test examples.  ``steps`` and ``seed`` override the specification's.
 
+    ``resume`` continues the checkpoint in ``out_dir`` exactly; its specification must be this one up to
+    :data:`RUN_KEYS`, and also :data:`HYPERPARAMETERS` with ``change_hyperparameters`` (the new values
+    take effect from the next step).  Raises :class:`TrainingInterrupted` after saving on SIGINT.
+
     Under ``torchrun`` every process trains its slice of each global batch (see
     :mod:`pyrodiff.distributed`); rank 0 writes the files and gets the result, the others ``None``."""
-    spec = copy.deepcopy(spec)
-    tr = spec["training"]
-    if steps is not None:
-        tr["steps"] = steps
-    if seed is not None:
-        tr["seed"] = seed
+    spec = as_spec(spec)
+    overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+    if overrides:
+        spec = spec.with_changes({"training": overrides})
     out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
-    if not resume and ckpt_path.exists():
-        raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    checkpoint = out / CHECKPOINT
+    if not resume and checkpoint.exists():
+        raise CheckpointError(f"{checkpoint} exists: pass --resume to continue it, or choose another --out")
+    check_device(device)
     world = init_world(device)
-    device = world.device
-    B, M = tr["batch_size"], tr["micro_batches"]
-    if B % (world.size * M):
-        raise ValueError(f"the batch size {B} must be divisible by world size x micro-batches = {world.size} x {M}")
-    b = B // (world.size * M)  # examples per micro-batch
-
-    torch.manual_seed(tr["seed"])  # the same initial weights on every rank
-    pyro.set_rng_seed(tr["seed"])
-    built = build(spec, data_root)
-    model = built.model.to(device)
-    network = model.network  # the bare module: its weights are what is saved and averaged
-    if tr["amp"] not in (False, "bf16"):
-        raise ValueError(f"amp must be false or 'bf16', got {tr['amp']!r}")
-    model.autocast_dtype = torch.bfloat16 if tr["amp"] == "bf16" else None
-    model.register_with_pyro = False  # the torch optimizer holds the parameters
-    if world.distributed:
-        model.network = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    if tr["compile"]:
-        model.network = torch.compile(model.network)
-    train_data = built.data.train.to(device)
-    with pyro.validation_enabled(True):  # once here: the loop runs with validation off
-        model.check_data(train_data)
-    optimizer = _optimizer(network.parameters(), tr, device)
-    warmup = max(1, tr["warmup_steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(tr["ema_decay"]), use_buffers=True)
-    data_generator = torch.Generator().manual_seed(tr["seed"])  # the same global batches on every rank
-    streams = RandomStreams(tr["seed"], world, M)
-    if tr["timestep_sampler"] not in ("uniform", "importance"):
-        raise ValueError(f"timestep_sampler must be 'uniform' or 'importance', got {tr['timestep_sampler']!r}")
-    sampler = ImportanceSampler(built.schedule.num_steps) if tr["timestep_sampler"] == "importance" else None
-    losses: list[float] = []
-    start = 0
-
+    _prepare_output(out, world)
+    run = _Run(spec, world, data_root, checkpoint)
     if resume:
-        state = load_checkpoint(ckpt_path, spec, map_location=device)
-        network.load_state_dict(state["network"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["world_size"] != world.size:
-            raise CheckpointError(f"{ckpt_path} was written by {state['world_size']} processes, not {world.size}")
-        data_generator.set_state(state["data_rng"])
-        streams.states = list(state["noise_rng"][world.rank])
-        losses = list(state["losses"])
-        start = state["step"]
-        if sampler is not None:
-            sampler.load_state_dict(state["timestep_sampler"])
-
-    model_fn, guide_fn = model, built.guide
-    if tr["objective"] != "elbo":
-        weights = objective_weights(built.schedule, tr["objective"], model.variance)
-        model_fn, guide_fn = reweight(model_fn, weights), reweight(guide_fn, weights)
-    if sampler is not None:
-        # record both traces of each step: the drawn terms feed the sampler's statistics
-        model_fn, guide_fn = poutine.trace(sampler(model_fn)), poutine.trace(sampler(guide_fn))
-    if tr["estimator"] not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {tr['estimator']!r}: {sorted(ESTIMATORS)}")
-    loss_module = ESTIMATORS[tr["estimator"]]()(model_fn, guide_fn)
-    k = tr["subsample_steps"]
-    dims = train_data[0].numel()
-
-    def checkpoint(step: int) -> None:
-        noise_rng = world.gather_objects(streams.states)  # every rank takes part; rank 0 writes
-        if not world.is_main:
-            return
-        save_checkpoint(
-            ckpt_path,
-            {
-                "spec": spec,
-                "step": step,
-                "network": network.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "world_size": world.size,
-                "data_rng": data_generator.get_state(),
-                "noise_rng": noise_rng,
-                "losses": losses,
-                "timestep_sampler": None if sampler is None else sampler.state_dict(),
-            },
-        )
-        _write_losses(out / "losses.csv", losses)
-
-    def step_loss(batch: torch.Tensor) -> torch.Tensor:
-        """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (nats/example)."""
-        total = torch.zeros((), device=device)
-        drawn = []
-        mine = batch[world.rank * M * b : (world.rank + 1) * M * b]
-        for j in range(M):
-            with streams.stream(j):
-                loss = loss_module(mine[j * b : (j + 1) * b], k)
-            # DDP averages gradients over ranks: scale so that the sum is d(global loss / B)
-            (loss * world.size / (B * dims)).backward()
-            total = total + loss.detach()
-            if sampler is not None:
-                t, values = drawn_terms(model_fn.trace, guide_fn.trace)  # (k, b) each
-                drawn.append(torch.stack([t.to(values.dtype), values], -1).transpose(0, 1))  # (b, k, 2)
-        if sampler is not None:  # every rank records every drawn term, in global example order
-            t, values = world.all_cat(torch.cat(drawn)).unbind(-1)
-            sampler.update(t.long(), values)
-        return world.all_sum(total) / B
-
-    began = time.time()
-    steps = range(start, tr["steps"])
-    running = None
-    # the training data were checked above; Pyro's per-site validation would cost time at every step
-    with (
-        pyro.validation_enabled(False),
-        tqdm(
-            steps,
-            initial=start,
-            total=tr["steps"],
-            disable=not (progress and world.is_main),
-            desc="train",
-            mininterval=1.0,
-        ) as bar,
-    ):
-        for step in bar:
-            index = torch.randint(len(train_data), (B,), generator=data_generator).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = step_loss(train_data[index])
-            if not torch.isfinite(loss):
-                kept = (
-                    f"the last good checkpoint ({ckpt_path}, step {start}) is kept"
-                    if ckpt_path.exists()
-                    else "no checkpoint was written yet"
-                )
-                raise TrainingError(f"non-finite loss ({loss.item()}) at step {step + 1}; training stopped, {kept}")
-            torch.nn.utils.clip_grad_norm_(network.parameters(), tr["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            ema.update_parameters(network)
-            losses.append(loss.item())
-            running = losses[-1] if running is None else 0.98 * running + 0.02 * losses[-1]
-            bar.set_postfix(loss=f"{running:.4g}", refresh=False)
-            if (step + 1) % tr["checkpoint_every"] == 0:
-                checkpoint(step + 1)
-                start = step + 1
-    checkpoint(tr["steps"])
-    seconds = time.time() - began
+        run.resume(change_hyperparameters)
+    seconds = run.train(progress)
     # DistributedDataParallel holds the process group: release it (and the compiled wrapper) first, so
     # that leaving the group tears the backend down while every rank is still there
-    model.network = network
+    run.model.network = run.network
     gc.collect()
     world.close()
     if not world.is_main:
         return None
-
-    trained = model.with_network(ema.module).eval()
-    test = built.data.test[: tr["eval_examples"]].to(device)
-    terms = bound_terms(trained, test)
-    meta = {"name": spec["name"], "split": "test", "steps": tr["steps"], "train_seconds_this_run": seconds}
-    log_q = built.data.log_density(test) if built.data.log_density is not None else None
-    report = summarise(terms, meta, log_q)
-    (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
-    samples_path = out / "samples.png"
-    n = num_samples or (64 if train_data.dim() == 4 else 2000)
-    save_samples_figure(
-        trained.sample(n), samples_path, data=built.data.test, title=f"{spec['name']}: {tr['steps']} steps"
-    )
-    return TrainResult(ckpt_path, samples_path, report, tr["steps"], seconds)
+    return run.evaluate(out, seconds, num_samples, progress)
 
 
-def _write_losses(path: Path, losses: list[float]) -> None:
+def check_device(device: str | torch.device) -> None:
+    """Refuse a CUDA device when torch sees none (before anything is loaded)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for, but torch sees no CUDA device")
+
+
+def _prepare_output(out: Path, world: World) -> None:
+    """Make sure rank 0 can write to ``out`` (create it, write and remove a probe file) before any
+    training, and clear the temporaries of a save that was killed; every rank learns the outcome."""
+    problem = None
+    if world.is_main:
+        try:
+            if out.exists() and not out.is_dir():
+                raise NotADirectoryError(f"{out} is a file, not a folder")
+            out.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = f"cannot write to the output folder {out}: {e.strerror or e}"
+        else:
+            for path in remove_stale_temporaries(out, CHECKPOINT):
+                log.warning("removed %s, left by a checkpoint save that was interrupted", path)
+    problem = next((p for p in world.gather_objects(problem) if p is not None), None)
+    if problem is not None:
+        raise TrainingError(problem)
+
+
+class _Run:
+    """One training run: the model, the optimiser and everything else a checkpoint holds (saved to and
+    resumed from ``path``), one step, the loop and the evaluation."""
+
+    def __init__(self, spec: Spec, world: World, data_root: str | Path | None, path: Path) -> None:
+        tr = spec.training
+        self.spec, self.world, self.path, device = spec, world, path, world.device
+        self.B, self.M = tr.batch_size, tr.micro_batches
+        if self.B % (world.size * self.M):
+            raise ValueError(
+                f"the batch size {self.B} must be divisible by world size x micro-batches = {world.size} x {self.M}"
+            )
+        self.b = self.B // (world.size * self.M)  # examples per micro-batch
+
+        torch.manual_seed(tr.seed)  # the same initial weights on every rank
+        pyro.set_rng_seed(tr.seed)
+        self.built = build(spec, data_root)
+        self.model = self.built.model.to(device)
+        self.network = self.model.network  # the bare module: its weights are what is saved and averaged
+        self.model.autocast_dtype = torch.bfloat16 if tr.amp == "bf16" else None
+        self.model.register_with_pyro = False  # the torch optimizer holds the parameters
+        if world.distributed:
+            self.model.network = DistributedDataParallel(
+                self.network, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        if tr.compile:
+            self.model.network = torch.compile(self.model.network)
+        self.train_data = self.built.data.train.to(device)
+        with pyro.validation_enabled(True):  # once here: the loop runs with validation off
+            self.model.check_data(self.train_data)
+        kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, **kwargs)
+        warmup = max(1, tr.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay), use_buffers=True)
+        self.data_generator = torch.Generator().manual_seed(tr.seed)  # the same global batches on every rank
+        self.streams = RandomStreams(tr.seed, world, self.M)
+        schedule = self.built.schedule
+        self.sampler = ImportanceSampler(schedule.num_steps) if tr.timestep_sampler == "importance" else None
+        self.losses: list[float] = []
+        self.step = self.saved_step = 0
+
+        self.model_fn, self.guide_fn = self.model, self.built.guide
+        if tr.objective != "elbo":
+            weights = objective_weights(schedule, tr.objective, self.model.variance)
+            self.model_fn, self.guide_fn = reweight(self.model_fn, weights), reweight(self.guide_fn, weights)
+        if self.sampler is not None:
+            # record both traces of each step: the drawn terms feed the sampler's statistics
+            self.model_fn = poutine.trace(self.sampler(self.model_fn))
+            self.guide_fn = poutine.trace(self.sampler(self.guide_fn))
+        self.loss_module = ESTIMATORS[tr.estimator]()(self.model_fn, self.guide_fn)
+        self.dims = self.train_data[0].numel()
+
+    # ------------------------------------------------------------------ the resumable state
+    def state_dict(self, noise_rng: list) -> dict:
+        """What a checkpoint holds (``noise_rng``: every rank's random streams)."""
+        return {
+            "spec": self.spec.to_dict(),
+            "step": self.step,
+            "network": self.network.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.world.size,
+            "data_rng": self.data_generator.get_state(),
+            "noise_rng": noise_rng,
+            "losses": self.losses,
+            "timestep_sampler": None if self.sampler is None else self.sampler.state_dict(),
+        }
+
+    def resume(self, change_hyperparameters: bool) -> None:
+        """Continue the checkpoint: refuse another specification (naming what differs), a
+        shorter run, another world size; rewrite ``losses.csv`` from the checkpoint's losses."""
+        path = self.path
+        state = load_checkpoint(path, map_location=self.world.device)
+        saved = Spec.from_dict(state["spec"], f"checkpoint {path}")
+        _check_resumable(saved, self.spec, path, change_hyperparameters)
+        if self.spec.training.steps < state["step"]:
+            raise ValueError(
+                f"{path} is at step {state['step']}: training it to {self.spec.training.steps} steps would go back; "
+                f"give --steps {state['step']} or more ({state['step']} only evaluates it)"
+            )
+        if state["world_size"] != self.world.size:
+            raise CheckpointError(f"{path} was written by {state['world_size']} processes, not {self.world.size}")
+        self.network.load_state_dict(state["network"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_generator.set_state(state["data_rng"])
+        self.streams.states = list(state["noise_rng"][self.world.rank])
+        self.losses = list(state["losses"])
+        self.step = self.saved_step = state["step"]
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["timestep_sampler"])
+        if change_hyperparameters:
+            self._apply_hyperparameters()
+        if self.world.is_main:
+            _write_losses(path.with_name(LOSSES), self.losses, self.spec.training.loss_name)
+
+    def _apply_hyperparameters(self) -> None:
+        """Put this specification's learning rate and weight decay into the loaded optimiser and scheduler
+        (loading restored the checkpoint's); the warm-up, clipping and EMA decay are read from it anyway."""
+        tr = self.spec.training
+        self.scheduler.base_lrs = [tr.lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=tr.lr, lr=tr.lr * factor(self.scheduler.last_epoch), weight_decay=tr.weight_decay)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def save(self, batch: torch.Tensor) -> None:
+        """Write a checkpoint of the current step, if the current weights give a finite loss on ``batch``
+        (every rank takes part; rank 0 writes); else raise :class:`TrainingError`, keeping the last one."""
+        loss = self._loss_without_training(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the weights after step {self.step} give a non-finite loss ({loss.item()}) on the last batch; "
+                f"training stopped and they were not saved, {self._kept()}"
+            )
+        noise_rng = self.world.gather_objects(self.streams.states)  # every rank takes part; rank 0 writes
+        if self.world.is_main:
+            save_checkpoint(self.path, self.state_dict(noise_rng))
+            _write_losses(self.path.with_name(LOSSES), self.losses, self.spec.training.loss_name)
+        self.saved_step = self.step
+
+    def _kept(self) -> str:
+        if self.path.exists():
+            return f"the last good checkpoint ({self.path}, step {self.saved_step}) is kept"
+        return "no checkpoint was written yet"
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batches(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's micro-batches of a global batch."""
+        r, M, b = self.world.rank, self.M, self.b
+        mine = batch[r * M * b : (r + 1) * M * b]
+        return [mine[j * b : (j + 1) * b] for j in range(M)]
+
+    def _next_batch(self) -> torch.Tensor:
+        index = torch.randint(len(self.train_data), (self.B,), generator=self.data_generator)
+        return self.train_data[index.to(self.world.device)]
+
+    def _step_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (per example)."""
+        k, world = self.spec.training.subsample_steps, self.world
+        total = torch.zeros((), device=world.device)
+        drawn = []
+        for j, micro in enumerate(self._micro_batches(batch)):
+            with self.streams.stream(j):
+                loss = self.loss_module(micro, k)
+            # DDP averages gradients over ranks: scale so that the sum is d(global loss / B)
+            (loss * world.size / (self.B * self.dims)).backward()
+            total = total + loss.detach()
+            if self.sampler is not None:
+                t, values = drawn_terms(self.model_fn.trace, self.guide_fn.trace)  # (k, b) each
+                drawn.append(torch.stack([t.to(values.dtype), values], -1).transpose(0, 1))  # (b, k, 2)
+        if self.sampler is not None:  # every rank records every drawn term, in global example order
+            t, values = world.all_cat(torch.cat(drawn)).unbind(-1)
+            self.sampler.update(t.long(), values)
+        return world.all_sum(total) / self.B
+
+    def _loss_without_training(self, batch: torch.Tensor) -> torch.Tensor:
+        """The global-batch loss of the current weights on ``batch``, drawing its noise from a fork of torch's
+        generators: no random stream of the run is consumed, so results do not depend on it."""
+        devices = [self.world.device] if self.world.device.type == "cuda" else []
+        total = torch.zeros((), device=self.world.device)
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            for micro in self._micro_batches(batch):
+                total = total + self.loss_module(micro, self.spec.training.subsample_steps)
+        return self.world.all_sum(total) / self.B
+
+    def _train_step(self, batch: torch.Tensor) -> float:
+        """One optimiser step on a global batch; its loss.  A non-finite loss raises :class:`TrainingError`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._step_loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1}; training stopped, {self._kept()}"
+            )
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.spec.training.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update_parameters(self.network)
+        self.step += 1
+        self.losses.append(loss.item())
+        return self.losses[-1]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, progress: bool) -> float:
+        """Train to the specification's steps, saving a checkpoint every ``checkpoint_every`` steps, at the
+        end, and on SIGINT (then raising :class:`TrainingInterrupted`); the seconds it took."""
+        tr, path = self.spec.training, self.path
+        began = time.time()
+        running = None
+        bar = tqdm(
+            initial=self.step,
+            total=tr.steps,
+            disable=not (progress and self.world.is_main),
+            desc="train",
+            mininterval=1.0,
+        )
+        # the training data were checked above; Pyro's per-site validation would cost time at every step
+        with pyro.validation_enabled(False), bar, _StopOnInterrupt(enabled=not self.world.distributed) as stop:
+            try:
+                while self.step < tr.steps:
+                    batch = self._next_batch()
+                    loss = self._train_step(batch)
+                    running = loss if running is None else 0.98 * running + 0.02 * loss
+                    bar.update()
+                    bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+                    stopping = stop.requested  # read once: a signal may come at any moment
+                    if self.step % tr.checkpoint_every == 0 or self.step == tr.steps or stopping:
+                        self.save(batch)
+                    if stopping:
+                        raise TrainingInterrupted(
+                            f"training interrupted: checkpoint of step {self.step} saved to {path}; "
+                            "resume it to continue (pyrodiff train --resume)",
+                            path,
+                            self.step,
+                        )
+            except KeyboardInterrupt:  # under torchrun, or a second Ctrl-C: nothing can be saved safely
+                raise TrainingInterrupted(
+                    f"training interrupted at step {self.step}: nothing was saved beyond the last checkpoint; "
+                    + self._kept(),
+                    None,
+                    self.step,
+                ) from None
+        return time.time() - began
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, out: Path, seconds: float, num_samples: int | None, progress: bool) -> TrainResult:
+        """The EMA model's test-set bound (``test_bound.json``) and samples (``samples.png``)."""
+        tr, data, device = self.spec.training, self.built.data, self.world.device
+        trained = self.model.with_network(self.ema.module).eval()
+        test = data.test[: tr.eval_examples].to(device)
+        terms = bound_terms(trained, test, progress=progress)
+        meta = {"name": self.spec.name, "split": "test", "steps": tr.steps, "train_seconds_this_run": seconds}
+        log_q = data.log_density(test) if data.log_density is not None else None
+        report = summarise(terms, meta, log_q)
+        (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
+        samples_path = out / "samples.png"
+        n = num_samples or (64 if self.train_data.dim() == 4 else 2000)
+        samples = trained.sample(n, progress=progress)
+        save_samples_figure(samples, samples_path, data=data.test, title=f"{self.spec.name}: {tr.steps} steps")
+        return TrainResult(out / CHECKPOINT, samples_path, report, tr.steps, seconds)
+
+
+def _check_resumable(saved: Spec, spec: Spec, path: Path, change_hyperparameters: bool) -> None:
+    """Refuse to resume a checkpoint made with ``saved`` under ``spec`` if they differ in more than
+    :data:`RUN_KEYS` (and :data:`HYPERPARAMETERS` when allowed) or the name, naming every difference."""
+    allowed = {"name", *(f"training.{k}" for k in RUN_KEYS)}
+    hyperparameters = {f"training.{k}" for k in HYPERPARAMETERS}
+    if change_hyperparameters:
+        allowed |= hyperparameters
+    refused = {k: v for k, v in saved.differences(spec).items() if k not in allowed}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        hint = (
+            f" (pass --change-hyperparameters to change {', '.join(HYPERPARAMETERS)} on resume)"
+            if set(refused) <= hyperparameters
+            else ""
+        )
+        raise CheckpointError(f"checkpoint {path} was made with another specification: {listed}{hint}")
+
+
+class _StopOnInterrupt:
+    """While active (one process, main thread), the first SIGINT sets :attr:`requested`, so that the loop
+    stops after its current step; a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(
+            "interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr
+        )
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _write_losses(path: Path, losses: list[float], loss_name: str) -> None:
+    """``losses.csv``: one row per step, the training loss per example, headed by what it holds."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "loss_nats_per_example"])
+        w.writerow(["step", loss_name])
         w.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
     tmp.replace(path)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .reverse import DiffusionModel
-from .spec import Built, build
+from .spec import Built, Spec, build
 
 __all__ = ["load_trained"]
 
@@ -21,12 +20,13 @@ __all__ = ["load_trained"]
 def load_trained(
     checkpoint_path: str | Path, device: str = "cpu", data_root: str | Path | None = None
 ) -> tuple[Built, DiffusionModel]:
-    """The specification's objects and the EMA-weighted model of a checkpoint, in evaluation mode."""
+    """The specification's objects and the EMA-weighted model of a checkpoint, in evaluation mode.  The
+    checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.spec.Spec.from_dict`)."""
     state = load_checkpoint(checkpoint_path, map_location=device)
-    built = build(state["spec"], data_root)
-    ema = AveragedModel(
-        built.model.network, multi_avg_fn=get_ema_multi_avg_fn(state["spec"]["training"]["ema_decay"]), use_buffers=True
-    )
+    spec = Spec.from_dict(state["spec"], f"checkpoint {checkpoint_path}")
+    built = build(spec, data_root)
+    decay = get_ema_multi_avg_fn(spec.training.ema_decay)
+    ema = AveragedModel(built.model.network, multi_avg_fn=decay, use_buffers=True)
     try:
         ema.load_state_dict(state["ema"])
     except RuntimeError as e:

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from pyrodiff.checkpoint import load_checkpoint
+from pyrodiff.distributed import World
+from pyrodiff.spec import load_spec
+from pyrodiff.train import _Run
 
 SPEC = """
 [data]
@@ -67,11 +70,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_world_size_must_divide_the_batch(tmp_path):
-    spec = _spec(tmp_path, 3)  # 16 examples cannot be cut into 3 micro-batches
+    """16 examples cannot be cut into 3 micro-batches: the specification is refused when loaded; 16 cannot
+    be cut between 3 processes either (known only when they start), which training refuses."""
     result = subprocess.run(
-        [sys.executable, "-m", "pyrodiff", "train", "--config", spec, "--out", str(tmp_path / "x")],
+        [sys.executable, "-m", "pyrodiff", "train", "--config", _spec(tmp_path, 3), "--out", str(tmp_path / "x")],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and "divisible" in result.stderr
+    assert result.returncode == 2 and "training.micro_batches: must divide batch_size = 16, got 3" in result.stderr
+    with pytest.raises(ValueError, match="batch size 16 must be divisible by world size x micro-batches = 3 x 1"):
+        _Run(load_spec(_spec(tmp_path, 1)), World(0, 3), None, tmp_path / "checkpoint.pt")

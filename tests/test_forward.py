@@ -1,15 +1,17 @@
 """Closed forms of the forward chain against independent derivations (float64)."""
 
+import numpy as np
 import pyro
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from pyro import poutine
+from scipy.stats import norm
 from torch.distributions import MultivariateNormal
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.forward import QForwardOrder, QPosteriorOrder, q_marginal, q_posterior
+from pyrodiff.forward import QForwardOrder, QPosteriorOrder, check_batch, q_marginal, q_posterior
 from pyrodiff.testing import data_batches, schedules
 
 
@@ -104,3 +106,132 @@ def test_guide_has_no_parameters():
 def test_bad_order():
     with pytest.raises(ValueError, match="order"):
         DiffusionGuide(NoiseSchedule.linear(4), order="sideways")
+
+
+def _np_tables(schedule):
+    beta = schedule.betas.numpy()
+    abar = np.cumprod(1 - beta)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    P = np.sqrt(abar_prev) * beta / (1 - abar)
+    Q = np.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+    return beta, abar, P, Q, beta * (1 - abar_prev) / (1 - abar)
+
+
+def _logpdf(x, loc, var, event_dims):
+    return norm.logpdf(x, loc, np.sqrt(var)).sum(tuple(range(-event_dims, 0)))
+
+
+@pytest.mark.parametrize("data_shape, sample_shape", [((3, 2), ()), ((2, 1, 2, 2), ()), ((3, 2), (4,))])
+def test_rsample_is_the_forward_recursion(data_shape, sample_shape, float64):
+    """Driven by the same standard normal draws eps_t, the path is x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) eps_t."""
+    schedule = NoiseSchedule.linear(6, 0.05, 0.4)
+    x0 = torch.rand(data_shape) * 2 - 1
+    torch.manual_seed(5)
+    path = QForwardOrder(x0, schedule).rsample(torch.Size(sample_shape))
+    torch.manual_seed(5)
+    eps = torch.randn(sample_shape + (6,) + data_shape)
+    assert path.shape == eps.shape
+    x = x0.expand(sample_shape + data_shape)
+    time_dim = len(sample_shape)
+    for t in range(6):
+        beta = schedule.betas[t]
+        x = (1 - beta).sqrt() * x + beta.sqrt() * eps.select(time_dim, t)
+        assert torch.allclose(path.select(time_dim, t), x, rtol=1e-10, atol=1e-12), t
+
+
+@pytest.mark.parametrize("data_shape", [(3, 2), (2, 2, 2, 1)])
+def test_every_row_of_both_orders(data_shape, float64):
+    """Forward order: row k is log N(x_k; sqrt(alpha_k) x_{k-1}, beta_k) with x_0 the data.  Posterior order:
+    row k < T is log N(x_k; P_{k+1} x0 + Q_{k+1} x_{k+1}, beta_tilde_{k+1}), row T is log N(x_T; sqrt(abar_T) x0, 1 - abar_T)."""
+    T = 5
+    schedule = NoiseSchedule.linear(T, 0.05, 0.3)
+    beta, abar, P, Q, bt = _np_tables(schedule)
+    x0 = torch.rand(data_shape) * 2 - 1
+    path = torch.randn((T,) + data_shape)
+    fwd, post = QForwardOrder(x0, schedule).log_prob(path), QPosteriorOrder(x0, schedule).log_prob(path)
+    assert fwd.shape == post.shape == (T, data_shape[0])
+    x, x_0 = path.numpy(), x0.numpy()
+    event = len(data_shape) - 1
+    for k in range(1, T + 1):
+        parent = x_0 if k == 1 else x[k - 2]
+        expected = _logpdf(x[k - 1], np.sqrt(1 - beta[k - 1]) * parent, beta[k - 1], event)
+        assert np.allclose(fwd[k - 1].numpy(), expected, rtol=1e-10), ("forward", k)
+        if k < T:
+            expected = _logpdf(x[k - 1], P[k] * x_0 + Q[k] * x[k], bt[k], event)
+        else:
+            expected = _logpdf(x[k - 1], np.sqrt(abar[-1]) * x_0, 1 - abar[-1], event)
+        assert np.allclose(post[k - 1].numpy(), expected, rtol=1e-10), ("posterior", k)
+
+
+def test_guide_uses_the_law_of_its_order():
+    schedule = NoiseSchedule.linear(4, 0.05, 0.3)
+    for order, cls in (("posterior", QPosteriorOrder), ("forward", QForwardOrder)):
+        site = poutine.trace(DiffusionGuide(schedule, order)).get_trace(torch.zeros(2, 3)).nodes["x_{1:T}"]
+        assert type(site["fn"]) is cls
+        assert {f.name: f.dim for f in site["cond_indep_stack"]} == {"time": -2, "data": -1}
+        assert site["value"].shape == (4, 2, 3)
+
+
+@pytest.mark.parametrize("order", ["posterior", "forward"])
+@pytest.mark.parametrize("k", [4, 2])
+def test_subsampled_guide_sites_follow_their_laws(order, k, float64):
+    """Per drawn t: posterior order x_t ~ q(x_t | x0), x_{t-1} ~ q(x_{t-1} | x_t, x0); forward order
+    x_{t-1} ~ q(x_{t-1} | x0), x_t ~ q(x_t | x_{t-1}) (parent x0 at t = 1).  x_{t-1} is masked out at t = 1,
+    the drawn sites carry the weight T/k, and x_T ~ q(x_T | x0) is scored on every example."""
+    T, N = 4, 30
+    schedule = NoiseSchedule.linear(T, 0.05, 0.3)
+    beta, abar, P, Q, bt = _np_tables(schedule)
+    x0 = torch.rand(N, 2) * 2 - 1
+    pyro.set_rng_seed(3)
+    tr = poutine.trace(DiffusionGuide(schedule, order)).get_trace(x0, k)
+    t = tr.nodes["t"]["value"].numpy()
+    assert t.shape == (k, N) and (t == 1).any() and (t == 2).any()
+    i = t - 1  # table index of t
+    x_0 = x0.numpy()[None]
+    xt, xprev = tr.nodes["x_t"]["value"].numpy(), tr.nodes["x_{t-1}"]["value"].numpy()
+    if order == "posterior":
+        lp_t = _logpdf(xt, np.sqrt(abar[i])[..., None] * x_0, (1 - abar[i])[..., None], 1)
+        lp_prev = _logpdf(
+            xprev, P[i][..., None] * x_0 + Q[i][..., None] * xt, bt[i][..., None] + (t == 1)[..., None], 1
+        )
+    else:
+        j = np.maximum(i - 1, 0)
+        lp_prev = _logpdf(xprev, np.sqrt(abar[j])[..., None] * x_0, (1 - abar[j])[..., None], 1)
+        parent = np.where((t == 1)[..., None], x_0, xprev)
+        lp_t = _logpdf(xt, np.sqrt(1 - beta[i])[..., None] * parent, beta[i][..., None], 1)
+    sites = {"x_t": (lp_t, np.ones_like(t, bool)), "x_{t-1}": (lp_prev, t >= 2)}
+    for name, (expected, keep) in sites.items():
+        site = tr.nodes[name]
+        got = site["fn"].log_prob(site["value"]).numpy()
+        assert np.allclose(got, np.where(keep, expected, 0.0), rtol=1e-10, atol=1e-12), name
+        assert site["scale"] == T / k
+        assert {f.name: f.dim for f in site["cond_indep_stack"]} == {"steps": -2, "data": -1}
+    x_T = tr.nodes["x_T"]
+    expected = _logpdf(x_T["value"].numpy(), np.sqrt(abar[-1]) * x0.numpy(), 1 - abar[-1], 1)
+    assert np.allclose(x_T["fn"].log_prob(x_T["value"]).numpy(), expected, rtol=1e-10)
+    assert x_T["scale"] == 1.0 and {f.name: f.dim for f in x_T["cond_indep_stack"]} == {"data": -1}
+
+
+def test_marginal_and_posterior_shapes_follow_the_timesteps(float64):
+    schedule = NoiseSchedule.linear(5, 0.05, 0.3)
+    x0 = torch.rand(2, 3, 4)
+    t = torch.tensor([[1, 5], [3, 2]])  # (k, N) against x0 expanded to (k, N, 3, 4)
+    loc, var = q_marginal(schedule, x0.expand(2, 2, 3, 4), t)
+    assert loc.shape == (2, 2, 3, 4) and var.shape == (2, 2, 1, 1)
+    loc, var = q_posterior(schedule, x0, torch.zeros_like(x0), torch.tensor([1, 3]))
+    assert loc.shape == (2, 3, 4) and var.shape == (2, 1, 1)
+
+
+def test_batches_are_checked():
+    with pytest.raises(TypeError, match="torch tensor"):
+        check_batch([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="shape"):
+        check_batch(torch.zeros(3))
+    with pytest.raises(ValueError, match="no examples"):
+        check_batch(torch.zeros(0, 3))
+    with pytest.raises(TypeError, match="floating"):
+        check_batch(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="NaN"):
+        check_batch(torch.tensor([[0.0, float("inf")]]))
+    for ok in (torch.zeros(1, 1), torch.zeros(2, 3), torch.zeros(1, 1, 2, 2)):
+        check_batch(ok)

@@ -1,16 +1,20 @@
 """Timestep subsampling: uniform and importance-sampled draws, both unbiased for the full ELBO."""
 
+from collections import deque
+
 import numpy as np
 import pyro
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
 from pyrodiff.importance import ImportanceSampler
-from pyrodiff.traces import drawn_terms
 from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
+from pyrodiff.traces import drawn_terms
 
 T = 6
 SCHEDULE = NoiseSchedule.linear(T, 0.05, 0.4)
@@ -92,3 +96,42 @@ def test_sampler_keeps_the_newest_values_of_each_timestep():
     assert sampler.warm
     expected = torch.tensor([(6.5) ** 0.5, 37.0**0.5, 72.5**0.5], dtype=torch.float64)
     assert torch.allclose(sampler.probs(), 0.999 * expected / expected.sum() + 0.001 / 3)
+
+
+@given(
+    st.integers(1, 4),
+    st.lists(st.lists(st.tuples(st.integers(1, 4), st.floats(-5, 5)), min_size=1, max_size=9), min_size=1, max_size=5),
+)
+def test_sampler_history_is_the_last_values_of_each_timestep(history, batches):
+    """Against a plain reference: one deque of the last ``history`` values per t, fed in order."""
+    T = 4
+    sampler = ImportanceSampler(T, history=history)
+    last = {t: deque(maxlen=history) for t in range(1, T + 1)}
+    for batch in batches:
+        t = torch.tensor([s for s, _ in batch])
+        sampler.update(t, torch.tensor([v for _, v in batch], dtype=torch.float64))
+        for s, v in batch:
+            last[s].append(v)
+    counts = [sum(s == t for batch in batches for s, _ in batch) for t in range(1, T + 1)]
+    assert sampler.counts.tolist() == counts
+    for t in range(1, T + 1):
+        kept = sampler.values[t - 1, : min(counts[t - 1], history)].tolist()
+        assert sorted(kept) == pytest.approx(sorted(last[t])), t
+    if all(c >= history for c in counts):
+        assert sampler.warm
+        rms = np.array([np.sqrt(np.mean(np.square(last[t]))) for t in range(1, T + 1)])
+        if rms.sum() > 0:
+            expected = 0.999 * rms / rms.sum() + 0.001 / T
+            assert np.allclose(sampler.probs().numpy(), expected, rtol=1e-9)
+    else:
+        assert not sampler.warm
+
+
+def test_sampler_warms_after_ten_values_of_every_timestep():
+    sampler = ImportanceSampler(3)
+    for _ in range(9):
+        sampler.update(torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]))
+    assert not sampler.warm
+    sampler.update(torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0, 3.0]))
+    assert sampler.warm
+    assert np.allclose(sampler.probs().numpy(), 0.999 * np.array([1, 2, 3]) / 6 + 0.001 / 3)

@@ -1,3 +1,4 @@
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -5,6 +6,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, objective_weights, reweight
+from pyrodiff.objectives import Objective, parse_objective
 from pyrodiff.testing import LinearDenoiser
 
 
@@ -87,3 +89,40 @@ def test_prior_term_is_not_reweighted():
     pyro.set_rng_seed(0)
     gt = poutine.trace(reweight(guide, w)).get_trace(torch.zeros(2, 3), 1)
     assert gt.nodes["x_T"]["scale"] == 1.0
+
+
+def _w(schedule, variance):
+    """w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) from the betas (MATH.md, section 7), in numpy."""
+    beta = schedule.betas.numpy()
+    abar = np.cumprod(1 - beta)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    bt = beta * (1 - abar_prev) / (1 - abar)
+    sigma2 = np.concatenate([[bt[1]], bt[1:] if variance == "small" else beta[1:]])
+    return beta**2 / (2 * sigma2 * (1 - beta) * (1 - abar)), abar / (1 - abar)
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_noise_weights_follow_their_definition(variance):
+    s = NoiseSchedule.linear(12, 0.01, 0.3)
+    w, snr = _w(s, variance)
+    assert np.allclose(objective_weights(s, "simple", variance).numpy(), 1 / w, rtol=1e-12)
+    # min-SNR-gamma, gamma = 5 by default: min(snr, gamma) / snr / w
+    for gamma, weights in (
+        (5.0, objective_weights(s, "min_snr", variance)),
+        (0.5, objective_weights(s, "min_snr", variance, 0.5)),
+    ):
+        assert np.allclose(weights.numpy(), np.minimum(snr, gamma) / snr / w, rtol=1e-12)
+    assert (snr > 5).any() and (snr < 5).any() and (snr < 0.5).any()
+    assert Objective("min_snr").gamma == 5.0
+
+
+def test_objective_objects():
+    assert Objective("elbo").is_bound and not Objective("simple").is_bound and not Objective("min_snr").is_bound
+    assert Objective("elbo").loss_name == "negative_elbo_nats" and Objective("simple").loss_name == "simple_loss"
+    objective = Objective("min_snr", 0.5)
+    assert parse_objective(objective) is objective and parse_objective("simple").name == "simple"
+    for gamma in (0.0, -1.0):
+        with pytest.raises(ValueError, match="gamma"):
+            Objective("min_snr", gamma)
+    with pytest.raises(ValueError, match="objective"):
+        Objective(3)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -72,3 +73,125 @@ def test_coefficients_are_cached_per_device_and_dtype():
     assert c is s.coefficients(torch.device("cpu"), torch.float32)
     assert c.betas.dtype == torch.float32
     assert torch.allclose(c.alphas_cumprod.double(), s.alphas_cumprod, rtol=1e-6)
+
+
+def _abar_and_prev(schedule):
+    beta = schedule.betas.numpy()
+    abar = np.cumprod(1 - beta)
+    return beta, abar, np.concatenate([[1.0], abar[:-1]])
+
+
+@given(schedules())
+def test_posterior_tables_are_the_conditioning_of_the_joint(schedule):
+    """Given x0, x_{t-1} ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) and x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) e:
+    conditioning x_{t-1} on x_t (Gaussian regression) gives the posterior's coefficients and variance."""
+    beta, abar, abar_prev = _abar_and_prev(schedule)
+    alpha = 1 - beta
+    cov = np.sqrt(alpha) * (1 - abar_prev)  # Cov(x_{t-1}, x_t | x0)
+    slope = cov / (1 - abar)  # regression of x_{t-1} on x_t
+    coef_x0 = np.sqrt(abar_prev) - slope * np.sqrt(abar)
+    var = (1 - abar_prev) - cov**2 / (1 - abar)
+    assert np.allclose(schedule.alphas.numpy(), alpha, rtol=1e-15, atol=0)
+    assert np.allclose(schedule.alphas_cumprod_prev.numpy(), abar_prev, rtol=1e-12, atol=0)
+    assert np.allclose(schedule.posterior_mean_coef_xt.numpy(), slope, rtol=1e-9, atol=1e-15)
+    assert np.allclose(schedule.posterior_mean_coef_x0.numpy(), coef_x0, rtol=1e-9, atol=1e-12)
+    assert np.allclose(schedule.posterior_variance.numpy(), var, rtol=1e-8, atol=1e-15)
+    assert schedule.posterior_variance[0] == 0 and schedule.posterior_mean_coef_x0[0].item() == pytest.approx(
+        1, rel=1e-9
+    )
+    assert schedule.posterior_mean_coef_xt[0] == 0
+
+
+def test_tables_of_a_two_step_schedule_by_hand():
+    """betas (0.1, 0.2): abar = (0.9, 0.72), log snr_1 = log 9, beta_tilde_2 = 0.2 * 0.1 / 0.28,
+    P_2 = sqrt(0.9) * 0.2 / 0.28, Q_2 = sqrt(0.8) * 0.1 / 0.28."""
+    s = NoiseSchedule.from_betas([0.1, 0.2])
+    expect = {
+        "alphas": [0.9, 0.8],
+        "alphas_cumprod": [0.9, 0.72],
+        "alphas_cumprod_prev": [1.0, 0.9],
+        "log_snr": [math.log(9), math.log(0.72 / 0.28)],
+        "posterior_variance": [0.0, 0.02 / 0.28],
+        "posterior_mean_coef_x0": [1.0, math.sqrt(0.9) * 0.2 / 0.28],
+        "posterior_mean_coef_xt": [0.0, math.sqrt(0.8) * 0.1 / 0.28],
+    }
+    for name, values in expect.items():
+        assert getattr(s, name).tolist() == pytest.approx(values, rel=1e-12, abs=1e-15), name
+
+
+def test_one_step_schedules_are_valid():
+    for s in (NoiseSchedule.from_betas([0.3]), NoiseSchedule.linear(1), NoiseSchedule.cosine(1)):
+        assert s.num_steps == 1 and s.alphas_cumprod_prev.tolist() == [1.0]
+    assert NoiseSchedule.from_betas([0.3]).alphas_cumprod.item() == pytest.approx(0.7, rel=1e-15)
+
+
+def test_linear_endpoints_and_spacing():
+    s = NoiseSchedule.linear(5, 0.1, 0.5)
+    assert s.betas.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5], rel=1e-12)
+    default = NoiseSchedule.linear(3)
+    assert default.betas.tolist() == pytest.approx([1e-4, (1e-4 + 0.02) / 2, 0.02], rel=1e-12)
+
+
+@pytest.mark.parametrize("T, s, max_beta", [(10, None, None), (50, 0.02, 0.9), (7, 0.008, 0.5)])
+def test_cosine_betas_follow_their_definition(T, s, max_beta):
+    """beta_t = min(1 - g(t)/g(t-1), max_beta), g(t) = cos^2((t/T + s)/(1 + s) pi/2); defaults s = 0.008,
+    max_beta = 0.999 (the clip always bites at t = T)."""
+    kwargs = {k: v for k, v in (("s", s), ("max_beta", max_beta)) if v is not None}
+    sched = NoiseSchedule.cosine(T, **kwargs)
+    s, max_beta = s or 0.008, max_beta or 0.999
+    g = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    expected = [min(1 - g(t) / g(t - 1), max_beta) for t in range(1, T + 1)]
+    assert sched.betas.tolist() == pytest.approx(expected, rel=1e-12)
+    assert sched.betas[-1].item() == max_beta
+    assert sched.description["s"] == s and sched.description["max_beta"] == max_beta
+
+
+@pytest.mark.parametrize(
+    "T, kwargs",
+    [
+        (20, {}),
+        (30, {"start": -2.0, "end": 4.0, "tau": 0.7}),
+        (12, {"start": -1.0, "end": 0.5, "tau": 2.0}),
+        (40, {"max_beta": 0.3}),
+    ],
+)
+def test_sigmoid_betas_follow_their_definition(T, kwargs):
+    """abar(u) = (sig(b/tau) - sig((u (b - a) + a)/tau)) / (sig(b/tau) - sig(a/tau)), u = t/T, defaults
+    a = -3, b = 3, tau = 1, and beta_t = min(1 - abar(t/T)/abar((t-1)/T), max_beta = 0.999)."""
+    sched = NoiseSchedule.sigmoid(T, **kwargs)
+    a, b, tau = kwargs.get("start", -3.0), kwargs.get("end", 3.0), kwargs.get("tau", 1.0)
+    max_beta = kwargs.get("max_beta", 0.999)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    abar = lambda u: (sig(b / tau) - sig((u * (b - a) + a) / tau)) / (sig(b / tau) - sig(a / tau))  # noqa: E731
+    expected = [min(1 - abar(t / T) / abar((t - 1) / T), max_beta) for t in range(1, T + 1)]
+    assert sched.betas.tolist() == pytest.approx(expected, rel=1e-10)
+    assert sched.betas[-1].item() == max_beta  # abar(1) = 0: the clip bites at t = T
+
+
+def test_sigmoid_arguments_are_checked():
+    with pytest.raises(ValueError, match="end > start"):
+        NoiseSchedule.sigmoid(10, start=1.0, end=1.0)
+    with pytest.raises(ValueError, match="tau > 0"):
+        NoiseSchedule.sigmoid(10, tau=0.0)
+
+
+def test_refusals_name_the_first_bad_beta():
+    with pytest.raises(ValueError, match=r"beta_2 is not finite"):
+        NoiseSchedule.from_betas([0.1, float("nan"), float("inf")])
+    with pytest.raises(ValueError, match=r"beta_3 = 1\.5 is not"):
+        NoiseSchedule.from_betas([0.1, 0.2, 1.5, -0.1])
+    with pytest.raises(ValueError, match="1-D"):
+        NoiseSchedule.from_betas([[0.1, 0.2]])
+
+
+def test_stalled_alpha_bar_is_refused():
+    """1 - 1e-17 rounds to 1 in float64: alpha_bar stops changing and the log-SNR is not strictly decreasing."""
+    for betas in ([0.1, 1e-17], [0.1, 0.2, 0.3, 1e-17]):  # a stall after the first step, or later on
+        with pytest.raises(ValueError, match="log-SNR"):
+            NoiseSchedule.from_betas(betas)
+
+
+def test_num_steps_must_be_a_positive_integer():
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="num_steps"):
+            NoiseSchedule.cosine(bad)

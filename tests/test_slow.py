@@ -1,7 +1,5 @@
 """Long checks, left out of CI: run with ``pytest -m slow``."""
 
-import copy
-
 import pytest
 import torch
 from test_train import TINY_2D
@@ -14,10 +12,10 @@ from pyrodiff.train import train
 def test_compiled_network_trains_like_the_eager_one(tmp_path):
     """``compile = true`` compiles the network (inductor needs a C++ compiler) and follows the same
     loss curve as eager execution."""
-    spec = copy.deepcopy(TINY_2D)
-    eager = train(spec, tmp_path / "eager", progress=False, num_samples=8)
-    spec["training"]["compile"] = True
-    compiled = train(spec, tmp_path / "compiled", progress=False, num_samples=8)
+    eager = train(TINY_2D, tmp_path / "eager", progress=False, num_samples=8)
+    compiled = train(
+        TINY_2D.with_changes({"training": {"compile": True}}), tmp_path / "compiled", progress=False, num_samples=8
+    )
     a, b = load_checkpoint(eager.checkpoint), load_checkpoint(compiled.checkpoint)
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-4)
     for name, value in a["network"].items():

@@ -1,18 +1,19 @@
-"""Training, checkpoints, resume and the CLI, on tiny specifications."""
+"""Training, checkpoints and resume on tiny specifications."""
 
-import copy
+import csv
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 
-from pyrodiff import cli
 from pyrodiff import train as train_module
 from pyrodiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pyrodiff.spec import normalise
-from pyrodiff.train import TrainingError, train
+from pyrodiff.spec import Spec, SpecError
+from pyrodiff.train import TrainingError, TrainingInterrupted, train
 
-TINY_2D = normalise(
+TINY_2D = Spec.from_dict(
     {
         "name": "tiny2d",
         "data": {"name": "gaussians8"},
@@ -27,7 +28,7 @@ TINY_2D = normalise(
         },
     }
 )
-TINY_DIGITS = normalise(
+TINY_DIGITS = Spec.from_dict(
     {
         "name": "tinydigits",
         "data": {"name": "digits"},
@@ -39,28 +40,79 @@ TINY_DIGITS = normalise(
 )
 
 
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _same_run(a, b):
+    """Two checkpoints hold the same loss history and the same EMA weights, bit for bit."""
+    a, b = load_checkpoint(a), load_checkpoint(b)
+    return a["losses"] == b["losses"] and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+class _EstimatorHook(train_module.ESTIMATORS["trace"]):
+    """``Trace_ELBO`` calling ``hook(n)`` at its n-th training (gradient-recording) loss; the hook may change the loss."""
+
+    hook = staticmethod(lambda n, loss: loss)
+    calls = 0
+
+    def differentiable_loss(self, *args, **kwargs):
+        loss = super().differentiable_loss(*args, **kwargs)
+        if torch.is_grad_enabled():
+            type(self).calls += 1
+            loss = self.hook(type(self).calls, loss)
+        return loss
+
+
+@pytest.fixture
+def hooked(monkeypatch):
+    """Train with the ``trace`` estimator replaced by :class:`_EstimatorHook`; returns the class to set ``hook`` on."""
+
+    class Hooked(_EstimatorHook):
+        calls = 0
+
+    monkeypatch.setitem(train_module.ESTIMATORS, "trace", Hooked)
+    return Hooked
+
+
 def test_train_writes_everything(tmp_path):
     result = train(TINY_DIGITS, tmp_path, progress=False, num_samples=4)
     for name in ("checkpoint.pt", "losses.csv", "test_bound.json", "samples.png"):
         assert (tmp_path / name).exists()
-    state = load_checkpoint(result.checkpoint, TINY_DIGITS)
+    state = load_checkpoint(result.checkpoint)
     assert state["step"] == 3 and len(state["losses"]) == 3
+    assert Spec.from_dict(state["spec"]) == TINY_DIGITS
     assert np.isfinite(result.test_bound["bits_per_dim"])
+
+
+@pytest.mark.parametrize(("spec", "header"), [(TINY_2D, "negative_elbo_nats"), (TINY_DIGITS, "simple_loss")])
+def test_losses_csv_is_headed_by_what_it_holds(tmp_path, spec, header):
+    train(spec, tmp_path, steps=2, progress=False, num_samples=4)
+    rows = _rows(tmp_path / "losses.csv")
+    assert rows[0] == ["step", header]
+    assert [float(v) for _, v in rows[1:]] == pytest.approx(
+        load_checkpoint(tmp_path / "checkpoint.pt")["losses"], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize(
     "options", [{}, {"timestep_sampler": "importance", "amp": "bf16", "objective": "min_snr", "subsample_steps": 2}]
 )
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
-    spec = copy.deepcopy(TINY_2D)
-    spec["training"].update(options)
+    spec = TINY_2D.with_changes({"training": options})
     full = train(spec, tmp_path / "full", progress=False, num_samples=8)
-    losses_full = load_checkpoint(full.checkpoint)["losses"]
     train(spec, tmp_path / "split", steps=4, progress=False, num_samples=8)
     resumed = train(spec, tmp_path / "split", resume=True, progress=False, num_samples=8)
-    assert load_checkpoint(resumed.checkpoint)["losses"] == losses_full
-    a, b = load_checkpoint(full.checkpoint)["ema"], load_checkpoint(resumed.checkpoint)["ema"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_run(full.checkpoint, resumed.checkpoint)
+    assert resumed.test_bound["terms_nats"] == full.test_bound["terms_nats"]
+
+
+def test_the_full_chain_trains(tmp_path):
+    spec = TINY_2D.with_changes({"training": {"subsample_steps": "all", "steps": 2}})
+    assert spec.training.subsample_steps is None
+    result = train(spec, tmp_path, progress=False, num_samples=8)
+    assert np.isfinite(load_checkpoint(result.checkpoint)["losses"]).all()
 
 
 def test_existing_checkpoint_is_not_overwritten(tmp_path):
@@ -71,41 +123,112 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
-def test_resume_with_another_specification_is_refused(tmp_path):
+def test_resume_with_another_specification_is_refused_naming_what_differs(tmp_path):
     train(TINY_2D, tmp_path, steps=2, progress=False, num_samples=8)
-    other = copy.deepcopy(TINY_2D)
-    other["model"]["prediction"] = "x0"
-    with pytest.raises(CheckpointError, match="another specification"):
+    other = TINY_2D.with_changes({"model": {"prediction": "x0"}, "training": {"lr": 1e-3}})
+    with pytest.raises(CheckpointError, match="another specification") as caught:
         train(other, tmp_path, resume=True, progress=False)
+    assert "model.prediction: 'epsilon' -> 'x0'" in str(caught.value)
+    assert "training.lr: 0.0002 -> 0.001" in str(caught.value)
 
 
-def test_corrupt_checkpoint(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    train(TINY_2D, tmp_path, steps=2, progress=False, num_samples=8)
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(path)
-    torch.save({"something": 1}, path)
-    with pytest.raises(CheckpointError, match="not a pyrodiff checkpoint"):
-        load_checkpoint(path)
+def test_resume_to_fewer_steps_is_refused_and_to_as_many_only_evaluates(tmp_path):
+    train(TINY_2D, tmp_path, steps=4, progress=False, num_samples=8)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="at step 4: training it to 2 steps would go back"):
+        train(TINY_2D, tmp_path, steps=2, resume=True, progress=False)
+    result = train(TINY_2D, tmp_path, steps=4, resume=True, progress=False, num_samples=8)
+    assert result.steps == 4 and np.isfinite(result.test_bound["total_nats"])
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    class NaNAfterSix(train_module.Trace_ELBO):
-        calls = 0
+def test_changed_hyperparameters_are_refused_unless_asked_and_then_take_effect(tmp_path):
+    train(TINY_2D, tmp_path / "run", steps=4, progress=False, num_samples=8)
+    faster = TINY_2D.with_changes({"training": {"lr": 1e-2, "warmup_steps": 10, "weight_decay": 0.5}})
+    with pytest.raises(CheckpointError, match=r"training\.lr: 0\.0002 -> 0\.01.*--change-hyperparameters"):
+        train(faster, tmp_path / "run", resume=True, progress=False)
+    train(faster, tmp_path / "run", resume=True, change_hyperparameters=True, progress=False, num_samples=8)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    group = state["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-2 * 9 / 10) and group["weight_decay"] == 0.5  # warm-up step 8 of 10
+    assert state["scheduler"]["base_lrs"] == [1e-2]
+    assert Spec.from_dict(state["spec"]) == faster
+    # allowing changes changes nothing when there are none: the run is the uninterrupted one
+    full = train(TINY_2D, tmp_path / "full", progress=False, num_samples=8)
+    train(TINY_2D, tmp_path / "same", steps=4, progress=False, num_samples=8)
+    same = train(TINY_2D, tmp_path / "same", resume=True, change_hyperparameters=True, progress=False, num_samples=8)
+    assert _same_run(full.checkpoint, same.checkpoint)
 
-        def differentiable_loss(self, *args, **kwargs):
-            NaNAfterSix.calls += 1
-            loss = super().differentiable_loss(*args, **kwargs)
-            return loss * float("nan") if NaNAfterSix.calls > 6 else loss
 
-    monkeypatch.setitem(train_module.ESTIMATORS, "trace", NaNAfterSix)
-    spec = copy.deepcopy(TINY_2D)
-    spec["training"]["estimator"] = "trace"
-    with pytest.raises(TrainingError, match="step 7"):
-        train(spec, tmp_path, progress=False)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, hooked):
+    hooked.hook = staticmethod(lambda n, loss: loss * float("nan") if n > 6 else loss)
+    with pytest.raises(TrainingError, match="non-finite loss.*step 7.*step 4\\) is kept"):
+        train(TINY_2D.with_changes({"training": {"estimator": "trace"}}), tmp_path, progress=False)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 4 and all(np.isfinite(state["losses"]))
+
+
+def test_weights_whose_loss_is_not_finite_are_never_checkpointed(tmp_path, monkeypatch):
+    """Step 8's update leaves weights that give NaN (as a learning rate of 1e6 does) although the loss
+    of step 8 itself was finite: they must not replace the step-4 checkpoint, which must still resume."""
+    full = train(TINY_2D, tmp_path / "full", progress=False, num_samples=8)
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def poisoned(parameters, max_norm):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) == 8:
+            parameters[0].grad.fill_(float("inf"))
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    with pytest.raises(TrainingError, match=r"the weights after step 8 give a non-finite loss.*step 4\) is kept"):
+        train(TINY_2D, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 4 and all(torch.isfinite(w).all() for w in state["network"].values())
+    monkeypatch.undo()
+    resumed = train(TINY_2D, tmp_path / "run", resume=True, progress=False, num_samples=8)
+    assert _same_run(full.checkpoint, resumed.checkpoint)
+
+
+def test_sigint_saves_a_checkpoint_that_resumes_exactly(tmp_path, hooked):
+    spec = TINY_2D.with_changes({"training": {"estimator": "trace"}})
+    full = train(spec, tmp_path / "full", progress=False, num_samples=8)
+    hooked.calls, hooked.hook = (
+        0,
+        staticmethod(lambda n, loss: os.kill(os.getpid(), signal.SIGINT) or loss if n == 3 else loss),
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="checkpoint of step 3 saved") as caught:
+        train(spec, tmp_path / "split", progress=False)
+    assert caught.value.step == 3 and caught.value.checkpoint == tmp_path / "split" / "checkpoint.pt"
+    assert load_checkpoint(caught.value.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is handler  # given back
+    hooked.hook = staticmethod(lambda n, loss: loss)
+    resumed = train(spec, tmp_path / "split", resume=True, progress=False, num_samples=8)
+    assert _same_run(full.checkpoint, resumed.checkpoint)
+
+
+def test_an_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_module, "_Run", no_training)
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(TrainingError, match=f"cannot write to the output folder {out}"):
+            train(TINY_2D, out, progress=False)
+
+
+def test_stale_temporaries_are_removed_and_losses_rewritten_on_resume(tmp_path, caplog):
+    train(TINY_2D, tmp_path, steps=4, progress=False, num_samples=8)
+    stale = tmp_path / "checkpoint.pt.k1ll3d.tmp"  # as a save killed before its rename leaves it
+    stale.write_bytes(b"half a checkpoint")
+    rows = _rows(tmp_path / "losses.csv")
+    (tmp_path / "losses.csv").write_text("\n".join(",".join(r) for r in rows[:-1]) + "\n")  # a row behind
+    train(TINY_2D, tmp_path, steps=4, resume=True, progress=False, num_samples=8)
+    assert not stale.exists() and str(stale) in caplog.text
+    assert _rows(tmp_path / "losses.csv") == rows
 
 
 def test_atomic_save_leaves_the_old_checkpoint_on_failure(tmp_path):
@@ -122,28 +245,21 @@ def test_atomic_save_leaves_the_old_checkpoint_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-def test_cli_train_and_sample(tmp_path, capsys):
-    spec_file = tmp_path / "tiny.toml"
-    spec_file.write_text(
-        '[data]\nname = "gaussians8"\n[schedule]\nnum_steps = 10\n[model]\ndecoder = "gaussian"\n'
-        '[network]\nkind = "mlp"\nhidden = 8\ndepth = 1\n'
-        "[training]\nsteps = 2\nbatch_size = 8\neval_examples = 16\n"
-    )
-    out = tmp_path / "run"
-    assert cli.main(["train", "--config", str(spec_file), "--out", str(out), "--seed", "3"]) == 0
-    assert "bits/dim" in capsys.readouterr().out
-    assert cli.main(["sample", str(out / "checkpoint.pt"), "--num", "10", "--out", str(tmp_path / "s.png")]) == 0
-    assert (tmp_path / "s.png").stat().st_size > 1000
-    assert cli.main(["sample", str(tmp_path / "missing.pt")]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+def test_corrupt_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    train(TINY_2D, tmp_path, steps=2, progress=False, num_samples=8)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    torch.save({"something": 1}, path)
+    with pytest.raises(CheckpointError, match="not a pyrodiff checkpoint"):
+        load_checkpoint(path)
 
 
 def test_learned_variances_train_on_the_bound_and_refuse_the_noise_losses(tmp_path):
-    spec = copy.deepcopy(TINY_2D)
-    spec["model"]["variance"] = "learned"
+    spec = TINY_2D.with_changes({"model": {"variance": "learned"}})
     result = train(spec, tmp_path / "learned", progress=False, num_samples=8)
     assert np.isfinite(result.test_bound["total_nats"])
     assert "kl_bound_nats" in result.test_bound  # gaussians8's density is known exactly
-    spec["training"]["objective"] = "simple"
-    with pytest.raises(ValueError, match="learned variances"):
-        train(spec, tmp_path / "simple", progress=False)
+    with pytest.raises(SpecError, match="training.objective: learned variances"):
+        spec.with_changes({"training": {"objective": "simple"}})

@@ -1,0 +1,217 @@
+"""The ``pyrodiff`` command: one-line errors, nothing overwritten silently, specifications found by name,
+Ctrl-C saving a checkpoint; and the comparison script."""
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyrodiff import cli
+from pyrodiff import train as train_module
+from pyrodiff.checkpoint import FORMAT, load_checkpoint
+
+ROOT = Path(__file__).parents[1]
+TINY = (
+    '[data]\nname = "gaussians8"\n[schedule]\nnum_steps = 10\n[model]\ndecoder = "gaussian"\n'
+    '[network]\nkind = "mlp"\nhidden = 8\ndepth = 1\n'
+    "[training]\nsteps = 2\nbatch_size = 8\neval_examples = 16\n"
+)
+
+
+def _error(capsys) -> str:
+    """The command's stderr, which must be one line ``pyrodiff: error: ...``, no traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyrodiff: error: "), err
+    return lines[0]
+
+
+def _argument_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    assert caught.value.code == 2
+    return _error(capsys)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A checkpoint of the tiny specification, trained by the command (with samples.png beside it)."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "tiny.toml").write_text(TINY)
+    assert cli.main(["train", "--config", str(folder / "tiny.toml"), "--out", str(folder / "run")]) == 0
+    return folder / "run" / "checkpoint.pt"
+
+
+def test_train_prints_the_bound_and_sample_writes_a_picture(trained, tmp_path, capsys):
+    assert cli.main(["sample", str(trained), "--num", "10", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert f"samples: {tmp_path / 's.png'}" in capsys.readouterr().out
+
+
+def test_a_bad_specification_is_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(TINY.replace("batch_size = 8", "batch_size = 2.5"))
+    assert cli.main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert f"{path}: training.batch_size: must be an integer >= 1, got 2.5" in _error(capsys)
+    assert cli.main(["train", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "no model specification at" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_checkpoints_are_one_line(tmp_path, capsys):
+    marker = tmp_path / "MARKER"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch '{marker}'",)
+
+    corrupt, malicious = tmp_path / "corrupt.pt", tmp_path / "malicious.pt"
+    corrupt.write_bytes(b"\x80\x02" + bytes(range(150, 250)))
+    torch.save(
+        {"format": FORMAT, "spec": {}, "step": 0, "network": {}, "ema": {}, "optimizer": {}, "x": RunsCode()}, malicious
+    )
+    for command in ("sample", "report"):
+        assert cli.main([command, str(tmp_path / "missing.pt")]) == 2
+        assert "no checkpoint at" in _error(capsys)
+        assert cli.main([command, str(corrupt)]) == 2
+        assert "is corrupt" in _error(capsys)
+        assert cli.main([command, str(malicious), "--out", str(tmp_path / "out")]) == 2
+        assert "could run code" in _error(capsys)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_with_an_invalid_specification_is_one_line(trained, tmp_path, capsys):
+    state = load_checkpoint(trained)
+    state["spec"]["name"] = "../../elsewhere"
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert cli.main(["sample", str(tmp_path / "checkpoint.pt")]) == 2
+    assert f"checkpoint {tmp_path / 'checkpoint.pt'}: name must be a folder name" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["sample", "c.pt", "--num", "0"], "argument --num: must be an integer >= 1, got '0'"),
+        (["sample", "c.pt", "--num", "-3"], "argument --num: must be an integer >= 1"),
+        (["sample", "c.pt", "--num", "many"], "argument --num: must be an integer >= 1, got 'many'"),
+        (["report", "c.pt", "--max-examples", "0"], "argument --max-examples: must be an integer >= 1"),
+        (["report", "c.pt", "--num-samples", "0"], "argument --num-samples: must be an integer >= 1"),
+        (["train", "--steps", "0"], "argument --steps: must be an integer >= 1"),
+        (["train", "--device", "tpu"], "argument --device: invalid choice"),
+        (["report", "c.pt", "--split", "valid"], "argument --split: invalid choice"),
+    ],
+)
+def test_bad_arguments_are_one_line(capsys, argv, fragment):
+    assert fragment in _argument_error(capsys, argv)
+
+
+@pytest.mark.parametrize("argv", [["sample", "missing.pt"], ["report", "missing.pt"], ["train", "--config", "absent"]])
+def test_cuda_without_cuda_is_refused_before_anything_is_loaded(capsys, monkeypatch, argv):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main([*argv, "--device", "cuda"]) == 2
+    assert "--device cuda was asked for, but torch sees no CUDA device" in _error(capsys)
+
+
+def test_sample_never_replaces_a_picture(trained, capsys):
+    training_samples = trained.with_name("samples.png").read_bytes()
+    assert cli.main(["sample", str(trained), "--num", "8", "--seed", "5"]) == 0
+    assert trained.with_name("samples-seed5.png").exists()
+    assert trained.with_name("samples.png").read_bytes() == training_samples
+    capsys.readouterr()
+    assert cli.main(["sample", str(trained), "--num", "8", "--seed", "5"]) == 2
+    assert "samples-seed5.png exists: choose another --out or pass --overwrite" in _error(capsys)
+    assert cli.main(["sample", str(trained), "--num", "8", "--out", str(trained.with_name("samples.png"))]) == 2
+    assert trained.with_name("samples.png").read_bytes() == training_samples
+    _error(capsys)
+    assert cli.main(["sample", str(trained), "--num", "8", "--seed", "5", "--overwrite"]) == 0
+
+
+def test_report_never_replaces_a_report(trained, tmp_path, capsys):
+    out = str(tmp_path / "report")
+    assert cli.main(["report", str(trained), "--max-examples", "4", "--out", out]) == 0
+    before = (tmp_path / "report" / "bound.json").read_text()
+    capsys.readouterr()
+    assert cli.main(["report", str(trained), "--max-examples", "8", "--out", out]) == 2
+    assert "already holds a report" in _error(capsys)
+    assert (tmp_path / "report" / "bound.json").read_text() == before
+    assert cli.main(["report", str(trained), "--max-examples", "8", "--out", out, "--overwrite"]) == 0
+    assert (tmp_path / "report" / "bound.json").read_text() != before
+
+
+def test_train_by_name_from_another_folder(tmp_path, monkeypatch, capsys):
+    assert cli.build_parser().parse_args(["train"]).config == "digits"  # found by name, as in test_spec
+    installed = tmp_path / "prefix" / "share" / "pyrodiff" / "models"
+    installed.mkdir(parents=True)
+    (installed / "tinyname.toml").write_text(TINY)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.chdir(tmp_path / "prefix")
+    assert cli.main(["train", "--config", "tinyname", "--steps", "1"]) == 0
+    assert load_checkpoint(tmp_path / "prefix" / "runs" / "tinyname" / "checkpoint.pt")["step"] == 1
+
+
+def test_unusable_output_and_rewinding_resume_are_one_line(trained, tmp_path, capsys):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "file").write_text("")
+    assert cli.main(["train", "--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "file")]) == 2
+    assert f"cannot write to the output folder {tmp_path / 'file'}" in _error(capsys)
+    argv = ["train", "--config", str(trained.parents[1] / "tiny.toml"), "--out", str(trained.parent), "--resume"]
+    assert cli.main([*argv, "--steps", "1"]) == 2
+    assert "at step 2: training it to 1 steps would go back" in _error(capsys)
+    assert cli.main(argv[:-1] + ["--change-hyperparameters"]) == 2
+    assert "--change-hyperparameters applies to a resume: pass --resume too" in _error(capsys)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
+    step = train_module._Run._train_step
+
+    def step_then_ctrl_c(run, batch):
+        loss = step(run, batch)
+        if run.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(train_module._Run, "_train_step", step_then_ctrl_c)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    config, out = str(tmp_path / "tiny.toml"), str(tmp_path / "run")
+    assert cli.main(["train", "--config", config, "--out", out]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    assert last == (
+        f"pyrodiff: interrupted: step 1 saved to {checkpoint}; "
+        f"continue with: pyrodiff train --config {config} --out {out} --resume"
+    )
+    assert load_checkpoint(checkpoint)["step"] == 1
+
+
+def test_importing_the_package_chooses_no_matplotlib_backend():
+    code = (
+        "import sys, runpy, matplotlib\n"
+        "def refuse(*a, **k): raise AssertionError('a backend was chosen')\n"
+        "matplotlib.use = refuse\n"
+        "import pyrodiff.train, pyrodiff.plots, pyrodiff.cli, pyrodiff.report\n"
+        f"runpy.run_path({str(ROOT / 'analysis' / 'compare_bounds.py')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_compare_labels_from_bound_json_and_never_replaces_results(trained, tmp_path, capsys):
+    compare = runpy.run_path(str(ROOT / "analysis" / "compare_bounds.py"))["main"]
+    report = trained.with_name("report-test")
+    out = str(tmp_path / "compare")
+    assert compare([str(trained), "--max-examples", "4", "--out", out]) == 0
+    assert (report / "bound.json").exists()
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert "| tiny: epsilon, small variance, linear schedule | 10 |" in table
+    with pytest.raises(SystemExit, match="already holds a report: pass that folder instead"):
+        compare([str(trained), "--out", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="already holds a comparison"):
+        compare([str(report), "--out", out])
+    assert compare([str(report), str(report), "--labels", "A", "B", "--out", out, "--overwrite"]) == 0
+    assert "| A | 10 |" in (tmp_path / "compare" / "compare.md").read_text()
