@@ -77,7 +77,7 @@ def main():
             for name, (m, g) in choices.items():
                 results[name].append(elbo.loss(m, g, x0, 1) / args.batch_size)
     base = statistics.stdev(results["per-example uniform t"])
-    print(f"{built.spec['name']}: {args.batches} batches of {args.batch_size}, one timestep per example, T = {T}")
+    print(f"{built.spec.name}: {args.batches} batches of {args.batch_size}, one timestep per example, T = {T}")
     print("  (mean and standard deviation of the per-batch estimate of -ELBO, nats/example)")
     for name, values in results.items():
         sd = statistics.stdev(values)

@@ -87,9 +87,10 @@ def remove_stale_temporaries(folder: str | Path, name: str = "checkpoint.pt") ->
     return stale
 
 
-def load_checkpoint(path: str | Path, spec: dict | None = None, map_location="cpu") -> dict:
-    """Read a checkpoint; refuse a corrupt one, one made with a specification other than ``spec``, and one
-    holding anything but tensors and plain data (unpickling that could run code from the file)."""
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint; refuse a corrupt one, and one holding anything but tensors and plain data
+    (unpickling that could run code from the file).  Whether it may be resumed with a given specification
+    is the training loop's question (:meth:`pyrodiff.spec.Spec.differences`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -110,17 +111,4 @@ def load_checkpoint(path: str | Path, spec: dict | None = None, map_location="cp
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in _KEYS):
         raise CheckpointError(f"{path} is not a pyrodiff checkpoint (format {FORMAT})")
-    if spec is not None:
-        ours, theirs = _comparable(spec), _comparable(state["spec"])
-        if ours != theirs:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            raise CheckpointError(f"checkpoint {path} was made with another specification (differs in {diff})")
     return state
-
-
-def _comparable(spec: dict) -> dict:
-    """The parts of a specification that must match to resume (the training length may change)."""
-    training = {
-        k: v for k, v in spec.get("training", {}).items() if k not in ("steps", "checkpoint_every", "eval_examples")
-    }
-    return {**{k: spec.get(k) for k in ("data", "schedule", "model", "network")}, "training": training}

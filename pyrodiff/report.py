@@ -273,6 +273,6 @@ def report_checkpoint(
     terms = bound_terms(
         model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size, progress=progress
     )
-    meta = {"name": built.spec["name"], "checkpoint": str(checkpoint), "split": split, "draws": draws}
+    meta = {"name": built.spec.name, "checkpoint": str(checkpoint), "split": split, "draws": draws}
     log_q = built.data.log_density(data) if built.data.log_density else None
     return write_report(terms, out, meta, log_q, overwrite=overwrite), out

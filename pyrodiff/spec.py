@@ -59,7 +59,6 @@ __all__ = [
     "find_spec",
     "spec_folders",
     "as_spec",
-    "normalise",
     "build",
     "Built",
     "ESTIMATORS",
@@ -542,11 +541,6 @@ class Spec:
         """Pickled (and deep-copied) as its plain-data form, validated again when read."""
         return Spec.from_dict, (self.to_dict(), self.source)
 
-    def __getitem__(self, key: str) -> Any:
-        """``spec["name"]``, ``spec["training"]``: read access in the plain-data form, for code written
-        against the dictionaries specifications used to be."""
-        return self.to_dict()[key]
-
 
 def _flat(d: Mapping) -> dict[str, Any]:
     """``{"name": ..., "table.key": value, ...}`` of a plain-data specification."""
@@ -559,12 +553,6 @@ def _flat(d: Mapping) -> dict[str, Any]:
 def as_spec(spec: Spec | Mapping, source: str = "the specification") -> Spec:
     """``spec`` itself, or the validated :class:`Spec` of a plain-data specification."""
     return spec if isinstance(spec, Spec) else Spec.from_dict(spec, source)
-
-
-def normalise(spec: Mapping) -> dict:
-    """The plain-data form of a specification given as plain data: validated, every default filled (what
-    a checkpoint records, and what :func:`~pyrodiff.checkpoint.load_checkpoint` compares)."""
-    return Spec.from_dict(spec).to_dict()
 
 
 # ---------------------------------------------------------------------- files

@@ -159,7 +159,21 @@ _SIGMOID_SCALE = (
     "the betas depend on the target alpha_bar(u) only through the ratios alpha_bar(t/T) / alpha_bar((t-1)/T), "
     "so a constant factor of it (here its normaliser sigma(b/tau) - sigma(a/tau)) cancels"
 )
+_STEP_SIGN = "_shifted reads only the sign of its step (its callers pass +1 and -1)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "pyrodiff/forward.py": [
+        ("if step > 0:", "`>` -> `>=` in `step > 0`", _STEP_SIGN + "; step is never 0"),
+        (
+            "loc = at_timesteps(c.alphas, t, self.event_dim).sqrt() * self._shifted(value, -1)",
+            "`1` -> `2`",
+            _STEP_SIGN,
+        ),
+        (
+            "loc, var = q_posterior(self.schedule, self.x0, self._shifted(value, +1), t_parent)",
+            "`1` -> `2`",
+            _STEP_SIGN,
+        ),
+    ],
     "pyrodiff/schedule.py": [
         (
             "v_start, v_end = torch.sigmoid(torch.tensor([start / tau, end / tau], dtype=torch.float64))",

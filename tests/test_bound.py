@@ -1,6 +1,5 @@
 """The decomposition of the bound: closed forms, the trace identity, draws, reports."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from pyro.infer import Trace_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
 from pyrodiff.bound import bound_terms
-from pyrodiff.report import progressive_rate_distortion, write_report
+from pyrodiff.report import write_report
 from pyrodiff.testing import LinearDenoiser, linear_case
 from pyrodiff.traces import trace_terms
 
@@ -139,49 +138,12 @@ def test_trace_terms_sum_to_the_trace_elbo_loss(order, float64):
         assert np.abs(z).max() < 4
 
 
-def test_rate_is_monotone_and_report_files(tmp_path, float64):
+def test_every_kl_term_is_non_negative(float64):
+    """Each KL term is an expectation of KL divergences: every draw of L_1 .. L_T is >= 0."""
     model, x0, _ = _model(decoder="discretized")
     pyro.set_rng_seed(6)
     terms = bound_terms(model, x0, num_samples=3)
-    rate, rmse = progressive_rate_distortion(terms)
-    assert (np.diff(rate) >= 0).all()  # every KL term is non-negative
-    assert rmse.shape == (T,)
-    summary = write_report(terms, tmp_path / "r", {"name": "linear"})
-    files = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert files == sorted(
-        [
-            "bound.json",
-            "terms.csv",
-            "summary.md",
-            "terms.png",
-            "cumulative_rate.png",
-            "rate_distortion.png",
-            "rate_distortion.csv",
-        ]
-    )
-    saved = json.loads((tmp_path / "r" / "bound.json").read_text())
-    for key in (
-        "terms_nats",
-        "terms_stderr",
-        "total_nats",
-        "total_stderr",
-        "bits_per_dim",
-        "rate_bits_per_dim",
-        "distortion_bits_per_dim",
-        "num_examples",
-        "num_samples",
-        "decoder",
-        "bits_per_dim_is_8bit_scale",
-        "terms_mcse",
-        "terms_ess",
-    ):
-        assert key in saved
-    assert len(saved["terms_nats"]) == T + 1
-    assert saved["total_nats"] == pytest.approx(sum(saved["terms_nats"]))
-    assert saved["rate_bits_per_dim"] + saved["distortion_bits_per_dim"] == pytest.approx(saved["bits_per_dim"])
-    assert summary["num_samples"] == 3 and summary["num_examples"] == 4
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
-    assert "kl_bound_nats" not in saved
+    assert (terms.nats[..., 1:] >= 0).all()
 
 
 def test_kl_bound_pairs_the_bound_with_the_data_log_density(tmp_path, float64):

@@ -9,10 +9,10 @@ import torch
 
 from pyrodiff import checkpoint as checkpoint_module
 from pyrodiff.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from pyrodiff.spec import normalise
+from pyrodiff.spec import Spec
 from pyrodiff.train import train
 
-TINY = normalise(
+TINY = Spec.from_dict(
     {
         "name": "tiny",
         "data": {"name": "gaussians8"},
@@ -40,7 +40,7 @@ def _minimal_state() -> dict:
 
 def test_a_real_checkpoint_loads_with_every_entry(tmp_path):
     train(TINY, tmp_path, progress=False, num_samples=4)
-    state = load_checkpoint(tmp_path / "checkpoint.pt", TINY)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 2 and len(state["losses"]) == 2 and state["world_size"] == 1
     assert isinstance(state["data_rng"], torch.ByteTensor)
     assert isinstance(state["noise_rng"][0][0], torch.Tensor)

@@ -119,3 +119,38 @@ def test_an_existing_report_is_never_replaced_silently(tmp_path):
     assert (tmp_path / "r" / "bound.json").read_text() == before
     write_report(_terms(seed=2), tmp_path / "r", {"name": "second"}, overwrite=True)
     assert json.loads((tmp_path / "r" / "bound.json").read_text())["name"] == "second"
+
+
+def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
+    """``pyrodiff report`` end to end: the written bound is the decomposition of the checkpoint's EMA model
+    on the first examples of the split, with the model's choices and the split recorded."""
+    from pyrodiff.bound import bound_terms
+    from pyrodiff.report import report_checkpoint
+    from pyrodiff.spec import Spec
+    from pyrodiff.train import train
+    from pyrodiff.trained import load_trained
+
+    spec = Spec.from_dict(
+        {
+            "name": "tiny",
+            "data": {"name": "gaussians8"},
+            "schedule": {"kind": "cosine", "num_steps": 10},
+            "model": {"prediction": "v", "variance": "large", "decoder": "gaussian"},
+            "network": {"kind": "mlp", "hidden": 8, "depth": 1},
+            "training": {"steps": 3, "batch_size": 8, "eval_examples": 8},
+        }
+    )
+    result = train(spec, tmp_path / "run", progress=False, num_samples=4)
+    summary, folder = report_checkpoint(result.checkpoint, split="train", num_samples=2, max_examples=6)
+    assert folder == tmp_path / "run" / "report-train"
+    assert json.loads((folder / "bound.json").read_text()) == json.loads(json.dumps(summary))
+    built, model = load_trained(result.checkpoint)
+    torch.manual_seed(0)  # the report's seed
+    terms = bound_terms(model, built.data.train[:6], num_samples=2)
+    assert summary["total_nats"] == pytest.approx(terms.total.mean().item(), rel=1e-6)
+    assert np.allclose(summary["terms_nats"], terms.mean().numpy(), rtol=1e-5, atol=1e-7)
+    assert summary["num_examples"] == 6 and summary["num_samples"] == 2 and summary["split"] == "train"
+    assert summary["model"]["prediction"] == "v" and summary["model"]["variance"] == "large"
+    assert summary["model"]["schedule"] == {"kind": "cosine", "num_steps": 10, "s": 0.008, "max_beta": 0.999}
+    assert "kl_bound_nats" in summary  # gaussians8's density is known
+    assert summary["name"] == "tiny" and summary["checkpoint"] == str(result.checkpoint)

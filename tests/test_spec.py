@@ -81,7 +81,6 @@ def test_the_specification_is_typed_frozen_and_filled_with_defaults(tmp_path):
         spec.training.lr = 1.0
     with pytest.raises(TypeError):
         spec.network.params["hidden"] = 9
-    assert spec["name"] == "tiny" and spec["training"]["batch_size"] == 8  # read access as plain data
     assert copy.deepcopy(spec) == spec and pickle.loads(pickle.dumps(spec)) == spec
 
 
