@@ -16,7 +16,11 @@ from .importance import ImportanceSampler
 from .networks import MLPDenoiser, UNet
 from .objectives import objective_weights, reweight
 from .reverse import DiffusionModel, Prediction
+from .report import report_checkpoint, write_report
 from .schedule import NoiseSchedule
+from .spec import load_spec
+from .trained import load_trained
+from .training import train
 
 __all__ = [
     "BoundTerms",
@@ -31,8 +35,13 @@ __all__ = [
     "UNet",
     "bound_terms",
     "load_dataset",
+    "load_spec",
+    "load_trained",
     "objective_weights",
+    "report_checkpoint",
     "reweight",
     "samplers",
+    "train",
+    "write_report",
 ]
 __version__ = "0.1.0"

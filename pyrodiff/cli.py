@@ -39,7 +39,7 @@ def _integer(minimum: int):
 
 def _train(args: argparse.Namespace) -> int:
     from .spec import load_spec
-    from .train import TrainingInterrupted, train
+    from .training import TrainingInterrupted, train
 
     if args.change_hyperparameters and not args.resume:
         raise ValueError("--change-hyperparameters applies to a resume: pass --resume too")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; the exit status (argument errors exit with status 2 from the parser)."""
     args = build_parser().parse_args(argv)
     try:
-        from .train import check_device
+        from .training import check_device
 
         check_device(args.device)
         return args.run(args)

@@ -10,7 +10,7 @@ import torch
 from pyrodiff import checkpoint as checkpoint_module
 from pyrodiff.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from pyrodiff.spec import Spec
-from pyrodiff.train import train
+from pyrodiff.training import train
 
 TINY = Spec.from_dict(
     {

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyrodiff import cli
-from pyrodiff import train as train_module
+from pyrodiff import training as train_module
 from pyrodiff.checkpoint import FORMAT, load_checkpoint
 
 ROOT = Path(__file__).parents[1]
@@ -193,7 +193,7 @@ def test_importing_the_package_chooses_no_matplotlib_backend():
         "import sys, runpy, matplotlib\n"
         "def refuse(*a, **k): raise AssertionError('a backend was chosen')\n"
         "matplotlib.use = refuse\n"
-        "import pyrodiff.train, pyrodiff.plots, pyrodiff.cli, pyrodiff.report\n"
+        "import pyrodiff.training, pyrodiff.plots, pyrodiff.cli, pyrodiff.report\n"
         f"runpy.run_path({str(ROOT / 'analysis' / 'compare_bounds.py')!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
     )

@@ -13,7 +13,7 @@ import torch
 from pyrodiff.checkpoint import load_checkpoint
 from pyrodiff.distributed import World
 from pyrodiff.spec import load_spec
-from pyrodiff.train import _Run
+from pyrodiff.training import _Run
 
 SPEC = """
 [data]

@@ -5,7 +5,7 @@ import torch
 from test_train import TINY_2D
 
 from pyrodiff.checkpoint import load_checkpoint
-from pyrodiff.train import train
+from pyrodiff.training import train
 
 
 @pytest.mark.slow

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyrodiff import train as train_module
+from pyrodiff import training as train_module
 from pyrodiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodiff.spec import Spec, SpecError
-from pyrodiff.train import TrainingError, TrainingInterrupted, train
+from pyrodiff.training import TrainingError, TrainingInterrupted, train
 
 TINY_2D = Spec.from_dict(
     {
