@@ -15,8 +15,8 @@ from .forward import DiffusionGuide
 from .importance import ImportanceSampler
 from .networks import MLPDenoiser, UNet
 from .objectives import objective_weights, reweight
-from .reverse import DiffusionModel, Prediction
 from .report import report_checkpoint, write_report
+from .reverse import DiffusionModel, Prediction
 from .schedule import NoiseSchedule
 from .spec import load_spec
 from .trained import load_trained

@@ -127,8 +127,8 @@ def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
     from pyrodiff.bound import bound_terms
     from pyrodiff.report import report_checkpoint
     from pyrodiff.spec import Spec
-    from pyrodiff.training import train
     from pyrodiff.trained import load_trained
+    from pyrodiff.training import train
 
     spec = Spec.from_dict(
         {
