@@ -161,6 +161,53 @@ _SIGMOID_SCALE = (
 )
 _STEP_SIGN = "_shifted reads only the sign of its step (its callers pass +1 and -1)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "pyrodiff/decoders.py": [
+        (
+            "flip = lower > 0",
+            "`>` -> `>=` in `lower > 0`",
+            "at lower = 0 both forms are accurate and equal: log(Phi(u) - 1/2) = log(1/2 - Phi(-u))",
+        ),
+        (
+            "index = (x + 1) * (levels - 1) / 2",
+            "`+` -> `-` in `x + 1`",
+            "shifts the index by the integer levels - 1, which leaves its distance to the nearest integer unchanged",
+        ),
+        (
+            "if off > 1e-3:",
+            "`>` -> `>=` in `off > 0.001`",
+            "off = |i - round(i)| of a float64 (or float32) index cannot equal the double 0.001 exactly "
+            "(its low bits are finer than the index's grid; none found in a search near the threshold)",
+        ),
+        (
+            'upper = torch.where(value > 1 - h, float("inf"), (value + h - self.loc) / self.scale)',
+            "`>` -> `>=` in `value > 1 - h`",
+            "1 - h is the midpoint between the two top levels: no value on the grid (the decoder's support) equals it",
+        ),
+        (
+            'lower = torch.where(value < -1 + h, float("-inf"), (value - h - self.loc) / self.scale)',
+            "`<` -> `<=` in `value < -1 + h`",
+            "-1 + h is the midpoint between the two bottom levels: no value on the grid equals it",
+        ),
+        (
+            "return round_to_grid(self.loc.expand(shape) + self.scale.expand(shape) * noise, self.levels)",
+            "`+` -> `-` in `self.loc.expand(shape) + self.scale.expand(shape) * noise`",
+            "the noise is drawn inside sample() and is symmetric: loc - scale z has the law of loc + scale z",
+        ),
+    ],
+    "pyrodiff/traces.py": [
+        (
+            "return torch.cat([decoder.unsqueeze(-1), chain.T], dim=-1)",
+            "`-` dropped in `-1`",
+            "decoder is 1-D (N,) and the result 2-D (N, T + 1): unsqueeze(1) = unsqueeze(-1) and dim=1 = dim=-1",
+        ),
+    ],
+    "pyrodiff/path.py": [
+        (
+            "return torch.arange(1, T + 1, device=device).unsqueeze(-1).expand(batch_shape)",
+            "`-` dropped in `-1`",
+            "arange is 1-D, so unsqueeze(1) = unsqueeze(-1)",
+        ),
+    ],
     "pyrodiff/forward.py": [
         ("if step > 0:", "`>` -> `>=` in `step > 0`", _STEP_SIGN + "; step is never 0"),
         (
