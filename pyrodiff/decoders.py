@@ -13,6 +13,8 @@ a distortion is reported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pyro.distributions import Normal, constraints
 from pyro.distributions.torch_distribution import TorchDistribution
@@ -109,7 +111,8 @@ class DiscretizedGaussian(TorchDistribution):
 
 
 class Decoder:
-    r""":math:`p_\theta(x_0 \mid x_1)` as a choice of the model: its distribution given the reverse mean and
+    r""":math:`p_\theta(x_0 \mid x_1)` as a choice of the model (subclasses are frozen dataclasses: equal when of
+    one kind with equal fields, hashable): its distribution given the reverse mean and
     variance at :math:`x_1`, and what it implies about the data's scale."""
 
     name: str = ""
@@ -147,16 +150,8 @@ class Decoder:
     def describe(self) -> str:
         return self.name
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.levels == self.levels
 
-    def __hash__(self) -> int:
-        return hash((self.name, self.levels))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
+@dataclass(frozen=True)
 class GaussianDecoder(Decoder):
     r""":math:`N(\mu_\theta(x_1, 1), \sigma_1^2 I)`: a density for continuous data (its :math:`L_0` may be negative)."""
 
@@ -169,17 +164,19 @@ class GaussianDecoder(Decoder):
         return "continuous Gaussian decoder (a density on the data's scale)"
 
 
+@dataclass(frozen=True)
 class DiscretizedDecoder(Decoder):
     r"""Data on a grid of ``levels`` values in [-1, 1], each scored by the Gaussian mass of its bin."""
 
     name = "discretized"
+    levels: int
 
-    def __init__(self, levels: int) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+    def __post_init__(self) -> None:
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2:
             raise ValueError(
-                f"the discretized decoder needs an integer number of levels >= 2 (256 for 8-bit images), got {levels!r}"
+                "the discretized decoder needs an integer number of levels >= 2 (256 for 8-bit images), "
+                f"got {self.levels!r}"
             )
-        self.levels = levels
 
     def distribution(self, loc, variance, event_dim):
         return DiscretizedGaussian(loc, variance.sqrt().expand_as(loc), self.levels).to_event(event_dim)
@@ -207,9 +204,6 @@ class DiscretizedDecoder(Decoder):
 
     def describe(self) -> str:
         return f"discretized decoder, {self.levels} levels" + (" (8-bit scale)" if self.is_8bit_scale else "")
-
-    def __repr__(self) -> str:
-        return f"DiscretizedDecoder(levels={self.levels})"
 
 
 DECODERS = ("gaussian", "discretized")

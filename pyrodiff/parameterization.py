@@ -19,6 +19,8 @@ and the specification share:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .gaussian import at_timesteps
@@ -61,7 +63,7 @@ def v_to_eps(v: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Ten
 
 # ---------------------------------------------------------------------- what the network predicts
 class Target:
-    """What the network's (first ``C``) output channels predict; :meth:`to_x0` turns them into
+    """A choice (a frozen dataclass: equal to another of its kind, hashable). What the network's (first ``C``) output channels predict; :meth:`to_x0` turns them into
     :math:`\\hat x_0`, given :math:`x_t` and :math:`\\bar\\alpha_t` broadcast against the data."""
 
     name: str = ""
@@ -69,16 +71,8 @@ class Target:
     def to_x0(self, out: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self)
 
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return f"Target({self.name!r})"
-
-
+@dataclass(frozen=True)
 class EpsilonTarget(Target):
     r"""The network predicts the noise :math:`\epsilon` (Ho et al. 2020)."""
 
@@ -88,6 +82,7 @@ class EpsilonTarget(Target):
         return eps_to_x0(out, xt, abar)
 
 
+@dataclass(frozen=True)
 class X0Target(Target):
     r"""The network predicts :math:`x_0` itself."""
 
@@ -97,6 +92,7 @@ class X0Target(Target):
         return out
 
 
+@dataclass(frozen=True)
 class VTarget(Target):
     r"""The network predicts :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1 - \bar\alpha_t}\,x_0`."""
 
@@ -134,21 +130,13 @@ class ReverseVariance:
         table = schedule.cached(f"reverse_variance_{self.name}", self.table, like.device, like.dtype)
         return at_timesteps(table, t, event_dim)
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return f"ReverseVariance({self.name!r})"
-
 
 def _clipped_posterior_variance(schedule: NoiseSchedule) -> torch.Tensor:
     r""":math:`\tilde\beta_t` with :math:`\tilde\beta_2` in place of :math:`\tilde\beta_1 = 0` (T >= 2)."""
     return torch.cat([schedule.posterior_variance[1:2], schedule.posterior_variance[1:]])
 
 
+@dataclass(frozen=True)
 class SmallVariance(ReverseVariance):
     r"""Fixed :math:`\sigma_t^2 = \tilde\beta_t` (:math:`\tilde\beta_2` at t = 1): the lower bound of Ho et al."""
 
@@ -158,6 +146,7 @@ class SmallVariance(ReverseVariance):
         return _clipped_posterior_variance(schedule)
 
 
+@dataclass(frozen=True)
 class LargeVariance(ReverseVariance):
     r"""Fixed :math:`\sigma_t^2 = \beta_t` (:math:`\tilde\beta_2` at t = 1): the upper bound of Ho et al."""
 
@@ -167,6 +156,7 @@ class LargeVariance(ReverseVariance):
         return torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
 
 
+@dataclass(frozen=True)
 class LearnedVariance(ReverseVariance):
     r"""Nichol & Dhariwal (2021, eq. 15): :math:`\sigma^2 = \exp(f \log\beta_t + (1 - f)\log\tilde\beta_t)`,
     :math:`f = (v + 1)/2`, per dimension; :math:`v = -1` gives "small", :math:`v = 1` gives :math:`\beta_t`."""

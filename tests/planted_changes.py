@@ -194,6 +194,36 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "the noise is drawn inside sample() and is symmetric: loc - scale z has the law of loc + scale z",
         ),
     ],
+    "pyrodiff/reverse.py": [
+        (
+            "step_var = torch.where(is_decoder, 1.0, var)",
+            "`1.0` -> `2.0`",
+            "a placeholder variance for the rows at t = 1, which the site's mask t >= 2 leaves out",
+        ),
+        (
+            "if self._sampled is not None and path is self._sampled[0]:",
+            "index `0` -> `-1` in `self._sampled[0]`",
+            "the cache is then never hit and predictions(path) recomputes the same mu(x_1, 1), sigma_1^2 "
+            "(one more network call, same values)",
+        ),
+        (
+            "if self._sampled is not None and path is self._sampled[0]:",
+            "index `0` -> `1` in `self._sampled[0]`",
+            "as above: the cache is never hit and the same values are recomputed",
+        ),
+    ],
+    "pyrodiff/samplers.py": [
+        (
+            'for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):',
+            "`not` dropped in `not progress`",
+            "shows or hides the progress bar only (on stderr); the draws are the same",
+        ),
+        (
+            'for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):',
+            "`1.0` -> `2.0`",
+            "the progress bar's refresh interval",
+        ),
+    ],
     "pyrodiff/traces.py": [
         (
             "return torch.cat([decoder.unsqueeze(-1), chain.T], dim=-1)",

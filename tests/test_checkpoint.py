@@ -6,22 +6,13 @@ import tempfile
 
 import pytest
 import torch
+from test_train import TINY_2D
 
 from pyrodiff import checkpoint as checkpoint_module
 from pyrodiff.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from pyrodiff.spec import Spec
 from pyrodiff.training import train
 
-TINY = Spec.from_dict(
-    {
-        "name": "tiny",
-        "data": {"name": "gaussians8"},
-        "schedule": {"kind": "linear", "num_steps": 10, "beta_start": 1e-3, "beta_end": 0.3},
-        "model": {"prediction": "epsilon", "variance": "small", "decoder": "gaussian"},
-        "network": {"kind": "mlp", "hidden": 8, "depth": 1},
-        "training": {"steps": 2, "batch_size": 8, "eval_examples": 16, "timestep_sampler": "importance"},
-    }
-)
+TINY = TINY_2D.with_changes({"training": {"steps": 2, "batch_size": 8, "timestep_sampler": "importance"}})
 
 
 class _RunsCode:
