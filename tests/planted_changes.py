@@ -25,6 +25,9 @@ annotations, ``__all__`` and ``TYPE_CHECKING`` blocks are left alone):
   ``math.log(x)`` ...) dropped;
 - ``min=``/``max=`` exchanged in ``clamp`` calls; ``minimum``/``maximum`` exchanged.
 
+``--operators extended`` adds every arithmetic operator to the others, reversed comparisons, ints to
+``n - 1`` and ``0``, floats to ``c / 2``, ``-c`` and ``0``.
+
 Mutants whose code is the same as the original's or an earlier mutant's (compared as ASTs) are dropped.
 Known equivalent changes (:data:`EQUIVALENT`, keyed by the changed line's text, so that an edit of the
 line brings the change back for review) are reported as such, with the reason.
@@ -127,7 +130,7 @@ DEFAULT_TESTS = {
         "tests/test_elbo_statistics.py",
     ],
     "pyrodiff/importance.py": ["tests/test_importance.py"],
-    "pyrodiff/samplers.py": ["tests/test_samplers.py", "tests/test_reverse.py"],
+    "pyrodiff/samplers.py": ["tests/test_samplers.py", "tests/test_reverse.py", "tests/test_loop.py"],
     "pyrodiff/reverse.py": [
         "tests/test_reverse.py",
         "tests/test_loop.py",
@@ -281,6 +284,25 @@ BINOP_SWAPS = {
     ast.Pow: [ast.Mult],
 }
 CMP_SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
+#: ``--operators extended``: every arithmetic operator to the others, comparisons reversed too, more constants
+EXTENDED_BINOP_SWAPS = {
+    ast.Add: [ast.Sub, ast.Mult, ast.Div],
+    ast.Sub: [ast.Add, ast.Mult, ast.Div],
+    ast.Mult: [ast.Div, ast.Add, ast.Sub, ast.Pow],
+    ast.Div: [ast.Mult, ast.Add, ast.Sub, ast.FloorDiv],
+    ast.FloorDiv: [ast.Div, ast.Mult],
+    ast.Pow: [ast.Mult, ast.Add, ast.Div],
+    ast.Mod: [ast.FloorDiv, ast.Mult],
+}
+EXTENDED_CMP_SWAPS = {
+    ast.Lt: [ast.LtE, ast.Gt, ast.GtE],
+    ast.LtE: [ast.Lt, ast.GtE, ast.Gt],
+    ast.Gt: [ast.GtE, ast.Lt, ast.LtE],
+    ast.GtE: [ast.Gt, ast.LtE, ast.Lt],
+    ast.Eq: [ast.NotEq],
+    ast.NotEq: [ast.Eq],
+}
+EXTENDED = False
 OP_SYMBOLS = {
     ast.Add: "+",
     ast.Sub: "-",
@@ -415,29 +437,35 @@ def _int_literal(value: int) -> ast.AST:
 def _changes(node: ast.AST):
     """(kind, description, replacement node) for each change of ``node`` itself."""
     seg = ast.unparse(node)
-    if isinstance(node, ast.BinOp) and type(node.op) in BINOP_SWAPS:
-        for new_op in BINOP_SWAPS[type(node.op)]:
+    binops = EXTENDED_BINOP_SWAPS if EXTENDED else BINOP_SWAPS
+    if isinstance(node, ast.BinOp) and type(node.op) in binops:
+        for new_op in binops[type(node.op)]:
             new = copy.deepcopy(node)
             new.op = new_op()
             yield "operator", f"`{OP_SYMBOLS[type(node.op)]}` -> `{OP_SYMBOLS[new_op]}` in `{seg}`", new
-    elif isinstance(node, ast.AugAssign) and type(node.op) in BINOP_SWAPS:
-        for new_op in BINOP_SWAPS[type(node.op)]:
+    elif isinstance(node, ast.AugAssign) and type(node.op) in binops:
+        for new_op in binops[type(node.op)]:
             new = copy.deepcopy(node)
             new.op = new_op()
             yield "operator", f"`{OP_SYMBOLS[type(node.op)]}=` -> `{OP_SYMBOLS[new_op]}=` in `{seg}`", new
     elif isinstance(node, ast.Compare):
         for i, op in enumerate(node.ops):
-            if type(op) in CMP_SWAPS:
+            swaps = (
+                EXTENDED_CMP_SWAPS.get(type(op), [])
+                if EXTENDED
+                else [CMP_SWAPS[type(op)]]
+                if type(op) in CMP_SWAPS
+                else []
+            )
+            for new_op in swaps:
                 new = copy.deepcopy(node)
-                new.ops[i] = CMP_SWAPS[type(op)]()
-                yield (
-                    "comparison",
-                    f"`{OP_SYMBOLS[type(op)]}` -> `{OP_SYMBOLS[CMP_SWAPS[type(op)]]}` in `{seg}`",
-                    new,
-                )
+                new.ops[i] = new_op()
+                yield "comparison", f"`{OP_SYMBOLS[type(op)]}` -> `{OP_SYMBOLS[new_op]}` in `{seg}`", new
     elif _is_number(node):
         value = node.value
         options = [value + 1] if isinstance(value, int) else [2 * value, value + 1]
+        if EXTENDED:
+            options += [value - 1, 0] if isinstance(value, int) else [value / 2, -value, 0.0]
         for v in options:
             yield "constant", f"`{value!r}` -> `{v!r}`", ast.Constant(v)
     elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -881,6 +909,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, help="seconds per mutant (default: 3 x the unchanged run + 30)")
     p.add_argument("--runner", choices=("fork", "subprocess"), default="fork")
     p.add_argument(
+        "--operators",
+        choices=("basic", "extended"),
+        default="basic",
+        help="basic: the changes listed above; extended: every arithmetic operator to the others, comparisons\n"
+        "reversed, ints also to n - 1 and 0, floats also to c / 2, -c and 0",
+    )
+    p.add_argument(
         "--hypothesis-seed",
         default="per-mutant",
         help="'per-mutant' (reproducible, derived from --seed), 'random', or an integer",
@@ -892,6 +927,8 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for <module>.json and <module>.md (default: %(default)s)",
     )
     args = p.parse_args(argv)
+    global EXTENDED
+    EXTENDED = args.operators == "extended"
     if args.jobs != 1:
         p.error("--jobs: only 1 is supported")
     modules = [m for spec in args.module for m in (FORMULA_MODULES if spec == "all" else [spec])]

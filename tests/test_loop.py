@@ -87,8 +87,9 @@ def test_sampled_paths_are_scored_as_the_loop_scores_them(decoder, levels, float
     assert torch.allclose(mt.nodes["x_0"]["log_prob"], lmt.nodes["x_0"]["log_prob"], rtol=1e-12)
     for k in range(1, T + 1):
         assert torch.allclose(mt.nodes["x_{1:T}"]["log_prob"][k - 1], lmt.nodes[f"x_{k}"]["log_prob"], rtol=1e-12)
-    # called without a batch size, the program draws one example
+    # called without a batch size, the program draws one example; so does sample(1)
     assert poutine.trace(model).get_trace(None).nodes["x_0"]["value"].shape == (1, 3)
+    assert model.sample(1).shape == (1, 3)
 
 
 def test_a_failing_network_is_named():
