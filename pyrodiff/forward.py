@@ -106,16 +106,19 @@ class _QPath(PathDistribution):
         increments = (c.betas / c.alphas_cumprod).sqrt().reshape(view) * eps
         return c.alphas_cumprod.sqrt().reshape(view) * (self.x0 + increments.cumsum(time_dim))
 
-    def _shifted(self, value: torch.Tensor, step: int) -> torch.Tensor:
-        """The path moved one step along time: ``step=+1`` gives row k -> x_{k+1} (last row repeated),
-        ``step=-1`` gives row k -> x_{k-1} (first row x_0)."""
-        time_dim = value.dim() - self.event_dim - 2
-        if step > 0:
-            return torch.cat(
-                [value.narrow(time_dim, 1, value.size(time_dim) - 1), value.narrow(time_dim, -1, 1)], time_dim
-            )
-        x0 = self.x0.expand(value.shape[:time_dim] + (1,) + value.shape[time_dim + 1 :])
-        return torch.cat([x0, value.narrow(time_dim, 0, value.size(time_dim) - 1)], time_dim)
+    def _time_dim(self, value: torch.Tensor) -> int:
+        return value.dim() - self.event_dim - 2
+
+    def _following(self, value: torch.Tensor) -> torch.Tensor:
+        """The path moved one step back in time: row k holds x_{k+1} (the last row, x_T, repeated)."""
+        d = self._time_dim(value)
+        return torch.cat([value.narrow(d, 1, value.size(d) - 1), value.narrow(d, -1, 1)], d)
+
+    def _preceding(self, value: torch.Tensor) -> torch.Tensor:
+        """The path moved one step forward in time: row k holds x_{k-1} (the first row, x_0)."""
+        d = self._time_dim(value)
+        x0 = self.x0.expand(value.shape[:d] + (1,) + value.shape[d + 1 :])
+        return torch.cat([x0, value.narrow(d, 0, value.size(d) - 1)], d)
 
 
 class QForwardOrder(_QPath):
@@ -125,7 +128,7 @@ class QForwardOrder(_QPath):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         c = self.schedule.coefficients(value.device, value.dtype)
         t = path_timesteps(self.batch_shape, self.x0.device)
-        loc = at_timesteps(c.alphas, t, self.event_dim).sqrt() * self._shifted(value, -1)
+        loc = at_timesteps(c.alphas, t, self.event_dim).sqrt() * self._preceding(value)
         return normal_log_prob(value, loc, at_timesteps(c.betas, t, self.event_dim), self.event_dim)
 
 
@@ -141,7 +144,7 @@ class QPosteriorOrder(_QPath):
         """Mean and variance of each row's conditional given the rest of the path ``value``."""
         T = self.schedule.num_steps
         t_parent = (path_timesteps(self.batch_shape, self.x0.device) + 1).clamp(max=T)
-        loc, var = q_posterior(self.schedule, self.x0, self._shifted(value, +1), t_parent)
+        loc, var = q_posterior(self.schedule, self.x0, self._following(value), t_parent)
         m_T, v_T = q_marginal(self.schedule, self.x0.expand_as(value), torch.full_like(t_parent, T))
         is_last = is_last_row(self.batch_shape, self.event_dim, value.device)
         return torch.where(is_last, m_T, loc), torch.where(is_last, v_T, var)

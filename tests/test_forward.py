@@ -238,10 +238,10 @@ def test_batches_are_checked():
 
 
 def test_shifted_paths():
-    """``_shifted(+1)`` puts x_{k+1} in row k (x_T repeated in the last row), ``_shifted(-1)`` puts x_{k-1} there
+    """``_following`` puts x_{k+1} in row k (x_T repeated in the last row), ``_preceding`` puts x_{k-1} there
     (x_0 in the first row); the repeated row is a placeholder that the posterior order replaces by q(x_T | x0)."""
     x0 = torch.tensor([[10.0, 20.0]])
     law = QPosteriorOrder(x0, NoiseSchedule.linear(3, 0.05, 0.3))
     path = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]])  # (T, N, D) = (3, 1, 2)
-    assert law._shifted(path, +1)[:, 0].tolist() == [[3.0, 4.0], [5.0, 6.0], [5.0, 6.0]]
-    assert law._shifted(path, -1)[:, 0].tolist() == [[10.0, 20.0], [1.0, 2.0], [3.0, 4.0]]
+    assert law._following(path)[:, 0].tolist() == [[3.0, 4.0], [5.0, 6.0], [5.0, 6.0]]
+    assert law._preceding(path)[:, 0].tolist() == [[10.0, 20.0], [1.0, 2.0], [3.0, 4.0]]
