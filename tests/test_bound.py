@@ -1,5 +1,6 @@
 """The decomposition of the bound: closed forms, the trace identity, draws, reports."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
-from pyrodiff.bound import bound_terms
+from pyrodiff.bound import BoundTerms, bound_terms
 from pyrodiff.report import write_report
 from pyrodiff.testing import LinearDenoiser, linear_case
 from pyrodiff.traces import trace_terms
@@ -180,3 +181,36 @@ def test_compare_bounds_script(tmp_path, float64):
     assert compare([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "A", "B", "--out", str(tmp_path / "c")]) == 0
     table = (tmp_path / "c" / "compare.md").read_text()
     assert "| A |" in table and "| B |" in table and (tmp_path / "c" / "compare.png").exists()
+
+
+def test_standard_errors_with_one_example_come_from_the_draws():
+    """With one example, the Monte Carlo error across draws is all there is: sd over draws / sqrt(S); with one
+    draw of one example there is no error to estimate (NaN)."""
+    from pyrodiff.decoders import GaussianDecoder
+
+    nats = torch.tensor([[[1.0, 2.0, 3.0]], [[3.0, 2.0, 7.0]], [[2.0, 5.0, 2.0]]], dtype=torch.float64)  # (S=3, N=1, 3)
+    terms = BoundTerms(nats, torch.zeros(3, 1, 2), 4, GaussianDecoder(), {})
+    expected = nats[:, 0].std(0) / 3**0.5
+    assert torch.allclose(terms.stderr(), expected)
+    assert terms.total_stderr() == pytest.approx((nats.sum(-1)[:, 0].std() / 3**0.5).item())
+    assert torch.isnan(BoundTerms(nats[:1], torch.zeros(1, 1, 2), 4, GaussianDecoder(), {}).stderr()).all()
+    two = BoundTerms(torch.cat([nats, nats + 1], 1), torch.zeros(3, 2, 2), 4, GaussianDecoder(), {})
+    per_example = two.nats.mean(0)
+    assert torch.allclose(two.stderr(), per_example.std(0) / 2**0.5)  # two examples: across examples
+
+
+def test_views_of_the_terms():
+    """total, rate (L_1 .. L_T), distortion (L_0), bits/dim and the mean of each term, from known draws."""
+    from pyrodiff.decoders import GaussianDecoder
+
+    g = torch.Generator().manual_seed(0)
+    nats = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)
+    terms = BoundTerms(nats, torch.zeros(2, 3, 4), 6, GaussianDecoder(), {})
+    assert torch.allclose(terms.total, nats[..., 0] + nats[..., 1] + nats[..., 2] + nats[..., 3] + nats[..., 4])
+    assert torch.allclose(terms.rate, nats[..., 1] + nats[..., 2] + nats[..., 3] + nats[..., 4])
+    assert torch.equal(terms.distortion, nats[..., 0])
+    assert torch.allclose(terms.bits_per_dim, nats / (6 * math.log(2)))
+    assert torch.allclose(terms.mean(), nats.sum((0, 1)) / 6)
+    assert terms.num_steps == 4
+    one = BoundTerms(nats[:, :1], torch.zeros(2, 1, 4), 6, GaussianDecoder(), {})  # two draws of one example
+    assert torch.allclose(one.stderr(), nats[:, 0].std(0) / 2**0.5)
