@@ -4,7 +4,9 @@ The subsampled program (:mod:`pyrodiff.timesteps`) scores, for each drawn timest
 :math:`\ell_t` (:math:`L_0` at t = 1, :math:`L_{t-1}` for t >= 2).  For a Gaussian reverse step,
 :math:`L_{t-1} = w_t\, E\|\epsilon - \hat\epsilon_\theta\|^2` with
 :math:`w_t = \frac{\beta_t^2}{2 \sigma_t^2 \alpha_t (1 - \bar\alpha_t)}` (Ho et al. 2020, eq. 12), whatever
-the network predicts (:math:`\hat\epsilon_\theta` is the noise implied by its output).  An objective
+the network predicts (:math:`\hat\epsilon_\theta` is the noise implied by its output), up to a constant that
+does not depend on :math:`\theta` (zero for the "small" variance; for "large" the mismatch of the variances,
+:math:`\tfrac D2[\log(\sigma_t^2/\tilde\beta_t) + \tilde\beta_t/\sigma_t^2 - 1]`).  An objective
 multiplies :math:`\ell_t` by :math:`\lambda_t` through ``pyro.poutine``'s scale, in model and guide alike:
 
 - ``"elbo"``: :math:`\lambda_t = 1`.  **The only one that is a bound** on :math:`-\log p_\theta(x_0)`.
