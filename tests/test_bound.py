@@ -7,14 +7,11 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from pyro import poutine
-from pyro.infer import Trace_ELBO
 
-from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
+from pyrodiff import DiffusionModel, NoiseSchedule
 from pyrodiff.bound import BoundTerms, bound_terms
 from pyrodiff.report import write_report
 from pyrodiff.testing import LinearDenoiser, linear_case
-from pyrodiff.traces import trace_terms
 
 T = 8
 SCHEDULE = NoiseSchedule.linear(T, 0.02, 0.4)
@@ -114,29 +111,6 @@ def test_trajectory_draws_are_one_forward_path_across_chunks(float64):
     independent = bound_terms(model, x0, num_samples=1, draws="independent", chunk_size=2).x0_sq_error[0]
     se = (independent[:, 1] * independent[:, 2]).std() / np.sqrt(len(independent))
     assert abs(torch.cov(independent[:, 1:3].T)[0, 1]) < 4 * se
-
-
-@pytest.mark.parametrize("order", ["posterior", "forward"])
-def test_trace_terms_sum_to_the_trace_elbo_loss(order, float64):
-    model, x0, exact = _model()
-    guide = DiffusionGuide(SCHEDULE, order)
-    pyro.set_rng_seed(4)
-    gt = poutine.trace(guide).get_trace(x0)
-    mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0)
-    terms = trace_terms(mt, gt)
-    assert terms.shape == (4, T + 1)
-    pyro.set_rng_seed(4)
-    loss = Trace_ELBO(max_plate_nesting=2).loss(model, guide, x0)  # same draws: no extra trace to guess nesting
-    assert terms.sum().item() == pytest.approx(loss, rel=1e-12)
-    # the posterior-order trace terms are single-sample estimates of the same L_k
-    if order == "posterior":
-        draws = []
-        for _ in range(400):
-            gt = poutine.trace(guide).get_trace(x0)
-            draws.append(trace_terms(poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0), gt))
-        draws = torch.stack(draws).detach()
-        z = (draws.mean(0).numpy() - exact) / (draws.std(0).numpy() / 20)
-        assert np.abs(z).max() < 4
 
 
 def test_every_kl_term_is_non_negative(float64):
