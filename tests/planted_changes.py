@@ -11,8 +11,10 @@ in the copy (``-m 'not slow'`` comes from the pyproject's addopts) with a timeou
 and records whether the change was caught (``killed``: some test failed or errored), ``survived`` or
 ``timeout``.  The working tree is never written to.
 
-Changes planted (each alone; code only: docstrings, other strings, f-strings, ``raise`` statements,
-annotations, ``__all__`` and ``TYPE_CHECKING`` blocks are left alone):
+Changes planted (each alone; code only: docstrings, other strings, f-strings, ``raise`` statements and
+``warn`` calls (messages), annotations, ``__all__`` and ``TYPE_CHECKING`` blocks are left alone; function
+bodies, default arguments and module- or class-level constants are all code, e.g. the cosine schedule's
+``s = 0.008``):
 
 - arithmetic operators ``+``/``-``, ``*``/``/``, ``//`` -> ``/``, ``**`` -> ``*`` (also in ``x += y``);
 - comparisons ``<``/``<=``, ``>``/``>=``, ``==``/``!=``;
@@ -34,16 +36,20 @@ line brings the change back for review) are reported as such, with the reason.
 
 Runs are fast because a server process imports torch, pyro, numpy, scipy and pytest once and forks one
 child per mutant, which runs ``pytest.main`` in the copy (``--runner subprocess`` runs
-``python -m pytest`` instead).  Before planting anything the script checks that the copy's package is
-the one imported (``pyrodiff.__file__``), that a planted syntax error is caught, and that the unchanged
-copy passes.
+``python -m pytest`` instead); the fork runner also skips Hypothesis's shrinking of a failing example
+(a failure is all that is needed).  Each run gets its own Hypothesis seed (``--hypothesis-seed``,
+reproducible from ``--seed``) and no example database (``.hypothesis`` is removed before each run).
+Before planting anything the script checks that the copy's package is the one imported
+(``pyrodiff.__file__``, with ``PYTHONPATH`` set to the copy and the copy as working directory), that a
+planted syntax error is caught, and that the unchanged copy passes.  The exit status is 1 if any change
+survived (equivalent ones excepted).
 
 Examples::
 
     python tests/planted_changes.py --module pyrodiff/parameterization.py
     python tests/planted_changes.py --module pyrodiff/schedule.py --list
     python tests/planted_changes.py --module pyrodiff/gaussian.py --only 3,7 --tests tests/test_gaussian.py
-    python tests/planted_changes.py --module all --out planted
+    python tests/planted_changes.py --module all --out /tmp/planted
 
 Writes ``<out>/<module>.json`` (every mutant) and ``<out>/<module>.md`` (summary, survivors, equivalents).
 """
