@@ -36,7 +36,7 @@ def loop_terms(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:
         xt = loc + var.sqrt() * torch.randn_like(x0)
         mean, var_p, _ = model.predict(xt, t)
         if step == 1:
-            terms.append(-model.decoder_distribution(mean, var_p, event_dim).log_prob(x0))
+            terms.append(-model.decoder.distribution(mean, var_p, event_dim).log_prob(x0))
         else:
             loc_q, var_q = q_posterior(model.schedule, x0, xt, t)
             terms.append(normal_kl(loc_q, var_q, mean, var_p, event_dim))

@@ -34,7 +34,7 @@ def plain_pytorch_loss(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:
     loc_q, var_q = q_posterior(schedule, x0, xt, t)
     first = expand_event(t == 1, event_dim)
     kl = normal_kl(loc_q, torch.where(first, torch.ones_like(var_q), var_q), mean, var_p, event_dim)
-    nll = -model.decoder_distribution(torch.where(first, mean, x0), var_p, event_dim).log_prob(x0)
+    nll = -model.decoder.distribution(torch.where(first, mean, x0), var_p, event_dim).log_prob(x0)
     m_T, v_T = q_marginal(schedule, x0, torch.full_like(t, T))
     prior = normal_kl(m_T, v_T, torch.zeros_like(x0), torch.ones_like(v_T), event_dim)
     return (T * torch.where(t == 1, nll, kl) + prior).sum()

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .decoders import Decoder
 from .forward import q_marginal, q_posterior
 from .gaussian import normal_kl
-from .reverse import DiffusionModel
+from .reverse import ReverseChain
 
 __all__ = ["bound_terms", "BoundTerms", "nats_to_bits_per_dim", "DRAWS"]
 
@@ -121,7 +121,7 @@ def _stderr_over_examples(values: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def bound_terms(
-    model: DiffusionModel,
+    model: ReverseChain,
     x0: torch.Tensor,
     num_samples: int = 1,
     draws: str = "independent",
@@ -130,7 +130,9 @@ def bound_terms(
 ) -> BoundTerms:
     r"""Draws of every term :math:`L_0 .. L_T` of the bound for the examples ``x0``: see the module docstring.
 
-    :param model: the reverse chain (its network is evaluated in chunks of ``chunk_size`` timesteps).
+    :param model: the reverse chain (a :class:`~pyrodiff.reverse.DiffusionModel`'s network is evaluated in chunks of
+        ``chunk_size`` timesteps; a chain whose steps have no closed-form KL, such as
+        :class:`~pyrodiff.empirical.EmpiricalReverse`, gives a one-draw Monte Carlo estimate of each KL term).
     :param x0: data ``(N, *D)`` on the model's device.
     :param num_samples: S, independent draws of the noisy inputs.
     :param draws: ``"independent"`` per timestep, or ``"trajectory"`` (one forward path per draw).
@@ -171,18 +173,16 @@ def bound_terms(
                 path = scaled_sum + eps.cumsum(0)
                 scaled_sum = path[-1]
                 xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
-            mean, var_p, x0_hat = model.predict(xt, tt)
-            _check_finite(mean, t)
-            sq_error[s, :, t - 1] = (model.decoder.reconstruction(x0_hat) - x0k).pow(2).sum(sum_event).T
+            step = model.predict(xt, tt)
+            _check_finite(step.mean, t)
+            sq_error[s, :, t - 1] = (model.decoder.reconstruction(step.x0) - x0k).pow(2).sum(sum_event).T
             # L_{t-1} for t >= 2 in this chunk
             kl_rows = t >= 2
             if kl_rows.any():
                 loc_q, var_q = q_posterior(schedule, x0k[kl_rows], xt[kl_rows], tt[kl_rows])
-                kl = normal_kl(loc_q, var_q, mean[kl_rows], var_p[kl_rows], event_dim)
-                nats[s, :, t[kl_rows] - 1] = kl.T
+                nats[s, :, t[kl_rows] - 1] = step.select(kl_rows).kl_from(loc_q, var_q, event_dim).T
             if start == 1:  # L_0 from the draw of x_1
-                decoder = model.decoder_distribution(mean[0], var_p[0], event_dim)
-                nats[s, :, 0] = -decoder.log_prob(x0)
+                nats[s, :, 0] = -step.select(0).decoder(model.decoder, event_dim).log_prob(x0)
             bar.update(K)
     bar.close()
     _check_finite(nats.transpose(0, 2), torch.arange(T + 1, device=x0.device) + 1)

@@ -15,7 +15,6 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from torch.distributions import Normal, register_kl
 
 from .forward import ForwardTransition, QForwardOrder, QPosteriorOrder
-from .gaussian import normal_kl
 from .reverse import PTheta
 
 __all__ = ["FORWARD_ORDER_MEAN_FIELD_ERROR"]
@@ -40,7 +39,4 @@ def _kl_posterior_order_reverse(q: QPosteriorOrder, p: PTheta) -> torch.Tensor:
     :math:`\mathrm{KL}(q(x_T \mid x_0) \,\|\, N(0, I))`, along the path the model was evaluated on (the
     guide's sample, replayed).  Their sum is the Rao-Blackwellised rate that ``TraceMeanField_ELBO`` uses;
     it is unbiased because the guide is in posterior order."""
-    path = p.evaluated_path()
-    loc_q, var_q = q.conditionals(path)
-    loc_p, var_p = p.parent_params(path)
-    return normal_kl(loc_q, var_q, loc_p, var_p, p.event_dim)
+    return p.kl_from(*q.conditionals(p.evaluated_path()))

@@ -28,10 +28,10 @@ def loop_model(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:
         x = pyro.sample(f"x_{T}", dist.Normal(torch.zeros_like(x0), 1.0).to_event(event_dim))
         for step in range(T, 0, -1):
             t = torch.full((N,), step, device=x0.device, dtype=torch.long)
-            mean, var, _ = model.predict(x, t)
+            law = model.predict(x, t)
             if step > 1:
-                x = pyro.sample(f"x_{step - 1}", dist.Normal(mean, var.sqrt()).to_event(event_dim))
-        return pyro.sample("x_0", model.decoder_distribution(mean, var, event_dim), obs=x0)
+                x = pyro.sample(f"x_{step - 1}", law.transition(event_dim))
+        return pyro.sample("x_0", law.decoder(model.decoder, event_dim), obs=x0)
 
 
 def loop_guide(guide: DiffusionGuide, x0: torch.Tensor) -> None:

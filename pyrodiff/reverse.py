@@ -21,38 +21,217 @@ runs DDPM's ancestral sampler (:func:`pyrodiff.samplers.ancestral`), T sequentia
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from .decoders import Decoder, parse_decoder
 from .forward import SCHEDULE_KEY, check_batch, q_marginal, q_posterior
-from .gaussian import at_timesteps, expand_event, normal_log_prob
+from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
 from .parameterization import ReverseVariance, Target, parse_target, parse_variance
 from .path import PathDistribution, path_timesteps
 from .samplers import ancestral
 from .schedule import NoiseSchedule
 from .timesteps import draw_timesteps, step_scale
 
-__all__ = ["DiffusionModel", "PTheta", "Prediction"]
+__all__ = ["DiffusionModel", "PTheta", "Prediction", "ReverseChain", "ReverseStep"]
+
+
+class ReverseStep(Protocol):
+    r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of rows, as a reverse chain gives it
+    (:meth:`ReverseChain.predict`); at rows with t = 1 the variable is :math:`x_0` and the law is the
+    decoder's.  :class:`Prediction` is the Gaussian step of a network; the exact reverse process of a
+    data set (:class:`~pyrodiff.empirical.EmpiricalReverse`) gives a mixture.  What every consumer
+    (the Pyro program, :func:`~pyrodiff.bound.bound_terms`, the samplers) uses:"""
+
+    #: :math:`E[x_{t-1} \mid x_t]` (at t = 1 the decoder's mean)
+    mean: torch.Tensor
+    #: the implied prediction :math:`\hat x_0(x_t)` (progressive decoding)
+    x0: torch.Tensor
+    #: whether :meth:`kl_from` is exact (else a one-draw Monte Carlo estimate)
+    analytic_kl: bool
+
+    def log_prob(self, value: torch.Tensor, event_dim: int) -> torch.Tensor:
+        r""":math:`\log p(x_{t-1} = \text{value} \mid x_t)` for rows with t >= 2."""
+
+    def kl_from(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int) -> torch.Tensor:
+        r""":math:`\mathrm{KL}(N(\text{loc}, \text{variance}\, I) \,\|\, p(x_{t-1} \mid x_t))` for rows with t >= 2."""
+
+    def draw(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw of :math:`x_{t-1}` (rows with t >= 2) from standard normal ``noise`` of the data's shape."""
+
+    def transition(self, event_dim: int) -> TorchDistribution:
+        r""":math:`p(x_{t-1} \mid x_t)` as a distribution (rows with t >= 2; the others must stay finite)."""
+
+    def decoder(
+        self, decoder: Decoder, event_dim: int, rows: torch.Tensor | None = None, fill: torch.Tensor | None = None
+    ) -> TorchDistribution:
+        r"""The decoder :math:`p(x_0 \mid x_1)` (rows with t = 1).  Given the boolean ``rows`` where it is used (a
+        caller masks the others), the other rows' mean may be set to ``fill`` (the data), so that no infinite
+        log-density or NaN gradient arises where the result is masked."""
+
+    def decode(self, decoder: Decoder, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw of :math:`x_0` from :meth:`decoder` given standard normal ``noise``."""
+
+    def select(self, index) -> ReverseStep:
+        """The rows ``index`` (any index of the leading dim)."""
 
 
 class Prediction(NamedTuple):
-    r"""What one network call gives for :math:`x_t`: the reverse step :math:`N(\text{mean}, \text{variance})`
+    r"""What one network call gives for :math:`x_t`: the Gaussian reverse step :math:`N(\text{mean}, \text{variance})`
     and the implied :math:`\hat x_0`.  ``variance`` broadcasts against ``mean``: shape ``t.shape + (1, ...)``
-    for fixed variances, the data's shape for learned ones."""
+    for fixed variances, the data's shape for learned ones.  A :class:`ReverseStep`."""
 
     mean: torch.Tensor
     variance: torch.Tensor
     x0: torch.Tensor
 
+    analytic_kl = True
 
-class DiffusionModel(nn.Module):
-    r"""The reverse chain as a Pyro model, :math:`p(x_T)\prod_{t \ge 2} p_\theta(x_{t-1} \mid x_t)\, p_\theta(x_0 \mid x_1)`.
+    def log_prob(self, value: torch.Tensor, event_dim: int) -> torch.Tensor:
+        return normal_log_prob(value, self.mean, self.variance, event_dim)
+
+    def kl_from(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int) -> torch.Tensor:
+        return normal_kl(loc, variance, self.mean, self.variance, event_dim)
+
+    def draw(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean + self.variance.sqrt() * noise
+
+    def transition(self, event_dim: int) -> TorchDistribution:
+        return dist.Normal(self.mean, self.variance.sqrt()).to_event(event_dim)
+
+    def decoder(self, decoder, event_dim, rows=None, fill=None):
+        loc = self.mean if rows is None else torch.where(expand_event(rows, event_dim), self.mean, fill)
+        return decoder.distribution(loc, self.variance, event_dim)
+
+    def decode(self, decoder: Decoder, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return decoder.draw(self.mean, self.variance, noise)
+
+    def select(self, index) -> Prediction:
+        return Prediction(self.mean[index], self.variance[index], self.x0[index])
+
+
+class ReverseChain(nn.Module):
+    r"""A reverse chain as a Pyro model, :math:`p(x_T)\prod_{t \ge 2} p(x_{t-1} \mid x_t)\, p(x_0 \mid x_1)` with
+    :math:`p(x_T) = N(0, I)`: the program (its sites, the call signature, sampling, the data checks) shared by
+    every reverse chain.  A subclass says what the law of :math:`x_{t-1}` given :math:`x_t` is
+    (:meth:`predict`, a :class:`ReverseStep`): :class:`DiffusionModel` from a network,
+    :class:`~pyrodiff.empirical.EmpiricalReverse` exactly, from a data set.
+
+    Called as ``model(x0, subsample_steps=None)``, as the guide is.  ``model(None, batch_size=n)``
+    draws n samples ancestrally (also through ``pyro.infer.Predictive``).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, decoder: Decoder, data_shape: tuple[int, ...] | None) -> None:
+        super().__init__()
+        if schedule.num_steps < 2:
+            raise ValueError("a diffusion model needs T >= 2 steps")
+        self.schedule = schedule
+        self.decoder = decoder
+        self.data_shape = None if data_shape is None else tuple(data_shape)
+
+    @property
+    def levels(self) -> int | None:
+        """The discretized decoder's number of levels (None for the Gaussian decoder)."""
+        return self.decoder.levels
+
+    def describe(self) -> dict:
+        """The model's choices as plain data (recorded in reports and their comparisons)."""
+        return {
+            "decoder": self.decoder.name,
+            "levels": self.decoder.levels,
+            "schedule": dict(self.schedule.description),
+        }
+
+    def device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where samples are drawn."""
+        raise NotImplementedError
+
+    def predict(self, xt: torch.Tensor, t: torch.Tensor) -> ReverseStep:
+        r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of any leading shape ``t.shape``."""
+        raise NotImplementedError
+
+    def _register(self) -> None:
+        """Register parameters with Pyro's param store, if the chain has any."""
+
+    # ------------------------------------------------------------------ the program
+    def forward(
+        self, x0: torch.Tensor | None = None, subsample_steps: int | None = None, *, batch_size: int | None = None
+    ) -> torch.Tensor:
+        self._register()
+        with _SameSchedule(self.schedule):
+            if x0 is None:
+                if subsample_steps is not None:
+                    raise ValueError("subsample_steps scores data; sampling (x0=None) always runs the full chain")
+                if self.data_shape is None:
+                    raise ValueError(
+                        "to sample, give the DiffusionModel a data_shape (or score one batch of data first)"
+                    )
+                if batch_size is not None and (
+                    isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+                ):
+                    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+                return self._full_chain(None, batch_size or 1, self.data_shape)
+            self.check_data(x0)
+            if subsample_steps is None:
+                out = self._full_chain(x0, x0.shape[0], tuple(x0.shape[1:]))
+            else:
+                out = self._subsampled(x0, subsample_steps)
+        if self.data_shape is None:  # learnt only from a batch that was scored without error
+            self.data_shape = tuple(x0.shape[1:])
+        return out
+
+    def _full_chain(self, x0: torch.Tensor | None, N: int, data_shape: tuple[int, ...]) -> torch.Tensor:
+        device, dtype = (x0.device, x0.dtype) if x0 is not None else self.device_and_dtype()
+        chain = PTheta(self, N, data_shape, device, dtype)
+        with pyro.plate("data", N, dim=-1):
+            with pyro.plate("time", self.schedule.num_steps, dim=-2):
+                path = pyro.sample("x_{1:T}", chain)
+            return pyro.sample("x_0", chain.decoder_law(path), obs=x0)
+
+    def _subsampled(self, x0: torch.Tensor, subsample_steps: int) -> torch.Tensor:
+        T, N, event_dim = self.schedule.num_steps, x0.shape[0], x0.dim() - 1
+        t = draw_timesteps(N, subsample_steps, T, x0.device)
+        with pyro.plate("data", N, dim=-1):
+            pyro.sample("x_T", dist.Normal(torch.zeros_like(x0), torch.ones_like(x0)).to_event(event_dim))
+            x0 = x0.expand(t.shape + x0.shape[1:])
+            with pyro.plate("steps", subsample_steps, dim=-2), pyro.poutine.scale(scale=step_scale(t, T)):
+                loc, var = q_marginal(self.schedule, x0, t)
+                xt = pyro.sample("x_t", dist.Normal(loc, var.sqrt()).to_event(event_dim))
+                step = self.predict(xt, t)
+                pyro.sample("x_{t-1}", step.transition(event_dim).mask(t >= 2))
+                pyro.sample("x_0", step.decoder(self.decoder, event_dim, t == 1, x0).mask(t == 1), obs=x0)
+        return xt
+
+    def check_data(self, x0: torch.Tensor) -> None:
+        """Refuse what is not a batch of data of the model's shape, and, while Pyro's validation is enabled
+        (the default; the value checks read the data, a device synchronisation on a GPU, like Pyro's checks
+        of distribution arguments), non-finite data or data off the decoder's grid.  ``pyrodiff train``
+        checks the whole training set once and trains with validation off.  Nothing is changed."""
+        check_batch(x0)
+        if self.data_shape is not None and tuple(x0.shape[1:]) != self.data_shape:
+            raise ValueError(
+                f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}"
+            )
+        if dist.is_validation_enabled():
+            self.decoder.check(x0)
+
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int, *, generator: torch.Generator | None = None, progress: bool = False
+    ) -> torch.Tensor:
+        """``num_samples`` draws of :math:`x_0` by ancestral sampling (:func:`pyrodiff.samplers.ancestral`)."""
+        return ancestral(self, num_samples, generator=generator, progress=progress)
+
+
+class DiffusionModel(ReverseChain):
+    r"""The reverse chain of a network, :math:`p(x_T)\prod_{t \ge 2} p_\theta(x_{t-1} \mid x_t)\, p_\theta(x_0 \mid x_1)`
+    with Gaussian steps :math:`N(\mu_\theta(x_t, t), \sigma_t^2 I)`.
 
     :param network: any module called as ``network(x_t, t)`` with ``x_t`` of shape ``(B, *D)`` and
         ``t`` a LongTensor of shape ``(B,)`` holding math timesteps 1..T; returns shape ``(B, *D)``, or
@@ -82,15 +261,11 @@ class DiffusionModel(nn.Module):
         levels: int | None = None,
         data_shape: tuple[int, ...] | None = None,
     ) -> None:
-        super().__init__()
-        self.prediction = parse_target(prediction)
-        self.variance = parse_variance(variance)
-        self.decoder = parse_decoder(decoder, levels)
-        if schedule.num_steps < 2:
-            raise ValueError("a diffusion model needs T >= 2 steps")
+        prediction, variance = parse_target(prediction), parse_variance(variance)
+        super().__init__(schedule, parse_decoder(decoder, levels), data_shape)
+        self.prediction = prediction
+        self.variance = variance
         self.network = network
-        self.schedule = schedule
-        self.data_shape = None if data_shape is None else tuple(data_shape)
         #: if set (e.g. ``torch.bfloat16``), the network runs under autocast to this dtype; its output
         #: is cast back to the data's dtype, so every log-density stays in full precision
         self.autocast_dtype: torch.dtype | None = None
@@ -100,20 +275,8 @@ class DiffusionModel(nn.Module):
         #: few milliseconds per step)
         self.register_with_pyro = True
 
-    @property
-    def levels(self) -> int | None:
-        """The discretized decoder's number of levels (None for the Gaussian decoder)."""
-        return self.decoder.levels
-
     def describe(self) -> dict:
-        """The model's choices as plain data (recorded in reports and their comparisons)."""
-        return {
-            "prediction": self.prediction.name,
-            "variance": self.variance.name,
-            "decoder": self.decoder.name,
-            "levels": self.decoder.levels,
-            "schedule": dict(self.schedule.description),
-        }
+        return {"prediction": self.prediction.name, "variance": self.variance.name, **super().describe()}
 
     def device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where samples are drawn: the device and dtype of the network's parameters."""
@@ -125,6 +288,10 @@ class DiffusionModel(nn.Module):
         return DiffusionModel(
             network, self.schedule, self.prediction, self.variance, self.decoder, None, self.data_shape
         )
+
+    def _register(self) -> None:
+        if self.register_with_pyro:
+            pyro.module("network", self.network)
 
     # ------------------------------------------------------------------ transitions
     def predict(self, xt: torch.Tensor, t: torch.Tensor) -> Prediction:
@@ -172,107 +339,25 @@ class DiffusionModel(nn.Module):
             )
         return out
 
-    def decoder_distribution(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int):
-        r""":math:`p_\theta(x_0 \mid x_1)` with mean ``loc`` = :math:`\mu_\theta(x_1, 1)` and variance :math:`\sigma_1^2`."""
-        return self.decoder.distribution(loc, variance, event_dim)
-
-    # ------------------------------------------------------------------ the program
-    def forward(
-        self, x0: torch.Tensor | None = None, subsample_steps: int | None = None, *, batch_size: int | None = None
-    ) -> torch.Tensor:
-        if self.register_with_pyro:
-            pyro.module("network", self.network)
-        with _SameSchedule(self.schedule):
-            if x0 is None:
-                if subsample_steps is not None:
-                    raise ValueError("subsample_steps scores data; sampling (x0=None) always runs the full chain")
-                if self.data_shape is None:
-                    raise ValueError(
-                        "to sample, give the DiffusionModel a data_shape (or score one batch of data first)"
-                    )
-                if batch_size is not None and (
-                    isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-                ):
-                    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-                return self._full_chain(None, batch_size or 1, self.data_shape)
-            self.check_data(x0)
-            if subsample_steps is None:
-                out = self._full_chain(x0, x0.shape[0], tuple(x0.shape[1:]))
-            else:
-                out = self._subsampled(x0, subsample_steps)
-        if self.data_shape is None:  # learnt only from a batch that was scored without error
-            self.data_shape = tuple(x0.shape[1:])
-        return out
-
-    def _full_chain(self, x0: torch.Tensor | None, N: int, data_shape: tuple[int, ...]) -> torch.Tensor:
-        device, dtype = (x0.device, x0.dtype) if x0 is not None else self.device_and_dtype()
-        chain = PTheta(self, N, data_shape, device, dtype)
-        with pyro.plate("data", N, dim=-1):
-            with pyro.plate("time", self.schedule.num_steps, dim=-2):
-                path = pyro.sample("x_{1:T}", chain)
-            loc, var = chain.decoder_params(path)
-            return pyro.sample("x_0", self.decoder_distribution(loc, var, len(data_shape)), obs=x0)
-
-    def _subsampled(self, x0: torch.Tensor, subsample_steps: int) -> torch.Tensor:
-        T, N, event_dim = self.schedule.num_steps, x0.shape[0], x0.dim() - 1
-        t = draw_timesteps(N, subsample_steps, T, x0.device)
-        with pyro.plate("data", N, dim=-1):
-            pyro.sample("x_T", dist.Normal(torch.zeros_like(x0), torch.ones_like(x0)).to_event(event_dim))
-            x0 = x0.expand(t.shape + x0.shape[1:])
-            with pyro.plate("steps", subsample_steps, dim=-2), pyro.poutine.scale(scale=step_scale(t, T)):
-                loc, var = q_marginal(self.schedule, x0, t)
-                xt = pyro.sample("x_t", dist.Normal(loc, var.sqrt()).to_event(event_dim))
-                mean, var, _ = self.predict(xt, t)
-                is_decoder = expand_event(t == 1, event_dim)
-                step_var = torch.where(is_decoder, 1.0, var)
-                pyro.sample("x_{t-1}", dist.Normal(mean, step_var.sqrt()).to_event(event_dim).mask(t >= 2))
-                # rows with t >= 2 are masked out of the decoder; their mean is set to the data so
-                # that no infinite log-density (and NaN gradient) can arise there
-                decoder_loc = torch.where(is_decoder, mean, x0)
-                decoder = self.decoder_distribution(decoder_loc, var, event_dim).mask(t == 1)
-                pyro.sample("x_0", decoder, obs=x0)
-        return xt
-
-    def check_data(self, x0: torch.Tensor) -> None:
-        """Refuse what is not a batch of data of the model's shape, and, while Pyro's validation is enabled
-        (the default; the value checks read the data, a device synchronisation on a GPU, like Pyro's checks
-        of distribution arguments), non-finite data or data off the decoder's grid.  ``pyrodiff train``
-        checks the whole training set once and trains with validation off.  Nothing is changed."""
-        check_batch(x0)
-        if self.data_shape is not None and tuple(x0.shape[1:]) != self.data_shape:
-            raise ValueError(
-                f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}"
-            )
-        if dist.is_validation_enabled():
-            self.decoder.check(x0)
-
-    @torch.no_grad()
-    def sample(
-        self, num_samples: int, *, generator: torch.Generator | None = None, progress: bool = False
-    ) -> torch.Tensor:
-        """``num_samples`` draws of :math:`x_0` by ancestral sampling (:func:`pyrodiff.samplers.ancestral`)."""
-        return ancestral(self, num_samples, generator=generator, progress=progress)
-
 
 class PTheta(PathDistribution):
-    r"""The reverse chain's law :math:`p_\theta(x_{1:T})` of the path (batch shape ``(T, N)``, the data's event
-    shape).
+    r"""A reverse chain's law :math:`p(x_{1:T})` of the path (batch shape ``(T, N)``, the data's event shape).
 
-    ``log_prob`` row k < T is :math:`\log p_\theta(x_k \mid x_{k+1})`, row T is :math:`\log N(x_T; 0, I)`.
-    The network's means and variances along a path are computed in one batched call and kept for that
-    path, so that the decoder (which needs :math:`\mu_\theta(x_1, 1)`), ``log_prob`` and the analytic KL to the
-    posterior-order guide (``TraceMeanField_ELBO``, :mod:`pyrodiff.kl`) share them.  ``sample`` is the
-    ancestral sampler.
+    ``log_prob`` row k < T is :math:`\log p(x_k \mid x_{k+1})`, row T is :math:`\log N(x_T; 0, I)`.
+    The steps along a path (:meth:`ReverseChain.predict`, one batched network call for a
+    :class:`DiffusionModel`) are computed once and kept for that path, so that the decoder (the step at
+    :math:`x_1`), ``log_prob`` and the analytic KL to the posterior-order guide (``TraceMeanField_ELBO``,
+    :mod:`pyrodiff.kl`) share them.  ``sample`` is the ancestral sampler.
     """
 
     has_rsample = False
 
-    def __init__(self, model: DiffusionModel, num_examples: int, data_shape, device, dtype) -> None:
+    def __init__(self, model: ReverseChain, num_examples: int, data_shape, device, dtype) -> None:
         self.model = model
         self.device, self.dtype = torch.device(device), dtype
         self._path: torch.Tensor | None = None
-        self._predictions: Prediction | None = None
-        self._sampled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._steps: ReverseStep | None = None
+        self._sampled: tuple[torch.Tensor, ReverseStep] | None = None
         super().__init__(torch.Size((model.schedule.num_steps, num_examples)), torch.Size(data_shape))
 
     def evaluated_path(self) -> torch.Tensor:
@@ -281,32 +366,36 @@ class PTheta(PathDistribution):
             raise ValueError("the KL of the reverse chain is taken along a path: evaluate the model on one first")
         return self._path
 
-    def predictions(self, path: torch.Tensor) -> Prediction:
-        r"""Row k - 1 holds :math:`\mu_\theta(x_k, k)` and :math:`\sigma_k^2`, the law of :math:`x_{k-1}` given :math:`x_k`."""
+    def steps(self, path: torch.Tensor) -> ReverseStep:
+        r"""Row k - 1 is the step from :math:`x_k`: the law of :math:`x_{k-1}` given :math:`x_k`."""
         if path is not self._path:
             if path.shape != self.shape():
                 raise ValueError(f"a path must have shape {tuple(self.shape())}, got {tuple(path.shape)}")
-            self._path, self._predictions = (
-                path,
-                self.model.predict(path, path_timesteps(self.batch_shape, self.device)),
-            )
-        return self._predictions
+            self._path, self._steps = path, self.model.predict(path, path_timesteps(self.batch_shape, self.device))
+        return self._steps
 
-    def parent_params(self, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of each row's reverse conditional: rows k < T from x_{k+1}, row T the prior."""
-        mean, var, _ = self.predictions(path)
-        return torch.cat([mean[1:], torch.zeros_like(mean[:1])]), torch.cat([var[1:], torch.ones_like(var[:1])])
-
-    def decoder_params(self, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r""":math:`\mu_\theta(x_1, 1)` and :math:`\sigma_1^2` along ``path``."""
+    def decoder_law(self, path: torch.Tensor) -> TorchDistribution:
+        r"""The decoder :math:`p(x_0 \mid x_1)` at the first row of ``path``."""
         if self._sampled is not None and path is self._sampled[0]:
-            return self._sampled[1], self._sampled[2]
-        mean, var, _ = self.predictions(path)
-        return mean[0], var[0]
+            return self._sampled[1].decoder(self.model.decoder, self.event_dim)
+        return self.steps(path).select(0).decoder(self.model.decoder, self.event_dim)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        loc, var = self.parent_params(value)
-        return normal_log_prob(value, loc, var, self.event_dim)
+        following = self.steps(value).select(slice(1, None))  # the laws of x_1 .. x_{T-1}
+        zero = torch.zeros((), device=value.device, dtype=value.dtype)
+        prior = normal_log_prob(value[-1:], zero, zero + 1, self.event_dim)
+        return torch.cat([following.log_prob(value[:-1], self.event_dim), prior])
+
+    def kl_from(self, loc: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        r"""Row k < T: :math:`\mathrm{KL}(N(\text{loc}_k, \text{variance}_k I) \,\|\, p(x_k \mid x_{k+1}))` along the
+        evaluated path; row T: the KL to :math:`N(0, I)`.  Raises ``NotImplementedError`` where the steps have no
+        closed-form KL (Pyro's ``TraceMeanField_ELBO`` then falls back to the log-density ratio)."""
+        following = self.steps(self.evaluated_path()).select(slice(1, None))
+        if not following.analytic_kl:
+            raise NotImplementedError("the reverse steps of this chain have no closed-form KL")
+        zero = torch.zeros((), device=loc.device, dtype=loc.dtype)
+        prior = normal_kl(loc[-1:], variance[-1:], zero, zero + 1, self.event_dim)
+        return torch.cat([following.kl_from(loc[:-1], variance[:-1], self.event_dim), prior])
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -319,8 +408,8 @@ class PTheta(PathDistribution):
         T, N = self.batch_shape
         x_T = torch.randn((N,) + self.event_shape, device=self.device, dtype=self.dtype)
         _, path = ancestral(self.model, x_T, return_path=True, last="none")
-        mean, var, _ = self.model.predict(path[0], torch.ones(N, device=self.device, dtype=torch.long))
-        self._sampled = (path, mean, var)  # the decoder's parameters at x_1 (log_prob recomputes the rest)
+        at_one = self.model.predict(path[0], torch.ones(N, device=self.device, dtype=torch.long))
+        self._sampled = (path, at_one)  # the decoder at x_1 (log_prob recomputes the rest)
         return path
 
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:  # the samplers use only the model's predict and decoder
-    from .reverse import DiffusionModel
+if TYPE_CHECKING:  # the samplers use only the chain's predict and decoder
+    from .reverse import ReverseChain
 
 __all__ = ["reverse_step", "ancestral", "LAST_STEPS"]
 
@@ -28,19 +28,20 @@ LAST_STEPS = ("sample", "mean", "none")
 
 @torch.no_grad()
 def reverse_step(
-    model: DiffusionModel,
+    model: ReverseChain,
     x_t: torch.Tensor,
     t: int | torch.Tensor,
     *,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    r"""One draw from :math:`p_\theta(x_{t-1} \mid x_t)`: :math:`\mu_\theta(x_t, t) + \sigma_t z` for t >= 2, and
-    at t = 1 a draw of :math:`x_0` from the decoder.
+    r"""One draw from :math:`p(x_{t-1} \mid x_t)` (the chain's :class:`~pyrodiff.reverse.ReverseStep`): for a
+    network, :math:`\mu_\theta(x_t, t) + \sigma_t z` for t >= 2, and at t = 1 a draw of :math:`x_0` from the decoder.
 
     :param x_t: a batch ``(N, *D)``.
     :param t: the math timestep of every example (an int in 1..T) or of each (a LongTensor ``(N,)``).
-    :param generator: the generator of the standard normal draw ``z`` (ignored if ``noise`` is given).
+    :param generator: the generator of the standard normal draw ``z`` (not of ``z`` if ``noise`` is given; a
+        mixture step also draws its component with it).
     :param noise: the standard normal draw ``z`` itself, shaped like ``x_t``.
     """
     T, N = model.schedule.num_steps, x_t.shape[0]
@@ -53,16 +54,16 @@ def reverse_step(
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     elif noise.shape != x_t.shape:
         raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
-    mean, var, _ = model.predict(x_t, steps)
+    step = model.predict(x_t, steps)
     if isinstance(t, int):  # no device-side selection (nor a host read) when all examples share t
-        return model.decoder.draw(mean, var, noise) if t == 1 else mean + var.sqrt() * noise
+        return step.decode(model.decoder, noise, generator) if t == 1 else step.draw(noise, generator)
     at_one = (steps == 1).reshape((N,) + (1,) * (x_t.dim() - 1))
-    return torch.where(at_one, model.decoder.draw(mean, var, noise), mean + var.sqrt() * noise)
+    return torch.where(at_one, step.decode(model.decoder, noise, generator), step.draw(noise, generator))
 
 
 @torch.no_grad()
 def ancestral(
-    model: DiffusionModel,
+    model: ReverseChain,
     x_T: torch.Tensor | int,
     *,
     generator: torch.Generator | None = None,
@@ -96,7 +97,7 @@ def ancestral(
     return (x, torch.stack(path[::-1])) if return_path else x
 
 
-def _standard_noise(model: DiffusionModel, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+def _standard_noise(model: ReverseChain, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"the number of samples must be a positive integer, got {num_samples!r}")
     if model.data_shape is None:
