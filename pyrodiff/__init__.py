@@ -13,6 +13,7 @@ from .data import Dataset, load_dataset
 from .decoders import DiscretizedGaussian
 from .forward import DiffusionGuide
 from .importance import ImportanceSampler
+from .likelihood import LikelihoodBound, log_likelihood_bound
 from .networks import MLPDenoiser, UNet
 from .objectives import objective_weights, reweight
 from .report import report_checkpoint, write_report
@@ -29,6 +30,7 @@ __all__ = [
     "DiffusionModel",
     "DiscretizedGaussian",
     "ImportanceSampler",
+    "LikelihoodBound",
     "MLPDenoiser",
     "NoiseSchedule",
     "Prediction",
@@ -37,6 +39,7 @@ __all__ = [
     "load_dataset",
     "load_spec",
     "load_trained",
+    "log_likelihood_bound",
     "objective_weights",
     "report_checkpoint",
     "reweight",
