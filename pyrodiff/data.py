@@ -21,6 +21,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .mixture import IsotropicGaussianMixture
+
 __all__ = ["Dataset", "load_dataset", "DATASETS", "GAUSSIANS8_ENTROPY"]
 
 #: Differential entropy (nats) of the 8-Gaussian mixture: log 8 + log(2 pi e sigma^2), the modes being
@@ -32,13 +34,15 @@ GAUSSIANS8_ENTROPY = math.log(8) + 1 + math.log(2 * math.pi * 0.1**2)
 class Dataset:
     r"""A train/test split. ``levels`` is the number of grid values for integer data (None if continuous);
     ``log_density``, where the data's law :math:`q(x_0)` is known exactly, maps ``(N, *D)`` to
-    :math:`\log q(x_0)`, shape ``(N,)``."""
+    :math:`\log q(x_0)`, shape ``(N,)``; ``law``, where that law is a Gaussian mixture (gaussians8), is the law
+    itself (its ``log_prob`` is ``log_density``), with its exact noisy marginals and reverse process."""
 
     name: str
     train: torch.Tensor
     test: torch.Tensor
     levels: int | None
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None
+    law: IsotropicGaussianMixture | None = None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -74,11 +78,10 @@ def _gaussians8(num: int, rng: np.random.Generator) -> np.ndarray:
     return _gaussians8_centres()[rng.integers(0, 8, num)] + 0.1 * rng.standard_normal((num, 2))
 
 
-def _gaussians8_log_density(x: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log q(x) = \log \tfrac18 \sum_k N(x; \mu_k, 0.1^2 I)`, in float64."""
-    centres = torch.as_tensor(_gaussians8_centres(), device=x.device)
-    sq = (x.double()[:, None, :] - centres).pow(2).sum(-1)
-    return torch.logsumexp(-sq / (2 * 0.1**2), 1) - math.log(8) - math.log(2 * math.pi * 0.1**2)
+def _gaussians8_law() -> IsotropicGaussianMixture:
+    r"""The law of gaussians8, :math:`q(x) = \tfrac18 \sum_k N(x; \mu_k, 0.1^2 I)`, in float64 (its ``log_prob`` is
+    float64 for float32 data)."""
+    return IsotropicGaussianMixture(torch.as_tensor(_gaussians8_centres(), dtype=torch.float64), 0.1**2)
 
 
 def _moons(num: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,16 +98,23 @@ def _swissroll(num: int, rng: np.random.Generator) -> np.ndarray:
     return x[:, [0, 2]] / 5.0
 
 
-def _two_d(generator, log_density=None, num_train: int = 20000, num_test: int = 5000):
+def _two_d(
+    generator,
+    law: Callable[[], IsotropicGaussianMixture] | None = None,
+    num_train: int = 20000,
+    num_test: int = 5000,
+):
     def load(root: Path | None) -> Dataset:
         train = generator(num_train, np.random.default_rng(0))
         test = generator(num_test, np.random.default_rng(1))
+        known = None if law is None else law()
         return Dataset(
             generator.__name__.lstrip("_"),
             torch.tensor(train, dtype=torch.float32),
             torch.tensor(test, dtype=torch.float32),
             None,
-            log_density,
+            None if known is None else known.log_prob,
+            known,
         )
 
     return load
@@ -208,7 +218,7 @@ def _cifar10(root: Path | None) -> Dataset:
 
 DATASETS = {
     "digits": _digits,
-    "gaussians8": _two_d(_gaussians8, _gaussians8_log_density),
+    "gaussians8": _two_d(_gaussians8, _gaussians8_law),
     "moons": _two_d(_moons),
     "swissroll": _two_d(_swissroll),
     "mnist": _mnist,

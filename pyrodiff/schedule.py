@@ -123,6 +123,71 @@ class NoiseSchedule:
         """``T``, the number of noising steps."""
         return self.betas.numel()
 
+    # ------------------------------------------------------------------ sub-chains
+    def respace(self, timesteps: torch.Tensor | list[int]) -> NoiseSchedule:
+        r"""The schedule of the sub-chain that visits only the math timesteps :math:`t_1 < \dots < t_K` of this one.
+
+        The forward marginals :math:`q(x_{t_i} \mid x_0)` of the sub-chain are this chain's, so its
+        :math:`\bar\alpha'_i = \bar\alpha_{t_i}` and (improved-diffusion's ``respace.py``, Nichol & Dhariwal 2021)
+
+        .. math:: \beta'_i = 1 - \bar\alpha_{t_i} / \bar\alpha_{t_{i-1}}, \qquad \bar\alpha_{t_0} = 1,
+
+        i.e. :math:`1 - \prod_{t_{i-1} < s \le t_i} (1 - \beta_s)`; the sub-chain's :math:`\bar\alpha'_i`, recomputed
+        from these betas, is :math:`\bar\alpha_{t_i}` up to the rounding of :math:`1 - \beta'_i` (about 1e-16 absolute).
+        Where :math:`t_i = t_{i-1} + 1` this is :math:`\beta_{t_i}` itself, taken as is, so respacing at every
+        timestep gives this schedule back exactly.
+        The sub-chain's step ``i`` (1..K) is this chain's step :math:`t_i`; ``description`` records the visited
+        timesteps and this schedule's own description.
+
+        :param timesteps: strictly increasing math timesteps in ``1..T``, at least one (e.g.
+            :meth:`evenly_spaced_timesteps`).
+        """
+        t = self._check_timesteps(timesteps)
+        previous = torch.cat([t.new_zeros(1), t[:-1]])
+        abar = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])  # entry t holds abar_t
+        consecutive = t == previous + 1
+        betas = torch.where(consecutive, self.betas[t - 1], 1.0 - abar[t] / abar[previous])
+        description = {"kind": "respaced", "timesteps": t.tolist(), "of": dict(self.description)}
+        return NoiseSchedule(betas, description)
+
+    def evenly_spaced_timesteps(self, count: int) -> torch.Tensor:
+        r"""``count`` evenly spaced math timesteps with this schedule's endpoints, for :meth:`respace`.
+
+        For :math:`K = \text{count} \ge 2`: :math:`t_i = \lfloor 1 + (i - 1)\frac{T - 1}{K - 1} + \tfrac12 \rfloor`,
+        :math:`i = 1..K` (``linspace(1, T, K)`` rounded half up), so :math:`t_1 = 1` and :math:`t_K = T`; for
+        :math:`K \le T` the spacing :math:`(T - 1)/(K - 1)` is at least 1 and rounding half up keeps the
+        timesteps strictly increasing (:math:`\lfloor y + \tfrac12 \rfloor \ge \lfloor x + \tfrac12 \rfloor + 1` when
+        :math:`y \ge x + 1`).  For :math:`K = 1`: :math:`[T]`, the one step from :math:`x_0` to :math:`x_T`.
+        Returns a LongTensor of length ``count``.
+        """
+        T = self.num_steps
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= T:
+            raise ValueError(f"count must be an integer in 1..T = 1..{T}, got {count!r}")
+        if count == 1:
+            return torch.tensor([T])
+        grid = torch.linspace(1, T, count, dtype=torch.float64)
+        return torch.floor(grid + 0.5).long()
+
+    def _check_timesteps(self, timesteps: torch.Tensor | list[int]) -> torch.Tensor:
+        """``timesteps`` as a LongTensor, refused unless a non-empty, strictly increasing 1-D sequence of integers
+        in 1..T."""
+        T = self.num_steps
+        t = torch.as_tensor(timesteps).detach().cpu()
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"timesteps must be integers, got dtype {t.dtype}")
+        t = t.long()
+        outside = (t < 1) | (t > T)
+        if outside.any():
+            raise ValueError(f"timesteps must lie in 1..T = 1..{T}, got {t[outside][0].item()}")
+        if (t[1:] <= t[:-1]).any():
+            i = int(torch.nonzero(t[1:] <= t[:-1])[0]) + 1
+            raise ValueError(
+                f"timesteps must be strictly increasing, got {t[i - 1].item()} then {t[i].item()} at position {i}"
+            )
+        return t
+
     def coefficients(self, device: torch.device | str, dtype: torch.dtype) -> SimpleNamespace:
         """All the per-timestep quantities above on ``device`` in ``dtype`` (computed in float64, cast once,
         cached, so that the hot path copies nothing from the host)."""

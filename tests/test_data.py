@@ -45,6 +45,33 @@ def test_gaussians8_log_density_is_normalised_and_its_mean_is_the_entropy():
     assert load_dataset("moons").log_density is None
 
 
+def test_gaussians8_law_is_its_eight_gaussians_and_gives_its_log_density():
+    """The law: 8 means 2 (cos, sin)(2 pi k / 8), variance 0.1^2, equal weights; ``log_density`` is its ``log_prob``,
+    equal to the explicit formula log (1/8) sum_k N(x; mu_k, 0.01 I) in float64; the data follow its moments."""
+    d = load_dataset("gaussians8")
+    law = d.law
+    angles = 2 * np.pi * np.arange(8) / 8
+    centres = 2 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    assert np.allclose(law.means.numpy(), centres, rtol=0, atol=1e-15) and law.means.dtype == torch.float64
+    assert law.variance == pytest.approx(0.01, rel=1e-15) and np.allclose(law.weights.numpy(), 1 / 8)
+    x = d.test[:500]
+    sq = ((x.double().numpy()[:, None, :] - centres) ** 2).sum(-1)
+    expected = np.log(np.exp(-sq / 0.02).sum(1) / 8) - np.log(2 * np.pi * 0.01)
+    got = d.log_density(x)
+    assert got.dtype == torch.float64 and np.allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got, law.log_prob(x))
+    train = d.train.double().numpy()
+    n = len(train)
+    assert np.all(np.abs(train.mean(0) - law.mean().numpy()) < 4.5 * train.std(0) / np.sqrt(n))
+    m = law.mean().numpy()
+    products = (train - m)[:, :, None] * (train - m)[:, None, :]
+    assert np.all(np.abs(products.mean(0) - law.covariance().numpy()) < 4.5 * products.std(0) / np.sqrt(n))
+    h, se = law.entropy_estimate(4000, torch.Generator().manual_seed(0))
+    assert abs(h - GAUSSIANS8_ENTROPY) < 4.5 * se
+    for name in ("moons", "swissroll", "digits"):
+        assert load_dataset(name).law is None
+
+
 def test_missing_local_files_give_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_dataset("mnist", tmp_path)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 from pyrodiff import NoiseSchedule
 from pyrodiff.testing import schedules
@@ -195,3 +196,95 @@ def test_num_steps_must_be_a_positive_integer():
     for bad in (0, -1, 2.0):
         with pytest.raises(ValueError, match="num_steps"):
             NoiseSchedule.cosine(bad)
+
+
+# ---------------------------------------------------------------------- respacing
+@st.composite
+def _schedule_and_timesteps(draw):
+    schedule = draw(schedules(min_steps=1, max_steps=30))
+    T = schedule.num_steps
+    chosen = draw(st.lists(st.integers(1, T), min_size=1, max_size=T, unique=True))
+    return schedule, sorted(chosen)
+
+
+@given(_schedule_and_timesteps())
+def test_respaced_alpha_bar_is_the_original_at_the_visited_timesteps(case):
+    """Step i of the sub-chain has abar'_i = abar_{t_i}: its marginals q(x_{t_i} | x_0) are the original chain's."""
+    schedule, t = case
+    sub = schedule.respace(t)
+    abar = np.cumprod(1 - schedule.betas.numpy())
+    assert sub.num_steps == len(t)
+    # exact up to the rounding of alpha' = 1 - beta' (about 1e-16 absolute per step: relative for abar' ~ 1e-6)
+    assert np.allclose(sub.alphas_cumprod.numpy(), abar[np.array(t) - 1], rtol=1e-12, atol=1e-14)
+    # each beta' is 1 - prod of the skipped alphas, by an explicit product
+    edges = [0] + t
+    for i in range(len(t)):
+        kept = np.prod(1 - schedule.betas.numpy()[edges[i] : edges[i + 1]])
+        assert sub.betas[i].item() == pytest.approx(1 - kept, rel=1e-10)
+    assert sub.description["kind"] == "respaced" and sub.description["timesteps"] == t
+    assert sub.description["of"] == schedule.description
+
+
+@given(schedules(min_steps=1, max_steps=30))
+def test_respacing_at_every_timestep_gives_the_schedule_back(schedule):
+    T = schedule.num_steps
+    same = schedule.respace(list(range(1, T + 1)))
+    assert same == schedule and torch.equal(same.betas, schedule.betas)
+    assert torch.equal(schedule.respace(schedule.evenly_spaced_timesteps(T)).betas, schedule.betas)
+
+
+@given(_schedule_and_timesteps(), st.data())
+def test_respacing_composes(case, data):
+    """Respacing a respaced schedule visits the chosen timesteps of the first choice."""
+    schedule, t = case
+    inner = sorted(data.draw(st.lists(st.integers(1, len(t)), min_size=1, max_size=len(t), unique=True)))
+    twice = schedule.respace(t).respace(inner)
+    once = schedule.respace([t[i - 1] for i in inner])
+    assert torch.allclose(twice.alphas_cumprod, once.alphas_cumprod, rtol=1e-12, atol=1e-14)
+
+
+@given(st.integers(1, 2000), st.data())
+def test_evenly_spaced_timesteps_are_evenly_spaced_with_the_same_endpoints(T, data):
+    """Strictly increasing, K of them, 1 and T included (K >= 2), each within 1/2 of linspace(1, T, K)."""
+    K = data.draw(st.integers(1, T))
+    t = NoiseSchedule.from_betas([0.01] * T).evenly_spaced_timesteps(K).tolist()
+    assert len(t) == K and all(b > a for a, b in zip(t[:-1], t[1:], strict=True))
+    if K == 1:
+        assert t == [T]
+    else:
+        ideal = 1 + np.arange(K) * (T - 1) / (K - 1)
+        assert t[0] == 1 and t[-1] == T and np.all(np.abs(np.array(t) - ideal) <= 0.5)
+
+
+def test_evenly_spaced_timesteps_by_hand():
+    s = NoiseSchedule.linear(10)
+    assert s.evenly_spaced_timesteps(1).tolist() == [10]
+    assert s.evenly_spaced_timesteps(2).tolist() == [1, 10]
+    assert s.evenly_spaced_timesteps(4).tolist() == [1, 4, 7, 10]
+    assert s.evenly_spaced_timesteps(5).tolist() == [1, 3, 6, 8, 10]  # 1, 3.25, 5.5, 7.75, 10 rounded half up
+    assert s.evenly_spaced_timesteps(10).tolist() == list(range(1, 11))
+
+
+@pytest.mark.parametrize(
+    "timesteps, error, match",
+    [
+        ([], ValueError, "non-empty"),
+        ([[1, 2]], ValueError, "1-D"),
+        ([0, 3], ValueError, r"1\.\.T = 1\.\.5, got 0"),
+        ([2, 6], ValueError, r"1\.\.T = 1\.\.5, got 6"),
+        ([1, 3, 3], ValueError, "strictly increasing, got 3 then 3 at position 2"),
+        ([4, 2], ValueError, "strictly increasing, got 4 then 2"),
+        ([1, 3, 3, 5, 2], ValueError, "got 3 then 3 at position 2"),  # the first offence is named
+        ([1.0, 2.0], TypeError, "integers"),
+        (torch.tensor([True, False]), TypeError, "integers"),
+    ],
+)
+def test_bad_timesteps_are_refused(timesteps, error, match):
+    with pytest.raises(error, match=match):
+        NoiseSchedule.linear(5).respace(timesteps)
+
+
+@pytest.mark.parametrize("count", [0, 6, -1, 2.0, True, "3"])
+def test_bad_counts_are_refused(count):
+    with pytest.raises(ValueError, match=r"count must be an integer in 1\.\.T = 1\.\.5"):
+        NoiseSchedule.linear(5).evenly_spaced_timesteps(count)
