@@ -11,6 +11,7 @@ from . import samplers
 from .bound import BoundTerms, bound_terms
 from .data import Dataset, load_dataset
 from .decoders import DiscretizedGaussian
+from .empirical import EmpiricalReverse
 from .forward import DiffusionGuide
 from .importance import ImportanceSampler
 from .likelihood import LikelihoodBound, log_likelihood_bound
@@ -29,6 +30,7 @@ __all__ = [
     "DiffusionGuide",
     "DiffusionModel",
     "DiscretizedGaussian",
+    "EmpiricalReverse",
     "ImportanceSampler",
     "LikelihoodBound",
     "MLPDenoiser",

@@ -88,11 +88,21 @@ FORMULA_MODULES = (
     "pyrodiff/kl.py",
     "pyrodiff/traces.py",
     "pyrodiff/path.py",
+    "pyrodiff/exact.py",
+    "pyrodiff/likelihood.py",
+    "pyrodiff/mixture.py",
+    "pyrodiff/empirical.py",
+    "pyrodiff/vae.py",
 )
 
 #: the fast test files that guard each module, those most likely to catch a change first (``-x`` stops
 #: at the first failure); files missing from the copy are skipped
 DEFAULT_TESTS = {
+    "pyrodiff/exact.py": ["tests/test_exact.py"],
+    "pyrodiff/likelihood.py": ["tests/test_likelihood.py"],
+    "pyrodiff/mixture.py": ["tests/test_mixture.py", "tests/test_empirical.py"],
+    "pyrodiff/empirical.py": ["tests/test_empirical.py"],
+    "pyrodiff/vae.py": ["tests/test_vae.py"],
     "pyrodiff/parameterization.py": [
         "tests/test_parameterization.py",
         "tests/test_reverse.py",
