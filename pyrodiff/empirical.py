@@ -31,7 +31,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 
 from .decoders import Decoder, parse_decoder
 from .gaussian import normal_log_prob
-from .mixture import IsotropicGaussianMixture, ReverseMixture
+from .mixture import IsotropicGaussianMixture, ReverseMixture, draw_components
 from .reverse import ReverseChain
 from .schedule import NoiseSchedule
 
@@ -142,7 +142,7 @@ class EmpiricalStep(NamedTuple):
         return _PointsDecoder(self, decoder, event_dim)
 
     def decode(self, decoder: Decoder, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        index = torch.multinomial(self.mixture.log_weights.exp(), 1, generator=generator).squeeze(-1)
+        index = draw_components(self.mixture.log_weights, generator)
         return decoder.draw(self._unflat(self.points[index]), self.decoder_variance, noise)
 
     def select(self, index) -> EmpiricalStep:

@@ -46,6 +46,7 @@ __all__ = [
     "MomentMatchedBound",
     "moment_matched_bound",
     "reverse_coefficients",
+    "draw_components",
     "CHUNK_ELEMENTS",
 ]
 
@@ -93,6 +94,15 @@ def reverse_coefficients(schedule: NoiseSchedule, variance: float) -> SimpleName
         coef_xt=p * x0_coef_xt + schedule.posterior_mean_coef_xt,
         variance=schedule.posterior_variance + p**2 * x0_variance,
     )
+
+
+def draw_components(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""One component index per row of normalised ``log_weights`` ``(B, K)``, by inversion of the CDF: with
+    :math:`u \sim U(0, 1)` (``generator``), the first :math:`j` with :math:`\sum_{i \le j} w_i > u`.  One uniform, one
+    cumulative sum and one binary search per row: far cheaper than ``torch.multinomial`` over many components."""
+    cdf = log_weights.exp().cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=cdf.dtype, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 class _Components:
@@ -393,18 +403,13 @@ class ReverseMixture:
         return torch.cat(parts) - 0.5 * r.shape[1] * (_LOG_2PI + self.variance.log())
 
     def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        r"""One draw per row, ``(B, *D)``: a component :math:`j \sim w(x_t)` (``torch.multinomial`` with ``generator``),
-        then :math:`a\mu_j + b x_t + \sqrt v\, z` with standard normal ``noise`` :math:`z` (drawn with ``generator``,
-        after the components, if not given)."""
+        r"""One draw per row, ``(B, *D)``: a component :math:`j \sim w(x_t)` (:func:`draw_components` with
+        ``generator``), then :math:`a\mu_j + b x_t + \sqrt v\, z` with standard normal ``noise`` :math:`z` (drawn with
+        ``generator``, after the components, if not given)."""
         if noise is not None and noise.shape != self.x_t.shape:
             raise ValueError(f"noise must have the shape of x_t {tuple(self.x_t.shape)}, got {tuple(noise.shape)}")
         c = self.components
-        j = torch.cat(
-            [
-                torch.multinomial(self.log_weights[rows].exp(), 1, generator=generator)[:, 0]
-                for rows in c.chunks(self.batch_size)
-            ]
-        )
+        j = draw_components(self.log_weights, generator)
         if noise is None:
             noise = torch.randn(self.x_t.shape, generator=generator, dtype=self.x_t.dtype, device=self.x_t.device)
         loc = self._centred_shift() + self.coef_mu[:, None] * c.centred.index_select(0, j)
