@@ -91,6 +91,20 @@ class EmpiricalReverse(ReverseChain):
         mixture = self.law.reverse(self.schedule, flat_x, flat_t)
         return EmpiricalStep(mixture, self.decoder_variance_at_one().to(xt), shape, self.data.to(xt))
 
+    def marginal_log_prob(self, x0: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(x_0)` of this chain, exactly up to the prior's mismatch :math:`N(0, I)` against
+        :math:`\hat q(x_T)` (which vanishes with :math:`\bar\alpha_T`): the steps are the exact reverse conditionals,
+        so :math:`x_1 \sim \hat q(x_1)`, :math:`E[w_i(x_1)] = 1/N`, and
+        :math:`p(x_0) = \frac1N \sum_i p_{\rm dec}(x_0; x_0^i, \sigma_1^2)`: the empirical distribution seen through the
+        decoder (a kernel density estimate of bandwidth :math:`\sigma_1` for the Gaussian decoder; for grid data
+        scored by the discretized decoder, the fraction of training points equal to :math:`x_0`, to within
+        :math:`\Phi(-\text{half bin} / \sigma_1)`).  Shape ``(N,)`` for ``x0`` ``(N, *D)``."""
+        self.check_data(x0)
+        points = self.data.to(x0)
+        log_w = torch.full((points.shape[0],), -math.log(points.shape[0]), dtype=x0.dtype, device=x0.device)
+        variance = self.decoder_variance_at_one().to(x0)
+        return _points_log_prob(x0, log_w, points, variance, self.decoder, x0.dim() - 1)
+
     def decoder_variance_at_one(self) -> torch.Tensor:
         r""":math:`\sigma_1^2 = \tilde\beta_2`, the decoder's variance around each training point (float64)."""
         return self.schedule.posterior_variance[1]
@@ -193,17 +207,12 @@ class _PointsDecoder(TorchDistribution):
         super().__init__(step.shape, x.shape[x.dim() - event_dim :])
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        step, event_dim = self.step, self.event_dim
-        log_w, points = step.mixture.log_weights, step.points
-        value, var = step._flat(value), step.decoder_variance
-        rows = max(1, _BLOCK // points.numel())
-        out = []
-        for start in range(0, value.shape[0], rows):
-            v = value[start : start + rows].unsqueeze(1)  # (b, 1, *D)
-            loc = points.expand((v.shape[0],) + points.shape)  # (b, N, *D)
-            dec = self.decoder.distribution(loc, var, event_dim)
-            out.append(torch.logsumexp(log_w[start : start + rows] + dec.log_prob(v), -1))
-        return step._unflat(torch.cat(out))
+        step = self.step
+        log_w = step.mixture.log_weights
+        lp = _points_log_prob(
+            step._flat(value), log_w, step.points, step.decoder_variance, self.decoder, self.event_dim
+        )
+        return step._unflat(lp)
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -211,3 +220,24 @@ class _PointsDecoder(TorchDistribution):
             raise NotImplementedError("the empirical decoder draws one value per row")
         noise = torch.randn_like(self.step.mean)
         return self.step.decode(self.decoder, noise)
+
+
+def _points_log_prob(
+    value: torch.Tensor,
+    log_weights: torch.Tensor,
+    points: torch.Tensor,
+    variance: torch.Tensor,
+    decoder: Decoder,
+    event_dim: int,
+) -> torch.Tensor:
+    r""":math:`\log \sum_i w_i\, p_{\rm dec}(x; x^i, \sigma^2)` for each row ``x`` of ``value`` ``(B, *D)``, with per-row
+    ``log_weights`` ``(B, N)`` (or ``(N,)`` shared) over the ``points`` ``(N, *D)``, in blocks of rows so that the
+    ``(rows, N, *D)`` temporary stays near :data:`_BLOCK` elements."""
+    rows = max(1, _BLOCK // points.numel())
+    out = []
+    for start in range(0, value.shape[0], rows):
+        v = value[start : start + rows].unsqueeze(1)  # (b, 1, *D)
+        loc = points.expand((v.shape[0],) + points.shape)  # (b, N, *D)
+        w = log_weights if log_weights.dim() == 1 else log_weights[start : start + rows]
+        out.append(torch.logsumexp(w + decoder.distribution(loc, variance, event_dim).log_prob(v), -1))
+    return torch.cat(out)

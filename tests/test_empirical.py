@@ -156,3 +156,30 @@ def test_bad_input():
     model = EmpiricalReverse(torch.zeros(3, 2), schedule)
     with pytest.raises(ValueError, match="data shape"):
         bound_terms(model, torch.zeros(2, 3))
+
+
+def test_marginal_log_prob_counts_the_training_points(float64):
+    """Grid data: p(x_0) is the fraction of training points equal to x_0 (a duplicate counts twice); continuous
+    data: a kernel density estimate of bandwidth sigma_1, written out here with scipy."""
+    from scipy.stats import multivariate_normal
+
+    points = _grid_points(5, 3, levels=9, seed=6)
+    data = torch.cat([points, points[:1]])  # six points, the first twice
+    model = EmpiricalReverse(data, _steep_schedule(), "discretized", levels=9)
+    lp = model.marginal_log_prob(points)
+    assert torch.allclose(lp, torch.tensor([math.log(2 / 6)] + [math.log(1 / 6)] * 4, dtype=torch.float64), atol=1e-3)
+    # exactly: (1/N) sum_j prod_d [Phi((x_d + h - x^j_d) / s) - Phi((x_d - h - x^j_d) / s)], open at -1 and 1
+    from scipy.stats import norm
+
+    s, h = math.sqrt(model.decoder_variance_at_one().item()), 1 / 8
+    x, d = points.numpy()[:, None, :], data.numpy()[None]
+    upper = np.where(x > 1 - h / 2, 1.0, norm.cdf((x + h - d) / s))
+    lower = np.where(x < -1 + h / 2, 0.0, norm.cdf((x - h - d) / s))
+    assert np.allclose(lp.numpy(), np.log((upper - lower).prod(-1).mean(1)), rtol=1e-9)
+
+    data = torch.tensor([[0.0, 0.5], [0.3, -0.2], [0.31, -0.19]])
+    model = EmpiricalReverse(data, NoiseSchedule.linear(10, 1e-3, 0.2))
+    x0 = torch.tensor([[0.3, -0.2], [0.0, 0.49], [1.0, 1.0]])
+    var = model.decoder_variance_at_one().item()
+    kde = [np.mean([multivariate_normal(d, var * np.eye(2)).pdf(x) for d in data.numpy()]) for x in x0.numpy()]
+    assert np.allclose(model.marginal_log_prob(x0).numpy(), np.log(kde), rtol=1e-10)
