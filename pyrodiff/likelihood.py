@@ -159,6 +159,17 @@ class LikelihoodBound:
             raise ValueError(f"k must be at most the number of particles K = {self.num_particles}, got {k}")
         return LikelihoodBound.from_log_weights(self.log_weights[:, :k], self.dims)
 
+    def expected_at(self, k: int) -> torch.Tensor:
+        r""":math:`E[\mathrm{IWAE}_k]` of each example, estimated from all K draws: the mean of :math:`\mathrm{IWAE}_k`
+        over the :math:`\lfloor K / k \rfloor` disjoint blocks of k draws (unbiased for :math:`E[\mathrm{IWAE}_k]`,
+        with less variance than one block; k = 1 gives the ELBO of the draws).  Shape ``(N,)``."""
+        _check_count(k, "k")
+        if k > self.num_particles:
+            raise ValueError(f"k must be at most the number of particles K = {self.num_particles}, got {k}")
+        n = self.num_examples
+        blocks = self.log_weights[:, : self.num_particles // k * k].reshape(n, -1, k)
+        return (torch.logsumexp(blocks, -1) - math.log(k)).mean(-1)
+
     def to_bits_per_dim(self, nats):
         """nats per example -> bits per dimension, ``nats / (D ln 2)``."""
         return nats_to_bits_per_dim(nats, self.dims)

@@ -479,3 +479,16 @@ def test_broken_weights_are_refused(float64):
     model.network.b.data[1] = float("nan")
     with pytest.raises(FloatingPointError, match="log importance weight"):
         log_likelihood_bound(model, x0, 3)
+
+
+def test_expected_iwae_averages_disjoint_blocks():
+    """expected_at(k): the mean of IWAE_k over the floor(K / k) disjoint blocks, written out with numpy."""
+    lw = torch.tensor([[0.0, 2.0, -1.0, 5.0, 0.5], [1.0, 1.0, 3.0, -2.0, 0.0]], dtype=torch.float64)
+    result = LikelihoodBound.from_log_weights(lw, 3)
+    x = lw.numpy()
+    for k, blocks in ((1, [[0], [1], [2], [3], [4]]), (2, [[0, 1], [2, 3]]), (3, [[0, 1, 2]]), (5, [[0, 1, 2, 3, 4]])):
+        expected = np.mean([np.log(np.exp(x[:, b]).mean(1)) for b in blocks], axis=0)
+        assert np.allclose(result.expected_at(k).numpy(), expected, rtol=1e-12)
+    assert torch.allclose(result.expected_at(1), result.elbo)
+    with pytest.raises(ValueError, match="at most"):
+        result.expected_at(6)
