@@ -159,6 +159,10 @@ class EmpiricalStep(NamedTuple):
         index = draw_components(self.mixture.log_weights, generator)
         return decoder.draw(self._unflat(self.points[index]), self.decoder_variance, noise)
 
+    def clipped(self, schedule, x_t, t) -> EmpiricalStep:
+        """Its predictions are averages of training points: already in the data's range."""
+        return self
+
     def select(self, index) -> EmpiricalStep:
         rows = torch.arange(math.prod(self.shape), device=self.decoder_variance.device).reshape(self.shape)[index]
         flat = rows.reshape(-1)

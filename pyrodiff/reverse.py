@@ -21,6 +21,7 @@ runs DDPM's ancestral sampler (:func:`pyrodiff.samplers.ancestral`), T sequentia
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import pyro
@@ -81,6 +82,9 @@ class ReverseStep(Protocol):
     def select(self, index) -> ReverseStep:
         """The rows ``index`` (any index of the leading dim)."""
 
+    def clipped(self, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> ReverseStep:
+        r"""The step taken from :math:`\hat x_0` clamped to [-1, 1] (the references' ``clip_denoised``)."""
+
 
 class Prediction(NamedTuple):
     r"""What one network call gives for :math:`x_t`: the Gaussian reverse step :math:`N(\text{mean}, \text{variance})`
@@ -114,6 +118,11 @@ class Prediction(NamedTuple):
 
     def select(self, index) -> Prediction:
         return Prediction(self.mean[index], self.variance[index], self.x0[index])
+
+    def clipped(self, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+        r""":math:`\tilde\mu_t(\mathrm{clamp}(\hat x_0, -1, 1), x_t)` with the same variance."""
+        x0 = self.x0.clamp(-1, 1)
+        return Prediction(q_posterior(schedule, x0, x_t, t)[0], self.variance, x0)
 
 
 class ReverseChain(nn.Module):
@@ -223,10 +232,16 @@ class ReverseChain(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, num_samples: int, *, generator: torch.Generator | None = None, progress: bool = False
+        self,
+        num_samples: int,
+        *,
+        generator: torch.Generator | None = None,
+        last: str = "mean",
+        progress: bool = False,
     ) -> torch.Tensor:
-        """``num_samples`` draws of :math:`x_0` by ancestral sampling (:func:`pyrodiff.samplers.ancestral`)."""
-        return ancestral(self, num_samples, generator=generator, progress=progress)
+        """``num_samples`` samples of :math:`x_0` by ancestral sampling (:func:`pyrodiff.samplers.ancestral`; by
+        default the last step is the decoder's mean, ``last="sample"`` draws from it)."""
+        return ancestral(self, num_samples, generator=generator, last=last, progress=progress)
 
 
 class DiffusionModel(ReverseChain):
@@ -289,6 +304,21 @@ class DiffusionModel(ReverseChain):
             network, self.schedule, self.prediction, self.variance, self.decoder, None, self.data_shape
         )
 
+    def respaced(self, steps: int | Sequence[int] | torch.Tensor) -> DiffusionModel:
+        r"""The same network on a shorter chain: the K-step diffusion that visits only the math timesteps
+        :math:`t_1 < \dots < t_K` (``steps`` = K gives K evenly spaced ones, first and last included), with the
+        betas of :meth:`NoiseSchedule.respace` (improved-diffusion's respacing; Nichol & Dhariwal 2021, section 4).
+        Its step i is the original step :math:`t_i`: the network always sees the original timestep, and the fixed
+        or learned variances follow the respaced schedule.  ``bound_terms``, the samplers and the Pyro program work
+        on it unchanged: its bound is the exact bound of the K-step sampler.  K >= 2."""
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            timesteps = self.schedule.evenly_spaced_timesteps(steps)
+        else:
+            timesteps = self.schedule.validated_timesteps(steps)
+        network = _RespacedNetwork(self.network, timesteps)
+        schedule = self.schedule.respace(timesteps)
+        return DiffusionModel(network, schedule, self.prediction, self.variance, self.decoder, None, self.data_shape)
+
     def _register(self) -> None:
         if self.register_with_pyro:
             pyro.module("network", self.network)
@@ -338,6 +368,19 @@ class DiffusionModel(ReverseChain):
                 )
             )
         return out
+
+
+class _RespacedNetwork(nn.Module):
+    """A network seen from a respaced chain: step i (1..K) is the original math timestep ``timesteps[i - 1]``."""
+
+    def __init__(self, network: nn.Module, timesteps: torch.Tensor) -> None:
+        super().__init__()
+        self.network = network
+        p = next(network.parameters(), None)
+        self.register_buffer("timesteps", timesteps.to(p.device if p is not None else "cpu"))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.network(x, self.timesteps[t - 1])
 
 
 class PTheta(PathDistribution):

@@ -2,16 +2,26 @@ r"""Samplers of the reverse chain: one flat function per algorithm, one signatur
 
 A sampler takes the model, the starting noise :math:`x_T` (a tensor, or a number of samples to draw it
 for), and an optional ``torch.Generator`` for every draw it makes, so that a run is reproducible given
-``x_T`` and the generator's seed.  :func:`reverse_step` is the single reverse transition they share.
+``x_T`` and the generator's seed; ``steps`` (a count K) or ``timesteps`` (increasing math timesteps) run it
+on the respaced K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`; the network always sees the
+original timesteps).  :func:`reverse_step` is the single reverse transition.
 
 - :func:`ancestral`: DDPM's sampler (Ho et al. 2020, Algorithm 2), :math:`x_{t-1} = \mu_\theta(x_t, t) +
-  \sigma_t z` for t = T..2, then the decoder at :math:`x_1`.  With ``last="sample"`` (the default) it draws
-  :math:`x_0` from the decoder, so its samples follow exactly the law :math:`p_\theta(x_0)` whose bound
-  pyrodiff reports; ``last="mean"`` returns :math:`\mu_\theta(x_1, 1)` (Algorithm 2's noiseless last step).
+  \sigma_t z` down to :math:`x_1`, then the decoder: by default its mean :math:`\mu_\theta(x_1, 1)` (Algorithm 2's
+  noiseless last step, as improved-diffusion and diffusers do); ``last="sample"`` draws :math:`x_0` from the
+  decoder, so that the samples follow exactly the law :math:`p_\theta(x_0)` whose bound pyrodiff reports.
+- :func:`ddim`: Song et al. (2021), eq. 12: :math:`x_{s} = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\hat\epsilon + \sigma z`
+  from step t to the previous visited step s, :math:`\sigma = \eta\sqrt{(1 - \bar\alpha_s)/(1 - \bar\alpha_t)}\sqrt{1 - \bar\alpha_t/\bar\alpha_s}`;
+  :math:`\eta = 1` is the ancestral sampler with the "small" variance on the same timesteps, :math:`\eta = 0` is
+  deterministic given :math:`x_T`.
+
+``clip=True`` clamps every prediction :math:`\hat x_0` to [-1, 1] and recomputes the step from it (the
+references' ``clip_denoised``): the clipped sampler is not the model whose bound pyrodiff scores.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +30,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:  # the samplers use only the chain's predict and decoder
     from .reverse import ReverseChain
 
-__all__ = ["reverse_step", "ancestral", "LAST_STEPS"]
+__all__ = ["reverse_step", "ancestral", "ddim", "LAST_STEPS"]
 
 #: what :func:`ancestral` returns after x_1: a draw of the decoder, its mean, or x_1 itself
 LAST_STEPS = ("sample", "mean", "none")
@@ -34,6 +44,7 @@ def reverse_step(
     *,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    clip: bool = False,
 ) -> torch.Tensor:
     r"""One draw from :math:`p(x_{t-1} \mid x_t)` (the chain's :class:`~pyrodiff.reverse.ReverseStep`): for a
     network, :math:`\mu_\theta(x_t, t) + \sigma_t z` for t >= 2, and at t = 1 a draw of :math:`x_0` from the decoder.
@@ -43,6 +54,7 @@ def reverse_step(
     :param generator: the generator of the standard normal draw ``z`` (not of ``z`` if ``noise`` is given; a
         mixture step also draws its component with it).
     :param noise: the standard normal draw ``z`` itself, shaped like ``x_t``.
+    :param clip: clamp :math:`\hat x_0` to [-1, 1] and take the step from it (module docstring).
     """
     T, N = model.schedule.num_steps, x_t.shape[0]
     if isinstance(t, int) and not 1 <= t <= T:
@@ -55,6 +67,8 @@ def reverse_step(
     elif noise.shape != x_t.shape:
         raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
     step = model.predict(x_t, steps)
+    if clip:
+        step = step.clipped(model.schedule, x_t, steps)
     if isinstance(t, int):  # no device-side selection (nor a host read) when all examples share t
         return step.decode(model.decoder, noise, generator) if t == 1 else step.draw(noise, generator)
     at_one = (steps == 1).reshape((N,) + (1,) * (x_t.dim() - 1))
@@ -66,35 +80,111 @@ def ancestral(
     model: ReverseChain,
     x_T: torch.Tensor | int,
     *,
+    steps: int | None = None,
+    timesteps: Sequence[int] | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    last: str = "sample",
+    last: str = "mean",
+    clip: bool = False,
     return_path: bool = False,
     progress: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    r"""DDPM's ancestral sampler over all T steps.
+    r"""DDPM's ancestral sampler, over all T steps or over the respaced chain of ``steps`` / ``timesteps``.
 
     :param x_T: the starting noise ``(N, *D)``, or a number N of samples: then :math:`x_T \sim N(0, I)` is
         drawn with ``generator`` on the network's device (the model needs a ``data_shape``).
+    :param steps: run the K-step chain of K evenly spaced timesteps (first and last included).
+    :param timesteps: run the chain visiting these math timesteps (1..T, increasing).
     :param generator: the generator of every draw (on the device of ``x_T``).
-    :param last: ``"sample"`` draws :math:`x_0` from the decoder (the model's law); ``"mean"`` returns the
-        decoder's mean :math:`\mu_\theta(x_1, 1)`; ``"none"`` stops at :math:`x_1`.
-    :param return_path: also return the path :math:`x_{1:T}`, shape ``(T, N, *D)``, row k - 1 holding :math:`x_k`.
-    :param progress: show a progress bar over the T steps.
+    :param last: ``"mean"`` (default) returns the decoder's mean :math:`\mu_\theta(x_1, 1)`; ``"sample"`` draws
+        :math:`x_0` from the decoder (the model's law); ``"none"`` stops at :math:`x_1`.
+    :param clip: clamp each :math:`\hat x_0` to [-1, 1] (see the module docstring).
+    :param return_path: also return the path :math:`x_{1:K}`, shape ``(K, N, *D)``, row k - 1 holding :math:`x_k`.
+    :param progress: show a progress bar over the steps.
     """
+    chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
+    x, path = x_T, [x_T]
+    for t in tqdm(
+        range(chain.schedule.num_steps, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False
+    ):
+        x = reverse_step(chain, x, t, generator=generator, clip=clip)
+        path.append(x)
+    x = _last_step(chain, x, last, clip, generator)
+    return (x, torch.stack(path[::-1])) if return_path else x
+
+
+@torch.no_grad()
+def ddim(
+    model: ReverseChain,
+    x_T: torch.Tensor | int,
+    *,
+    steps: int | None = None,
+    timesteps: Sequence[int] | torch.Tensor | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    last: str = "mean",
+    clip: bool = False,
+    return_path: bool = False,
+    progress: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""DDIM (Song et al. 2021, eq. 12) over all T steps or the respaced chain of ``steps`` / ``timesteps``; the
+    arguments are :func:`ancestral`'s, and ``eta`` in [0, 1] scales the noise (module docstring).  From step t to
+    the previous visited step s, with :math:`\hat x_0` the chain's prediction and
+    :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1 - \bar\alpha_t}`,
+    :math:`x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\hat\epsilon + \sigma z`.  The last
+    step (to :math:`x_0`) is the decoder's, as in :func:`ancestral`."""
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
+    x, path = x_T, [x_T]
+    c = chain.schedule.coefficients(x.device, x.dtype)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    for t in tqdm(
+        range(chain.schedule.num_steps, 1, -1), desc="ddim", disable=not progress, mininterval=1.0, leave=False
+    ):
+        step = chain.predict(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0 = step.x0.clamp(-1, 1) if clip else step.x0
+        abar, abar_s = c.alphas_cumprod[t - 1], c.alphas_cumprod[t - 2]
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        var = eta**2 * (1 - abar_s) / (1 - abar) * (1 - abar / abar_s)
+        x = abar_s.sqrt() * x0 + (1 - abar_s - var).sqrt() * eps
+        if eta > 0:
+            x = x + var.sqrt().reshape(view[:1]) * torch.randn(
+                x.shape, generator=generator, device=x.device, dtype=x.dtype
+            )
+        path.append(x)
+    x = _last_step(chain, x, last, clip, generator)
+    return (x, torch.stack(path[::-1])) if return_path else x
+
+
+def _start(model, x_T, steps, timesteps, last, generator):
+    """The chain to run (respaced if asked) and the starting noise, after checking the arguments."""
     if last not in LAST_STEPS:
         raise ValueError(f"last must be one of {LAST_STEPS}, got {last!r}")
+    if steps is not None and timesteps is not None:
+        raise ValueError("give steps (a count) or timesteps (a list), not both")
+    chain = model
+    if steps is not None or timesteps is not None:
+        if not hasattr(model, "respaced"):
+            raise ValueError(f"{type(model).__name__} cannot be respaced: run it over all its steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
+            raise ValueError(f"steps must be an integer in 2..T = 2..{model.schedule.num_steps}, got {steps!r}")
+        chain = model.respaced(steps if steps is not None else timesteps)
     if not torch.is_tensor(x_T):
-        x_T = _standard_noise(model, x_T, generator)
-    T = model.schedule.num_steps
-    x, path = x_T, [x_T]
-    for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):
-        x = reverse_step(model, x, t, generator=generator)
-        path.append(x)
+        x_T = _standard_noise(chain, x_T, generator)
+    elif model.data_shape is not None and tuple(x_T.shape[1:]) != tuple(model.data_shape):
+        raise ValueError(f"x_T must have shape (N, *{tuple(model.data_shape)}), got {tuple(x_T.shape)}")
+    return chain, x_T
+
+
+def _last_step(chain, x, last: str, clip: bool, generator) -> torch.Tensor:
     if last == "sample":
-        x = reverse_step(model, x, 1, generator=generator)
-    elif last == "mean":
-        x = model.predict(x, torch.ones(x.shape[0], device=x.device, dtype=torch.long)).mean
-    return (x, torch.stack(path[::-1])) if return_path else x
+        return reverse_step(chain, x, 1, generator=generator, clip=clip)
+    if last == "mean":
+        step = chain.predict(x, torch.ones(x.shape[0], device=x.device, dtype=torch.long))
+        return (
+            step.clipped(chain.schedule, x, torch.ones(x.shape[0], device=x.device, dtype=torch.long)) if clip else step
+        ).mean
+    return x
 
 
 def _standard_noise(model: ReverseChain, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:

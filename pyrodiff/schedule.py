@@ -142,7 +142,7 @@ class NoiseSchedule:
         :param timesteps: strictly increasing math timesteps in ``1..T``, at least one (e.g.
             :meth:`evenly_spaced_timesteps`).
         """
-        t = self._check_timesteps(timesteps)
+        t = self.validated_timesteps(timesteps)
         previous = torch.cat([t.new_zeros(1), t[:-1]])
         abar = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])  # entry t holds abar_t
         consecutive = t == previous + 1
@@ -168,8 +168,8 @@ class NoiseSchedule:
         grid = torch.linspace(1, T, count, dtype=torch.float64)
         return torch.floor(grid + 0.5).long()
 
-    def _check_timesteps(self, timesteps: torch.Tensor | list[int]) -> torch.Tensor:
-        """``timesteps`` as a LongTensor, refused unless a non-empty, strictly increasing 1-D sequence of integers
+    def validated_timesteps(self, timesteps: torch.Tensor | list[int]) -> torch.Tensor:
+        """``timesteps`` as a LongTensor (on the CPU), refused unless a non-empty, strictly increasing 1-D sequence of integers
         in 1..T."""
         T = self.num_steps
         t = torch.as_tensor(timesteps).detach().cpu()

@@ -35,7 +35,7 @@ def test_one_training_point_is_returned_exactly(float64):
     point = torch.tensor([[0.25, -0.5, 1.0]])
     model = EmpiricalReverse(point, _steep_schedule(), "discretized", levels=9)
     g = torch.Generator().manual_seed(0)
-    x = samplers.ancestral(model, 200, generator=g)
+    x = samplers.ancestral(model, 200, generator=g, last="sample")
     assert torch.equal(x, point.expand(200, -1))
     mean = samplers.ancestral(model, 5, generator=g, last="mean")
     assert torch.allclose(mean, point.expand(5, -1), atol=1e-12, rtol=0)
@@ -67,7 +67,7 @@ def test_samples_are_training_points_in_equal_shares(float64):
     data = _grid_points(5, 2, levels=9, seed=0)
     model = EmpiricalReverse(data, _steep_schedule(), "discretized", levels=9)
     n = 4000
-    x = samplers.ancestral(model, n, generator=torch.Generator().manual_seed(2))
+    x = samplers.ancestral(model, n, generator=torch.Generator().manual_seed(2), last="sample")
     match = (x[:, None, :] == data[None]).all(-1)
     assert match.any(1).all(), "every sample is a training point"
     share = match.double().mean(0)

@@ -103,7 +103,7 @@ def test_ancestral_samples_have_the_chain_s_exact_marginal(variance, float64):
     for t in range(T, 0, -1):
         m, v = c[t - 1] * m + d[t - 1], c[t - 1] ** 2 * v + sigma2[t - 1]
     n = 40000
-    x = samplers.ancestral(model, n, generator=torch.Generator().manual_seed(5)).numpy()
+    x = samplers.ancestral(model, n, generator=torch.Generator().manual_seed(5), last="sample").numpy()
     assert np.abs(x.mean(0) - m).max() < 4 * np.sqrt(v / n)
     assert np.abs(x.var(0) - v).max() < 4 * v * np.sqrt(2 / (n - 1))
 
@@ -128,3 +128,119 @@ def test_bad_arguments(float64):
         samplers.ancestral(model, 0)
     with pytest.raises(ValueError, match="data_shape"):
         samplers.ancestral(DiffusionModel(LinearDenoiser(T), SCHEDULE), 3)
+
+
+# ---------------------------------------------------------------------- respaced chains and DDIM
+LONG = NoiseSchedule.linear(30, 1e-3, 0.2)
+KEPT = [1, 4, 9, 17, 30]
+
+
+def _long_model(prediction="epsilon", variance="small", seed=6):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(30, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    b = (torch.rand(30, generator=g, dtype=torch.float64) - 0.5) * 0.4
+    return DiffusionModel(LinearDenoiser(30, a, b), LONG, prediction, variance, data_shape=(3,)), a, b
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_a_respaced_model_has_the_exact_bound_of_its_chain(prediction, float64):
+    """The respaced model is the linear model (a, b) at the kept steps on the respaced schedule, so its terms
+    are linear_elbo_terms of that: bound_terms must agree within 4.5 standard errors."""
+    from pyrodiff.bound import bound_terms
+    from pyrodiff.testing import linear_elbo_terms
+
+    model, a, b = _long_model(prediction)
+    short = model.respaced(KEPT)
+    kept = torch.tensor(KEPT) - 1
+    x0 = torch.rand(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    exact = linear_elbo_terms(short.schedule, a[kept].numpy(), b[kept].numpy(), x0, prediction)
+    torch.manual_seed(0)
+    terms = bound_terms(short, x0, num_samples=400)
+    mean, se = terms.nats.mean(0).numpy(), terms.nats.std(0).numpy() / np.sqrt(400)
+    assert np.all(np.abs(mean - exact) <= 4.5 * se + 1e-10)
+    assert short.schedule.num_steps == 5 and model.respaced(5).schedule.description["timesteps"] == [1, 8, 16, 23, 30]
+
+
+def test_the_network_sees_the_original_timesteps(float64):
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            seen.append(t.clone())
+            return torch.zeros_like(x)
+
+    model = DiffusionModel(Recorder(), LONG, data_shape=(3,)).respaced(KEPT)
+    model.predict(torch.zeros(5, 3), torch.arange(1, 6))
+    assert seen[-1].tolist() == KEPT
+
+
+def _ddim_reference(model, x, timesteps, prediction, a, b):
+    """Song et al. (2021), eq. 12 with eta = 0, from the network's raw output (numpy, float64)."""
+    abar = np.cumprod(1 - LONG.betas.numpy())
+    x = x.numpy()
+    for i in range(len(timesteps) - 1, 0, -1):
+        t, s = timesteps[i], timesteps[i - 1]
+        out = a[t - 1].item() * x + b[t - 1].item()
+        at, as_ = abar[t - 1], abar[s - 1]
+        if prediction == "epsilon":
+            eps = out
+            x0 = (x - np.sqrt(1 - at) * eps) / np.sqrt(at)
+        else:  # v: x0 = sqrt(abar) x - sqrt(1 - abar) v, eps = sqrt(1 - abar) x + sqrt(abar) v
+            x0 = np.sqrt(at) * x - np.sqrt(1 - at) * out
+            eps = np.sqrt(1 - at) * x + np.sqrt(at) * out
+        x = np.sqrt(as_) * x0 + np.sqrt(1 - as_) * eps
+    return x
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ddim_follows_the_published_update(prediction, float64):
+    model, a, b = _long_model(prediction)
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x1 = samplers.ddim(model, x_T, timesteps=KEPT, eta=0.0, last="none")
+    assert np.allclose(x1.numpy(), _ddim_reference(model, x_T, KEPT, prediction, a, b), rtol=1e-10, atol=1e-12)
+    again = samplers.ddim(model, x_T, timesteps=KEPT, eta=0.0, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(again, samplers.ddim(model, x_T, timesteps=KEPT))  # eta = 0: deterministic given x_T
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_ddim_with_eta_one_is_the_ancestral_sampler(prediction, float64):
+    model, _, _ = _long_model(prediction, "small")
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for kw in ({"timesteps": KEPT}, {"steps": 7}, {}):
+        ddim = samplers.ddim(model, x_T, eta=1.0, generator=torch.Generator().manual_seed(5), **kw)
+        ancestral = samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(5), **kw)
+        assert torch.allclose(ddim, ancestral, rtol=1e-10, atol=1e-12)
+    half = samplers.ddim(model, x_T, timesteps=KEPT, eta=0.5, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(half, ancestral)
+
+
+def test_clipping_takes_the_step_from_the_clamped_prediction(float64):
+    a, b = torch.full((30,), 0.5, dtype=torch.float64), torch.full((30,), 3.0, dtype=torch.float64)
+    model = DiffusionModel(LinearDenoiser(30, a, b), LONG, "x0", data_shape=(3,))
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    free = samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(1))
+    clipped = samplers.ancestral(model, x_T, generator=torch.Generator().manual_seed(1), clip=True)
+    assert free.max() > 1.5 and clipped.abs().max() <= 1 + 1e-12
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.full((4,), 10)
+    step = model.predict(x, t).clipped(LONG, x, t)
+    P, Q = LONG.posterior_mean_coef_x0[9], LONG.posterior_mean_coef_xt[9]
+    assert torch.allclose(step.mean, P * (0.5 * x + 3).clamp(-1, 1) + Q * x)
+
+
+def test_bad_sampler_arguments(float64):
+    model, _, _ = _long_model()
+    x_T = torch.zeros(2, 3, dtype=torch.float64)
+    for kwargs, match in (
+        ({"eta": 1.5}, "eta"),
+        ({"eta": -0.1}, "eta"),
+        ({"steps": 1}, "steps"),
+        ({"steps": 31}, "1..T|count"),
+        ({"timesteps": [1, 5, 5]}, "increasing"),
+        ({"timesteps": [0, 5]}, "1..T"),
+        ({"steps": 3, "timesteps": [1, 2]}, "not both"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            samplers.ddim(model, x_T, **kwargs)
+    with pytest.raises(ValueError, match="x_T must have shape"):
+        samplers.ancestral(model, torch.zeros(2, 4, dtype=torch.float64))
