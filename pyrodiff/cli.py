@@ -86,6 +86,7 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from . import samplers
     from .plots import save_samples_figure
     from .trained import load_trained
 
@@ -94,7 +95,9 @@ def _sample(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
     torch.manual_seed(args.seed)
     built, model = load_trained(args.checkpoint, args.device, args.data_root)
-    samples = model.sample(args.num, progress=True)
+    sampler = samplers.ddim if args.sampler == "ddim" else samplers.ancestral
+    options = {"eta": args.eta} if args.sampler == "ddim" else {}
+    samples = sampler(model, args.num, steps=args.steps, last=args.last, clip=args.clip, progress=True, **options)
     save_samples_figure(samples, out, data=built.data.test, title=f"{built.spec.name}: {args.num} samples")
     print(f"samples: {out}")
     return 0
@@ -114,6 +117,7 @@ def _report(args: argparse.Namespace) -> int:
         args.data_root,
         overwrite=args.overwrite,
         progress=True,
+        steps=args.steps,
     )
     print((out / "summary.md").read_text())
     print(f"report: {out} (bound.json, terms.csv, summary.md, terms.png, cumulative_rate.png, rate_distortion.png)")
@@ -142,13 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--data-root", help="folder of local dataset files (MNIST, CIFAR-10)")
     t.set_defaults(run=_train)
-    s = sub.add_parser("sample", help="draw samples from a checkpoint (ancestral sampling) into a PNG")
+    s = sub.add_parser("sample", help="draw samples from a checkpoint (ancestral or DDIM) into a PNG")
     s.add_argument("checkpoint")
     s.add_argument("--num", type=_integer(1), default=64, help="number of samples (default 64)")
     s.add_argument("--out", help="PNG file (default: samples-seedS.png beside the checkpoint)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--seed", type=_integer(0), default=0)
+    s.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
+    s.add_argument("--steps", type=_integer(2), help="sample with K evenly spaced steps (default: all T)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta in [0, 1] (default 0: deterministic)")
+    s.add_argument("--last", default="mean", choices=["mean", "sample"], help="last step: the decoder's mean or a draw")
+    s.add_argument("--clip", action="store_true", help="clamp each predicted x_0 to [-1, 1] (not the scored model)")
     s.add_argument("--data-root")
     s.set_defaults(run=_sample)
     r = sub.add_parser("report", help="decompose the bound into its T + 1 terms: JSON, CSV, Markdown and plots")
@@ -159,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--draws", default="independent", choices=["independent", "trajectory"])
     r.add_argument("--max-examples", type=_integer(1), help="use only the first N examples of the split")
+    r.add_argument("--steps", type=_integer(2), help="the bound of the respaced K-step chain (default: all T)")
     r.add_argument("--out", help="report folder (default: report-SPLIT beside the checkpoint)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report in the folder")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

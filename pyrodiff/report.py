@@ -249,9 +249,11 @@ def report_checkpoint(
     chunk_size: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    steps: int | None = None,
 ) -> tuple[dict, Path]:
     """Decompose the bound of a checkpoint's EMA model on a data split and write the report
-    (default folder: ``report-SPLIT`` beside the checkpoint).  Returns the summary and the folder."""
+    (default folder: ``report-SPLIT`` beside the checkpoint).  With ``steps`` = K, the bound of the respaced
+    K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`).  Returns the summary and the folder."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -264,6 +266,8 @@ def report_checkpoint(
     if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
     built, model = load_trained(checkpoint, device, data_root)
+    if steps is not None:
+        model = model.respaced(steps)
     data = getattr(built.data, split)[:max_examples]
     if tuple(data.shape[1:]) != model.data_shape:
         raise ValueError(
@@ -273,6 +277,6 @@ def report_checkpoint(
     terms = bound_terms(
         model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size, progress=progress
     )
-    meta = {"name": built.spec.name, "checkpoint": str(checkpoint), "split": split, "draws": draws}
+    meta = {"name": built.spec.name, "checkpoint": str(checkpoint), "split": split, "draws": draws, "steps": steps}
     log_q = built.data.log_density(data) if built.data.log_density else None
     return write_report(terms, out, meta, log_q, overwrite=overwrite), out

@@ -215,3 +215,17 @@ def test_compare_labels_from_bound_json_and_never_replaces_results(trained, tmp_
         compare([str(report), "--out", out])
     assert compare([str(report), str(report), "--labels", "A", "B", "--out", out, "--overwrite"]) == 0
     assert "| A | 10 |" in (tmp_path / "compare" / "compare.md").read_text()
+
+
+def test_ddim_samples_and_the_bound_of_a_shorter_chain(trained, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "ddim.png"
+    argv = ["sample", str(trained), "--num", "6", "--sampler", "ddim", "--steps", "4", "--eta", "0.5", "--out", str(out)]
+    assert cli.main(argv) == 0 and out.stat().st_size > 1000
+    assert cli.main(["report", str(trained), "--steps", "4", "--max-examples", "5", "--out", str(tmp_path / "r")]) == 0
+    bound = json.loads((tmp_path / "r" / "bound.json").read_text())
+    assert bound["num_steps"] == 4 and len(bound["terms_nats"]) == 5 and bound["steps"] == 4
+    capsys.readouterr()
+    assert cli.main(["sample", str(trained), "--sampler", "ddim", "--eta", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "eta must be a number in [0, 1]" in _error(capsys)
