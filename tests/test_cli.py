@@ -221,7 +221,20 @@ def test_ddim_samples_and_the_bound_of_a_shorter_chain(trained, tmp_path, capsys
     import json
 
     out = tmp_path / "ddim.png"
-    argv = ["sample", str(trained), "--num", "6", "--sampler", "ddim", "--steps", "4", "--eta", "0.5", "--out", str(out)]
+    argv = [
+        "sample",
+        str(trained),
+        "--num",
+        "6",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "4",
+        "--eta",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0 and out.stat().st_size > 1000
     assert cli.main(["report", str(trained), "--steps", "4", "--max-examples", "5", "--out", str(tmp_path / "r")]) == 0
     bound = json.loads((tmp_path / "r" / "bound.json").read_text())
