@@ -173,6 +173,30 @@ class LearnedVariance(ReverseVariance):
         return torch.exp(f * at_timesteps(log_beta, t, event_dim) + (1 - f) * at_timesteps(log_small, t, event_dim))
 
 
+@dataclass(frozen=True)
+class TableVariance(ReverseVariance):
+    r"""A fixed :math:`\sigma_t^2` given as a table (entry t - 1 for step t), e.g. the training-free optimal
+    variances of Analytic-DPM estimated for a trained mean (:func:`pyrodiff.analytic.analytic_variance`)."""
+
+    values: tuple[float, ...]
+    name: str = "analytic"
+
+    def __post_init__(self) -> None:
+        if not self.values or not all(v > 0 and v == v and v != float("inf") for v in self.values):
+            raise ValueError("a variance table needs one positive finite value per step")
+
+    def table(self, schedule):
+        if len(self.values) != schedule.num_steps:
+            raise ValueError(
+                f"the {self.name} variance has {len(self.values)} steps, the schedule {schedule.num_steps}"
+            )
+        return torch.tensor(self.values, dtype=torch.float64)
+
+    def variance(self, schedule, t, event_dim, like, v=None):
+        key = f"reverse_variance_{self.name}_{hash(self.values)}"
+        return at_timesteps(schedule.cached(key, self.table, like.device, like.dtype), t, event_dim)
+
+
 def _log_clipped(schedule: NoiseSchedule) -> torch.Tensor:
     return _clipped_posterior_variance(schedule).log()
 

@@ -1,0 +1,62 @@
+"""Analytic-DPM's variances: with the optimal mean they are the true reverse conditional's variances."""
+
+import math
+
+import pytest
+import torch
+
+from pyrodiff import DiffusionModel, NoiseSchedule, bound_terms
+from pyrodiff.analytic import analytic_variance, expected_eps_norm
+from pyrodiff.exact import true_reverse
+from pyrodiff.parameterization import TableVariance
+from pyrodiff.testing import LinearDenoiser
+
+
+def _optimal_model(schedule, s2):
+    """For data N(0, s2) in 1-D, E[eps | x_t] = sqrt(1 - abar) x_t / (abar s2 + 1 - abar): a linear epsilon network."""
+    abar = schedule.alphas_cumprod
+    a = (1 - abar).sqrt() / (abar * s2 + 1 - abar)
+    return DiffusionModel(LinearDenoiser(schedule.num_steps, a, torch.zeros_like(a)), schedule, data_shape=(1,))
+
+
+def test_with_the_optimal_mean_the_variance_is_the_true_reverse_variance(float64):
+    schedule, s2, n = NoiseSchedule.linear(12, 1e-3, 0.3), 0.3, 40000
+    model = _optimal_model(schedule, s2)
+    data = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * math.sqrt(s2)
+    analytic = analytic_variance(model, data, generator=torch.Generator().manual_seed(1))
+    sigma2 = torch.tensor(analytic.variance.values)
+    truth = true_reverse(schedule, torch.zeros(1), torch.full((1, 1), s2)).covariances[:, 0, 0]
+    gamma = expected_eps_norm(model, data, generator=torch.Generator().manual_seed(1))
+    abar, alpha, tilde = schedule.alphas_cumprod, schedule.alphas, schedule.posterior_variance
+    gap2 = schedule.betas**2 / (alpha * (1 - abar))
+    se = gap2 * gamma * math.sqrt(2 / n)  # eps_hat^2 / Gamma is chi-square(1): variance 2 Gamma^2
+    assert torch.all((sigma2[1:] - truth[1:]).abs() <= 4.5 * se[1:] + 1e-12)
+    assert torch.all(sigma2[1:] >= tilde[1:]) and torch.all(sigma2[1:] <= schedule.betas[1:] / alpha[1:] + 1e-15)
+    assert sigma2[0] == tilde[1]  # the decoder keeps the model's convention
+
+
+def test_the_analytic_variance_does_not_lower_the_bound(float64):
+    """Optimal variances for the optimal mean: the bound is at least as tight as with either fixed choice."""
+    schedule, s2 = NoiseSchedule.linear(12, 1e-3, 0.3), 0.3
+    model = _optimal_model(schedule, s2)
+    data = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * math.sqrt(s2)
+    analytic = analytic_variance(model, data, generator=torch.Generator().manual_seed(1))
+    x0 = data[:4000]
+    totals = {}
+    for name, m in (
+        ("analytic", analytic),
+        ("small", model),
+        ("large", DiffusionModel(model.network, schedule, variance="large", data_shape=(1,))),
+    ):
+        torch.manual_seed(0)
+        totals[name] = bound_terms(m, x0).total.mean().item()
+    assert totals["analytic"] < totals["small"] and totals["analytic"] < totals["large"]
+
+
+def test_bad_tables():
+    with pytest.raises(ValueError, match="positive"):
+        TableVariance((0.1, -1.0))
+    with pytest.raises(ValueError, match="steps"):
+        DiffusionModel(LinearDenoiser(3), NoiseSchedule.linear(3), variance=TableVariance((0.1, 0.2))).predict(
+            torch.zeros(2, 1), torch.ones(2, dtype=torch.long)
+        )
