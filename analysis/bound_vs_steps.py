@@ -1,12 +1,15 @@
 """The bound of a trained model's K-step chains: bits/dim against the number of sampling steps.
 
     python analysis/bound_vs_steps.py runs/digits/checkpoint.pt [--steps 10 25 50 100 250 1000]
-        [--variances small large] [--max-examples 100] [--out docs/bound-vs-steps] [--overwrite]
+        [--variances small large analytic] [--analytic-examples 200] [--max-examples 100] [--out docs/bound-vs-steps]
+        [--overwrite]
 
 For each K, the model respaced to K evenly spaced steps (`DiffusionModel.respaced`, the network seeing the
 original timesteps) is scored by `bound_terms` on the first test examples: the exact bound of the K-step
 ancestral sampler, every term, one draw of the noisy inputs per example.  Each reverse variance is the
-respaced chain's own ("small": its beta_tilde, "large": its beta).  Writes `bound_vs_steps.md`,
+respaced chain's own ("small": its beta_tilde, "large": its beta; "analytic": Analytic-DPM's optimal variances for
+the trained mean, `pyrodiff.analytic`, estimated on the first training examples, the estimate included in the
+seconds).  Writes `bound_vs_steps.md`,
 `bound_vs_steps.json` and `bound_vs_steps.png`.
 """
 
@@ -22,13 +25,17 @@ import torch
 from matplotlib.figure import Figure
 
 from pyrodiff import DiffusionModel, bound_terms, load_trained
+from pyrodiff.analytic import analytic_variance
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100, 250, 1000])
-    p.add_argument("--variances", nargs="+", default=["small", "large"], choices=["small", "large"])
+    p.add_argument(
+        "--variances", nargs="+", default=["small", "large", "analytic"], choices=["small", "large", "analytic"]
+    )
+    p.add_argument("--analytic-examples", type=int, default=200, help="training examples that estimate Gamma_t")
     p.add_argument("--max-examples", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("docs/bound-vs-steps"))
     p.add_argument("--overwrite", action="store_true")
@@ -39,13 +46,17 @@ def main(argv=None) -> int:
     x0 = built.data.test[: args.max_examples]
     rows, results = [], {}
     for variance in args.variances:
+        fixed = "small" if variance == "analytic" else variance
         model = DiffusionModel(
-            trained.network, trained.schedule, trained.prediction, variance, trained.decoder, None, trained.data_shape
+            trained.network, trained.schedule, trained.prediction, fixed, trained.decoder, None, trained.data_shape
         )
         for K in args.steps:
             torch.manual_seed(0)
             began = time.time()
-            terms = bound_terms(model.respaced(K), x0)
+            chain = model.respaced(K)
+            if variance == "analytic":  # Analytic-DPM's variances for this chain, from training data
+                chain = analytic_variance(chain, built.data.train[: args.analytic_examples])
+            terms = bound_terms(chain, x0)
             seconds = time.time() - began
             total = terms.total.mean().item()
             bpd, se = terms.to_bits_per_dim(total), terms.to_bits_per_dim(terms.total_stderr())
