@@ -118,6 +118,7 @@ def _report(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=True,
         steps=args.steps,
+        variance=args.variance,
     )
     print((out / "summary.md").read_text())
     print(f"report: {out} (bound.json, terms.csv, summary.md, terms.png, cumulative_rate.png, rate_distortion.png)")
@@ -169,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draws", default="independent", choices=["independent", "trajectory"])
     r.add_argument("--max-examples", type=_integer(1), help="use only the first N examples of the split")
     r.add_argument("--steps", type=_integer(2), help="the bound of the respaced K-step chain (default: all T)")
+    r.add_argument(
+        "--variance",
+        choices=["small", "large", "analytic"],
+        help="replace the model's reverse variance (analytic: Analytic-DPM's, fitted to the trained mean)",
+    )
     r.add_argument("--out", help="report folder (default: report-SPLIT beside the checkpoint)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report in the folder")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

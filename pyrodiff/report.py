@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .analytic import analytic_variance
 from .bound import BoundTerms, bound_terms, nats_to_bits_per_dim
+from .reverse import DiffusionModel
 from .trained import load_trained
 
 __all__ = ["write_report", "summarise", "progressive_rate_distortion", "report_checkpoint", "REPORT_FILES"]
@@ -250,10 +252,15 @@ def report_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     steps: int | None = None,
+    variance: str | None = None,
+    analytic_examples: int = 200,
 ) -> tuple[dict, Path]:
     """Decompose the bound of a checkpoint's EMA model on a data split and write the report
     (default folder: ``report-SPLIT`` beside the checkpoint).  With ``steps`` = K, the bound of the respaced
-    K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`).  Returns the summary and the folder."""
+    K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`).  ``variance`` replaces the model's reverse variance:
+    ``"small"`` or ``"large"``, or ``"analytic"`` for Analytic-DPM's optimal variances for the trained mean
+    (:func:`~pyrodiff.analytic.analytic_variance`, estimated on the first ``analytic_examples`` training examples).
+    Returns the summary and the folder."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -266,8 +273,18 @@ def report_checkpoint(
     if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
     built, model = load_trained(checkpoint, device, data_root)
+    if variance is not None:
+        if variance not in ("small", "large", "analytic"):
+            raise ValueError(f"variance must be 'small', 'large' or 'analytic', got {variance!r}")
+        fixed = "small" if variance == "analytic" else variance
+        model = DiffusionModel(
+            model.network, model.schedule, model.prediction, fixed, model.decoder, None, model.data_shape
+        )
     if steps is not None:
         model = model.respaced(steps)
+    if variance == "analytic":
+        torch.manual_seed(0)
+        model = analytic_variance(model, built.data.train[:analytic_examples].to(device))
     data = getattr(built.data, split)[:max_examples]
     if tuple(data.shape[1:]) != model.data_shape:
         raise ValueError(
@@ -277,6 +294,13 @@ def report_checkpoint(
     terms = bound_terms(
         model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size, progress=progress
     )
-    meta = {"name": built.spec.name, "checkpoint": str(checkpoint), "split": split, "draws": draws, "steps": steps}
+    meta = {
+        "name": built.spec.name,
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "draws": draws,
+        "steps": steps,
+        "variance": variance,
+    }
     log_q = built.data.log_density(data) if built.data.log_density else None
     return write_report(terms, out, meta, log_q, overwrite=overwrite), out

@@ -242,3 +242,17 @@ def test_ddim_samples_and_the_bound_of_a_shorter_chain(trained, tmp_path, capsys
     capsys.readouterr()
     assert cli.main(["sample", str(trained), "--sampler", "ddim", "--eta", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "eta must be a number in [0, 1]" in _error(capsys)
+
+
+def test_report_with_other_reverse_variances(trained, tmp_path):
+    import json
+
+    totals = {}
+    for variance in ("small", "large", "analytic"):
+        out = tmp_path / variance
+        argv = ["report", str(trained), "--variance", variance, "--steps", "5", "--max-examples", "20", "--out", str(out)]
+        assert cli.main(argv) == 0
+        bound = json.loads((out / "bound.json").read_text())
+        assert bound["variance"] == variance and bound["num_steps"] == 5
+        totals[variance] = bound["total_nats"]
+    assert len(set(totals.values())) == 3  # each variance gives its own bound
