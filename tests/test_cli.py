@@ -250,7 +250,18 @@ def test_report_with_other_reverse_variances(trained, tmp_path):
     totals = {}
     for variance in ("small", "large", "analytic"):
         out = tmp_path / variance
-        argv = ["report", str(trained), "--variance", variance, "--steps", "5", "--max-examples", "20", "--out", str(out)]
+        argv = [
+            "report",
+            str(trained),
+            "--variance",
+            variance,
+            "--steps",
+            "5",
+            "--max-examples",
+            "20",
+            "--out",
+            str(out),
+        ]
         assert cli.main(argv) == 0
         bound = json.loads((out / "bound.json").read_text())
         assert bound["variance"] == variance and bound["num_steps"] == 5
