@@ -35,7 +35,8 @@ class Dataset:
     r"""A train/test split. ``levels`` is the number of grid values for integer data (None if continuous);
     ``log_density``, where the data's law :math:`q(x_0)` is known exactly, maps ``(N, *D)`` to
     :math:`\log q(x_0)`, shape ``(N,)``; ``law``, where that law is a Gaussian mixture (gaussians8), is the law
-    itself (its ``log_prob`` is ``log_density``), with its exact noisy marginals and reverse process."""
+    itself (its ``log_prob`` is ``log_density``), with its exact noisy marginals and reverse process.
+    ``train_labels`` / ``test_labels`` are the class of each example where the data have classes (digits)."""
 
     name: str
     train: torch.Tensor
@@ -43,16 +44,20 @@ class Dataset:
     levels: int | None
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None
     law: IsotropicGaussianMixture | None = None
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
         return tuple(self.train.shape[1:])
 
 
-def _split(x: np.ndarray, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(
+    x: np.ndarray, test_fraction: float, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     perm = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(len(x) * test_fraction))
-    x = torch.as_tensor(x[perm], dtype=torch.float32)
+    x = torch.as_tensor(x[perm], dtype=dtype)
     return x[n_test:], x[:n_test]
 
 
@@ -64,9 +69,11 @@ def _levels_to_unit(v: np.ndarray, levels: int) -> np.ndarray:
 def _digits(root: Path | None) -> Dataset:
     from sklearn.datasets import load_digits
 
-    images = load_digits().images.astype(np.int64)  # (1797, 8, 8), values 0..16
+    digits = load_digits()
+    images = digits.images.astype(np.int64)  # (1797, 8, 8), values 0..16
     train, test = _split(_levels_to_unit(images, 17)[:, None], 0.2, seed=0)
-    return Dataset("digits", train, test, levels=17)
+    train_labels, test_labels = _split(digits.target, 0.2, seed=0, dtype=torch.long)
+    return Dataset("digits", train, test, levels=17, train_labels=train_labels, test_labels=test_labels)
 
 
 def _gaussians8_centres() -> np.ndarray:

@@ -204,3 +204,17 @@ def test_truncated_idx_file(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")
+
+
+def test_digits_labels_follow_their_images():
+    """Each example's label is scikit-learn's label of the same image (the split permutes both alike)."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    data = load_dataset("digits")
+    assert data.train_labels.dtype == torch.long and data.train_labels.shape == (data.train.shape[0],)
+    for images, labels in ((data.train, data.train_labels), (data.test, data.test_labels)):
+        levels = ((images[:, 0] + 1) * 8).round().numpy().astype(np.int64)
+        for image, label in zip(levels[:50], labels[:50].numpy(), strict=True):
+            matches = np.nonzero((raw.images.astype(np.int64) == image).all((1, 2)))[0]
+            assert label in raw.target[matches]
