@@ -44,6 +44,19 @@ def scores(classifier, images: torch.Tensor) -> dict:
     }
 
 
+def write(args, results: dict, intro: str, header: str, rows: list[str]) -> None:
+    """``sample_quality.json`` (every number) and ``sample_quality.md`` (the table) in ``--out``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sample_quality.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "sample_quality.md").write_text(
+        f"# Sample quality of {args.checkpoint}\n\n`python analysis/sample_quality.py {args.checkpoint}`: {intro}\n\n"
+        + header
+        + "\n".join(rows)
+        + "\n"
+    )
+    print(f"wrote {args.out / 'sample_quality.md'}")
+
+
 def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
     """The unbiased squared maximum mean discrepancy between samples x and y, Gaussian kernel (Gretton et al.
     2012, eq. 3)."""
@@ -60,7 +73,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, bandwidth: float) -> float:
 def two_sample(model, data, args) -> int:
     """2-D data: MMD^2 between each sampler's samples and held-out test points, beside that of two disjoint sets
     of test points (what a perfect sampler would score), with the spread over 5 seeds as the error."""
-    test = data.test.double()
+    model, test = model.double(), data.test.double()
     reference = test[: args.num]
     bandwidth = float(torch.cdist(reference, reference).kthvalue(11, dim=1).values.median())  # local scale
     baseline = [mmd2(test[args.num * (i + 1) : args.num * (i + 2)], reference, bandwidth) for i in range(5)]
@@ -72,7 +85,7 @@ def two_sample(model, data, args) -> int:
             began = time.time()
             values = [
                 mmd2(
-                    sampler(model.double(), args.num, steps=K, generator=torch.Generator().manual_seed(s)),
+                    sampler(model, args.num, steps=K, generator=torch.Generator().manual_seed(s)),
                     reference,
                     bandwidth,
                 )
@@ -83,15 +96,11 @@ def two_sample(model, data, args) -> int:
                 f"| {name} | {K} | {np.mean(values):.2e} +- {np.std(values) / math.sqrt(5):.1e} | {time.time() - began:.1f} |"
             )
             print(rows[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sample_quality.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "sample_quality.md").write_text(
-        f"# Sample quality of {args.checkpoint}\n\n`python analysis/sample_quality.py {args.checkpoint}`: unbiased MMD^2 "
-        f"(Gaussian kernel, bandwidth {bandwidth:.3f}: the median distance to the 10th nearest test point) between {args.num} samples and {args.num} "
-        "held-out test points, mean over 5 seeds (DDIM with eta = 0).\n\n| sampler | K | MMD^2 | seconds |\n"
-        "| --- | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n"
+    intro = (
+        f"unbiased MMD^2 (Gaussian kernel, bandwidth {bandwidth:.3f}: the median distance to the 10th nearest test "
+        f"point) between {args.num} samples and {args.num} held-out test points, mean over 5 seeds (DDIM with eta = 0)."
     )
-    print(f"wrote {args.out / 'sample_quality.md'}")
+    write(args, results, intro, "| sampler | K | MMD^2 | seconds |\n| --- | ---: | ---: | ---: |\n", rows)
     return 0
 
 
@@ -135,15 +144,15 @@ def main(argv=None) -> int:
                 f"{r['entropy']:.3f} | {r['seconds']:.1f} |"
             )
             print(rows[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sample_quality.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "sample_quality.md").write_text(
-        f"# Sample quality of {args.checkpoint}\n\n`python analysis/sample_quality.py {args.checkpoint}`: a logistic "
-        f"regression on the training digits (test accuracy {accuracy:.3f}) classifies {args.num} samples per row "
-        "(DDIM with eta = 0).\n\n| sampler | K | confident (p >= 0.9) | classes covered | histogram entropy / log 10 | "
-        "seconds |\n| --- | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows) + "\n"
+    intro = (
+        f"a logistic regression on the training digits (test accuracy {accuracy:.3f}) classifies {args.num} samples "
+        "per row (DDIM with eta = 0)."
     )
-    print(f"wrote {args.out / 'sample_quality.md'}")
+    header = (
+        "| sampler | K | confident (p >= 0.9) | classes covered | histogram entropy / log 10 | seconds |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    write(args, results, intro, header, rows)
     return 0
 
 

@@ -137,7 +137,6 @@ def ddim(
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
     x, path = x_T, [x_T]
     c = chain.schedule.coefficients(x.device, x.dtype)
-    view = (-1,) + (1,) * (x.dim() - 1)
     for t in tqdm(
         range(chain.schedule.num_steps, 1, -1), desc="ddim", disable=not progress, mininterval=1.0, leave=False
     ):
@@ -148,9 +147,7 @@ def ddim(
         var = eta**2 * (1 - abar_s) / (1 - abar) * (1 - abar / abar_s)
         x = abar_s.sqrt() * x0 + (1 - abar_s - var).sqrt() * eps
         if eta > 0:
-            x = x + var.sqrt().reshape(view[:1]) * torch.randn(
-                x.shape, generator=generator, device=x.device, dtype=x.dtype
-            )
+            x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         path.append(x)
     x = _last_step(chain, x, last, clip, generator)
     return (x, torch.stack(path[::-1])) if return_path else x
@@ -180,10 +177,9 @@ def _last_step(chain, x, last: str, clip: bool, generator) -> torch.Tensor:
     if last == "sample":
         return reverse_step(chain, x, 1, generator=generator, clip=clip)
     if last == "mean":
-        step = chain.predict(x, torch.ones(x.shape[0], device=x.device, dtype=torch.long))
-        return (
-            step.clipped(chain.schedule, x, torch.ones(x.shape[0], device=x.device, dtype=torch.long)) if clip else step
-        ).mean
+        one = torch.ones(x.shape[0], device=x.device, dtype=torch.long)
+        step = chain.predict(x, one)
+        return (step.clipped(chain.schedule, x, one) if clip else step).mean
     return x
 
 

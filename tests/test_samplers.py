@@ -244,3 +244,12 @@ def test_bad_sampler_arguments(float64):
             samplers.ddim(model, x_T, **kwargs)
     with pytest.raises(ValueError, match="x_T must have shape"):
         samplers.ancestral(model, torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_the_pyro_model_draws_x0_from_the_decoder_at_the_sampled_x1(float64):
+    """model(None): the site "x_0" is the decoder at the path's first row x_1, not at another row."""
+    model, _, _ = _model("x0")
+    trace = poutine.trace(model).get_trace(None, batch_size=5)
+    path, fn = trace.nodes["x_{1:T}"]["value"], trace.nodes["x_0"]["fn"]
+    expected = model.predict(path[0], torch.ones(5, dtype=torch.long))
+    assert torch.allclose(fn.mean, expected.mean) and torch.allclose(fn.variance, expected.variance.expand(5, 3))
