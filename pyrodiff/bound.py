@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .decoders import Decoder
-from .forward import q_marginal, q_posterior
+from .forward import q_marginal
 from .gaussian import normal_kl
 from .reverse import ReverseChain
 
@@ -179,7 +179,7 @@ def bound_terms(
             # L_{t-1} for t >= 2 in this chunk
             kl_rows = t >= 2
             if kl_rows.any():
-                loc_q, var_q = q_posterior(schedule, x0k[kl_rows], xt[kl_rows], tt[kl_rows])
+                loc_q, var_q = model.posterior(x0k[kl_rows], xt[kl_rows], tt[kl_rows])
                 nats[s, :, t[kl_rows] - 1] = step.select(kl_rows).kl_from(loc_q, var_q, event_dim).T
             if start == 1:  # L_0 from the draw of x_1
                 nats[s, :, 0] = -step.select(0).decoder(model.decoder, event_dim).log_prob(x0)

@@ -119,6 +119,7 @@ def _report(args: argparse.Namespace) -> int:
         progress=True,
         steps=args.steps,
         variance=args.variance,
+        eta=args.eta,
     )
     print((out / "summary.md").read_text())
     print(f"report: {out} (bound.json, terms.csv, summary.md, terms.png, cumulative_rate.png, rate_distortion.png)")
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--variance",
         choices=["small", "large", "analytic"],
         help="replace the model's reverse variance (analytic: Analytic-DPM's, fitted to the trained mean)",
+    )
+    r.add_argument(
+        "--eta",
+        type=float,
+        help="the bound of DDIM's generative process with this eta in (0, 1] (eta = 0 has no bound: refused)",
     )
     r.add_argument("--out", help="report folder (default: report-SPLIT beside the checkpoint)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing report in the folder")

@@ -157,7 +157,7 @@ class EmpiricalStep(NamedTuple):
         index = draw_components(self.mixture.log_weights, generator)
         return decoder.draw(self._unflat(self.points[index]), self.decoder_variance, noise)
 
-    def clipped(self, schedule, x_t, t) -> EmpiricalStep:
+    def clipped(self, chain, x_t, t) -> EmpiricalStep:
         """Its predictions are averages of training points: already in the data's range."""
         return self
 

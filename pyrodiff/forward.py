@@ -15,6 +15,10 @@ The guide has no parameters.  It exposes the same sample sites in both of its or
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -26,6 +30,10 @@ from .timesteps import draw_timesteps, step_scale
 
 __all__ = [
     "DiffusionGuide",
+    "InferenceFamily",
+    "DDPM",
+    "ETA_ZERO_HAS_NO_BOUND",
+    "q_sigma_posterior",
     "QForwardOrder",
     "QPosteriorOrder",
     "ForwardTransition",
@@ -81,6 +89,82 @@ def q_posterior(
     return loc, at_timesteps(c.posterior_variance, t, event_dim)
 
 
+def q_sigma_posterior(
+    schedule: NoiseSchedule, eta: float, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and variance of the non-Markovian :math:`q_\sigma(x_{t-1} \mid x_t, x_0)` (Song et al. 2021, eq. 7),
+
+    .. math:: N\Big(\sqrt{\bar\alpha_{t-1}}\, x_0 + \sqrt{1 - \bar\alpha_{t-1} - \sigma_t^2}\;
+        \frac{x_t - \sqrt{\bar\alpha_t}\, x_0}{\sqrt{1 - \bar\alpha_t}},\; \sigma_t^2 I\Big),
+        \qquad \sigma_t^2 = \eta^2 \tilde\beta_t
+
+    (their eq. 16), for any :math:`\eta \ge 0`; :math:`\eta = 1` is :func:`q_posterior` (the same law, another
+    rounding).  At ``t = 1`` the variance is 0 and the mean :math:`x_0`."""
+    c = schedule.cached(f"q_sigma_{eta!r}", functools.partial(_q_sigma_coefficients, eta=eta), xt.device, xt.dtype)
+    event_dim = xt.dim() - t.dim()
+    loc = at_timesteps(c.coef_x0, t, event_dim) * x0 + at_timesteps(c.coef_xt, t, event_dim) * xt
+    return loc, at_timesteps(c.variance, t, event_dim)
+
+
+def _q_sigma_coefficients(schedule: NoiseSchedule, eta: float) -> SimpleNamespace:
+    """The float64 tables of :func:`q_sigma_posterior`: the mean's coefficients of x_0 and x_t, and the variance."""
+    abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+    variance = eta**2 * schedule.posterior_variance
+    coef_xt = ((1 - abar_prev) - variance).clamp(min=0).sqrt() / (1 - abar).sqrt()
+    return SimpleNamespace(coef_x0=abar_prev.sqrt() - coef_xt * abar.sqrt(), coef_xt=coef_xt, variance=variance)
+
+
+@dataclass(frozen=True)
+class InferenceFamily:
+    r"""Song et al. (2021)'s family of inference processes :math:`q_\sigma(x_{1:T} \mid x_0) = q(x_T \mid x_0)
+    \prod_{t \ge 2} q_\sigma(x_{t-1} \mid x_t, x_0)` (:func:`q_sigma_posterior`), indexed by :math:`\eta \in [0, 1]`
+    through :math:`\sigma_t^2 = \eta^2 \tilde\beta_t`.  Every member has the marginals :math:`q(x_t \mid x_0)` of
+    the DDPM forward chain (their Lemma 1), so every member trains the same network.  :math:`\eta = 1` (:data:`DDPM`)
+    is the Markov forward chain of Ho et al., whose posterior is computed by :func:`q_posterior`; :math:`\eta < 1` is
+    non-Markovian; :math:`\eta = 0` (DDIM proper) is deterministic given :math:`x_0` and :math:`x_T`: it has no
+    density, and a model with its variances no bound."""
+
+    eta: float = 1.0
+
+    def __post_init__(self) -> None:
+        eta = self.eta
+        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        object.__setattr__(self, "eta", float(eta))
+
+    @property
+    def is_markov(self) -> bool:
+        """Whether this is DDPM's Markov forward chain (eta = 1), the only member with a forward order."""
+        return self.eta == 1.0
+
+    @property
+    def has_density(self) -> bool:
+        """Whether the steps have a density (eta > 0)."""
+        return self.eta > 0
+
+    def posterior(
+        self, schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Mean and variance of :math:`q_\sigma(x_{t-1} \mid x_t, x_0)` at the math timesteps ``t``."""
+        if self.is_markov:
+            return q_posterior(schedule, x0, xt, t)
+        return q_sigma_posterior(schedule, self.eta, x0, xt, t)
+
+    def variances(self, schedule: NoiseSchedule) -> torch.Tensor:
+        r""":math:`\sigma_t^2 = \eta^2 \tilde\beta_t` (float64, entry t - 1; 0 at t = 1)."""
+        return self.eta**2 * schedule.posterior_variance
+
+
+#: DDPM's forward chain (eta = 1), the default of the guide and the model
+DDPM = InferenceFamily(1.0)
+
+#: why a DDIM chain with eta = 0 is not scored
+ETA_ZERO_HAS_NO_BOUND = (
+    "DDIM with eta = 0 is deterministic given x_T: its steps have no density, so it has no bound "
+    "(every KL term would be infinite); it can only sample. Score DDIM with eta in (0, 1]"
+)
+
+
 class _QPath(PathDistribution):
     """The law of the whole path :math:`x_{1:T}` given :math:`x_0` (batch shape ``(T, N)``, the data's event
     shape).  Subclasses choose which factorisation of the same joint ``log_prob`` reports per timestep."""
@@ -134,7 +218,32 @@ class QForwardOrder(_QPath):
 
 class QPosteriorOrder(_QPath):
     r"""The forward chain in posterior order: ``log_prob`` row k < T is
-    :math:`\log q(x_k \mid x_{k+1}, x_0)` and row T is :math:`\log q(x_T \mid x_0)`."""
+    :math:`\log q(x_k \mid x_{k+1}, x_0)` and row T is :math:`\log q(x_T \mid x_0)`.  With a non-Markov
+    ``family`` (:class:`InferenceFamily`, eta < 1) the rows are :math:`q_\sigma(x_k \mid x_{k+1}, x_0)`, and a
+    path is drawn backwards from :math:`x_T`, T - 1 sequential steps."""
+
+    def __init__(
+        self, x0: torch.Tensor, schedule: NoiseSchedule, family: InferenceFamily = DDPM, validate_args=None
+    ) -> None:
+        self.family = family
+        super().__init__(x0, schedule, validate_args=validate_args)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        if self.family.is_markov:
+            return super().rsample(sample_shape)
+        T = self.schedule.num_steps
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.x0.dtype, device=self.x0.device)
+        d = len(sample_shape)
+        x0 = self.x0.expand(shape[:d] + shape[d + 1 :])
+        batch = shape[:d] + shape[d + 1 : d + 2]  # sample_shape + (N,)
+        step = lambda s: torch.full(batch, s, device=self.x0.device, dtype=torch.long)  # noqa: E731
+        loc, var = q_marginal(self.schedule, x0, step(T))
+        rows = [loc + var.sqrt() * eps.select(d, T - 1)]
+        for s in range(T, 1, -1):
+            loc, var = self.family.posterior(self.schedule, x0, rows[-1], step(s))
+            rows.append(loc + var.sqrt() * eps.select(d, s - 2))
+        return torch.stack(rows[::-1], d)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         loc, var = self.conditionals(value)
@@ -144,7 +253,7 @@ class QPosteriorOrder(_QPath):
         """Mean and variance of each row's conditional given the rest of the path ``value``."""
         T = self.schedule.num_steps
         t_parent = (path_timesteps(self.batch_shape, self.x0.device) + 1).clamp(max=T)
-        loc, var = q_posterior(self.schedule, self.x0, self._following(value), t_parent)
+        loc, var = self.family.posterior(self.schedule, self.x0, self._following(value), t_parent)
         m_T, v_T = q_marginal(self.schedule, self.x0.expand_as(value), torch.full_like(t_parent, T))
         is_last = is_last_row(self.batch_shape, self.event_dim, value.device)
         return torch.where(is_last, m_T, loc), torch.where(is_last, v_T, var)
@@ -164,16 +273,29 @@ class DiffusionGuide:
         process :math:`\prod_t q(x_t \mid x_{t-1})`.  Both are the same joint with the same sites, so a
         trace of one replays in the other; only the posterior order is valid with
         ``TraceMeanField_ELBO``.
+    :param eta: the member of Song et al.'s inference family (:class:`InferenceFamily`): 1 (default) is DDPM's
+        forward chain; eta in (0, 1) the non-Markovian :math:`q_\sigma` of DDIM, with the same marginals and
+        sites (posterior order only), the guide of :meth:`DiffusionModel.ddim(eta) <pyrodiff.reverse.DiffusionModel.ddim>`.
+        eta = 0 is refused: that :math:`q_\sigma` is deterministic given :math:`x_0, x_T` and has no density.
 
     Called as ``guide(x0, subsample_steps=None)``, with the same arguments as
     :class:`~pyrodiff.reverse.DiffusionModel`.
     """
 
-    def __init__(self, schedule: NoiseSchedule, order: str = "posterior") -> None:
+    def __init__(self, schedule: NoiseSchedule, order: str = "posterior", eta: float = 1.0) -> None:
         if order not in ("posterior", "forward"):
             raise ValueError(f"order must be 'posterior' or 'forward', got {order!r}")
+        family = InferenceFamily(eta)
+        if not family.has_density:
+            raise ValueError(
+                "eta = 0 gives the deterministic q_sigma of DDIM: it has no density, so it cannot be a guide "
+                "(and DDIM with eta = 0 has no bound); use eta in (0, 1]"
+            )
+        if order == "forward" and not family.is_markov:
+            raise ValueError(f"eta = {eta} gives a non-Markovian q_sigma, which has no forward order: use 'posterior'")
         self.schedule = schedule
         self.order = order
+        self.family = family
 
     def __call__(self, x0: torch.Tensor, subsample_steps: int | None = None, **kwargs) -> torch.Tensor:
         if x0 is None:
@@ -181,7 +303,10 @@ class DiffusionGuide:
         check_batch(x0)
         N = x0.shape[0]
         if subsample_steps is None:
-            chain = (QPosteriorOrder if self.order == "posterior" else QForwardOrder)(x0, self.schedule)
+            if self.order == "posterior":
+                chain = QPosteriorOrder(x0, self.schedule, self.family)
+            else:
+                chain = QForwardOrder(x0, self.schedule)
             with pyro.plate("data", N, dim=-1), pyro.plate("time", self.schedule.num_steps, dim=-2):
                 return pyro.sample("x_{1:T}", chain, infer={SCHEDULE_KEY: self.schedule})
         return self._subsampled(x0, subsample_steps)
@@ -200,7 +325,7 @@ class DiffusionGuide:
                 if self.order == "posterior":
                     loc, var = q_marginal(self.schedule, x0, t)
                     xt = pyro.sample("x_t", dist.Normal(loc, var.sqrt()).to_event(event_dim))
-                    loc, var = q_posterior(self.schedule, x0, xt, t)
+                    loc, var = self.family.posterior(self.schedule, x0, xt, t)
                     pyro.sample("x_{t-1}", _masked_where_decoder(dist.Normal, loc, var, t, event_dim))
                 else:
                     loc, var = q_marginal(self.schedule, x0, (t - 1).clamp(min=1))

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .gaussian import at_timesteps
+from .forward import InferenceFamily
+from .gaussian import at_timesteps, expand_event
 from .schedule import NoiseSchedule
 
 __all__ = [
     "Target",
     "ReverseVariance",
+    "DDIMVariance",
     "TARGETS",
     "VARIANCES",
     "parse_target",
@@ -195,6 +197,31 @@ class TableVariance(ReverseVariance):
     def variance(self, schedule, t, event_dim, like, v=None):
         key = f"reverse_variance_{self.name}_{hash(self.values)}"
         return at_timesteps(schedule.cached(key, self.table, like.device, like.dtype), t, event_dim)
+
+
+@dataclass(frozen=True)
+class DDIMVariance(ReverseVariance):
+    r"""The variances of DDIM's generative process (Song et al. 2021, eq. 12), those of its inference family
+    (:class:`~pyrodiff.forward.InferenceFamily`): :math:`\sigma_t^2 = \eta^2 \tilde\beta_t` for t >= 2 (0 when
+    :math:`\eta = 0`: the steps are then deterministic and have no density); at t = 1 the decoder keeps the
+    ``base`` variance, the model's own, so that DDIM and DDPM share :math:`p_\theta(x_0 \mid x_1)`."""
+
+    family: InferenceFamily
+    base: ReverseVariance
+    name: str = "ddim"
+
+    @property
+    def learned(self) -> bool:
+        return self.base.learned
+
+    def table(self, schedule):
+        return torch.cat([self.base.table(schedule)[:1], self.family.variances(schedule)[1:]])
+
+    def variance(self, schedule, t, event_dim, like, v=None):
+        key = f"ddim_variances_{self.family.eta!r}"
+        sigma2 = at_timesteps(schedule.cached(key, self.family.variances, like.device, like.dtype), t, event_dim)
+        decoder = self.base.variance(schedule, t, event_dim, like, v)
+        return torch.where(expand_event(t == 1, event_dim), decoder, sigma2)
 
 
 def _log_clipped(schedule: NoiseSchedule) -> torch.Tensor:

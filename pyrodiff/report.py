@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from .analytic import analytic_variance
 from .bound import BoundTerms, bound_terms, nats_to_bits_per_dim
+from .forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
 from .reverse import DiffusionModel
 from .trained import load_trained
 
@@ -254,12 +255,15 @@ def report_checkpoint(
     steps: int | None = None,
     variance: str | None = None,
     analytic_examples: int = 200,
+    eta: float | None = None,
 ) -> tuple[dict, Path]:
-    """Decompose the bound of a checkpoint's EMA model on a data split and write the report
+    r"""Decompose the bound of a checkpoint's EMA model on a data split and write the report
     (default folder: ``report-SPLIT`` beside the checkpoint).  With ``steps`` = K, the bound of the respaced
     K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`).  ``variance`` replaces the model's reverse variance:
     ``"small"`` or ``"large"``, or ``"analytic"`` for Analytic-DPM's optimal variances for the trained mean
     (:func:`~pyrodiff.analytic.analytic_variance`, estimated on the first ``analytic_examples`` training examples).
+    ``eta`` in (0, 1] scores DDIM's generative process with that eta (:meth:`~pyrodiff.reverse.DiffusionModel.ddim`)
+    against its inference family :math:`q_\sigma`; eta = 0 has no bound and is refused.
     Returns the summary and the folder."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -269,6 +273,11 @@ def report_checkpoint(
         isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
     ):
         raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
+    if eta is not None:
+        if variance is not None:
+            raise ValueError("DDIM's variances are set by eta: give variance or eta, not both")
+        if not InferenceFamily(eta).has_density:
+            raise ValueError(ETA_ZERO_HAS_NO_BOUND)
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"report-{split}"
     if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
@@ -282,6 +291,8 @@ def report_checkpoint(
         )
     if steps is not None:
         model = model.respaced(steps)
+    if eta is not None:
+        model = model.ddim(eta)
     if variance == "analytic":
         torch.manual_seed(0)
         model = analytic_variance(model, built.data.train[:analytic_examples].to(device))
@@ -301,6 +312,7 @@ def report_checkpoint(
         "draws": draws,
         "steps": steps,
         "variance": variance,
+        "eta": eta,
     }
     log_q = built.data.log_density(data) if built.data.log_density else None
     return write_report(terms, out, meta, log_q, overwrite=overwrite), out

@@ -32,9 +32,9 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from .decoders import Decoder, parse_decoder
-from .forward import SCHEDULE_KEY, check_batch, q_marginal, q_posterior
+from .forward import DDPM, ETA_ZERO_HAS_NO_BOUND, SCHEDULE_KEY, InferenceFamily, check_batch, q_marginal
 from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
-from .parameterization import ReverseVariance, Target, parse_target, parse_variance
+from .parameterization import DDIMVariance, ReverseVariance, Target, parse_target, parse_variance
 from .path import PathDistribution, path_timesteps
 from .samplers import ancestral
 from .schedule import NoiseSchedule
@@ -82,8 +82,8 @@ class ReverseStep(Protocol):
     def select(self, index) -> ReverseStep:
         """The rows ``index`` (any index of the leading dim)."""
 
-    def clipped(self, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> ReverseStep:
-        r"""The step taken from :math:`\hat x_0` clamped to [-1, 1] (the references' ``clip_denoised``)."""
+    def clipped(self, chain: ReverseChain, x_t: torch.Tensor, t: torch.Tensor) -> ReverseStep:
+        r"""The step of ``chain`` taken from :math:`\hat x_0` clamped to [-1, 1] (the references' ``clip_denoised``)."""
 
 
 class Prediction(NamedTuple):
@@ -119,10 +119,11 @@ class Prediction(NamedTuple):
     def select(self, index) -> Prediction:
         return Prediction(self.mean[index], self.variance[index], self.x0[index])
 
-    def clipped(self, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        r""":math:`\tilde\mu_t(\mathrm{clamp}(\hat x_0, -1, 1), x_t)` with the same variance."""
+    def clipped(self, chain: ReverseChain, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+        r""":math:`\tilde\mu_t(\mathrm{clamp}(\hat x_0, -1, 1), x_t)` (the chain's posterior mean) with the same
+        variance."""
         x0 = self.x0.clamp(-1, 1)
-        return Prediction(q_posterior(schedule, x0, x_t, t)[0], self.variance, x0)
+        return Prediction(chain.posterior(x0, x_t, t)[0], self.variance, x0)
 
 
 class ReverseChain(nn.Module):
@@ -135,6 +136,10 @@ class ReverseChain(nn.Module):
     Called as ``model(x0, subsample_steps=None)``, as the guide is.  ``model(None, batch_size=n)``
     draws n samples ancestrally (also through ``pyro.infer.Predictive``).
     """
+
+    #: the inference family whose posterior :math:`q(x_{t-1} \mid x_t, x_0)` the bound compares the steps with
+    #: (:meth:`posterior`): DDPM's forward chain unless the chain is DDIM's (:meth:`DiffusionModel.ddim`)
+    family: InferenceFamily = DDPM
 
     def __init__(self, schedule: NoiseSchedule, decoder: Decoder, data_shape: tuple[int, ...] | None) -> None:
         super().__init__()
@@ -164,6 +169,10 @@ class ReverseChain(nn.Module):
     def predict(self, xt: torch.Tensor, t: torch.Tensor) -> ReverseStep:
         r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of any leading shape ``t.shape``."""
         raise NotImplementedError
+
+    def posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Mean and variance of the chain's inference posterior :math:`q(x_{t-1} \mid x_t, x_0)` (:attr:`family`)."""
+        return self.family.posterior(self.schedule, x0, xt, t)
 
     def _register(self) -> None:
         """Register parameters with Pyro's param store, if the chain has any."""
@@ -221,7 +230,10 @@ class ReverseChain(nn.Module):
         """Refuse what is not a batch of data of the model's shape, and, while Pyro's validation is enabled
         (the default; the value checks read the data, a device synchronisation on a GPU, like Pyro's checks
         of distribution arguments), non-finite data or data off the decoder's grid.  ``pyrodiff train``
-        checks the whole training set once and trains with validation off.  Nothing is changed."""
+        checks the whole training set once and trains with validation off.  Nothing is changed.  A chain without
+        a density (DDIM with eta = 0) scores nothing."""
+        if not self.family.has_density:
+            raise ValueError(ETA_ZERO_HAS_NO_BOUND)
         check_batch(x0)
         if self.data_shape is not None and tuple(x0.shape[1:]) != self.data_shape:
             raise ValueError(
@@ -261,6 +273,9 @@ class DiffusionModel(ReverseChain):
     :param levels: number of levels of the discretized decoder (256 for 8-bit images).
     :param data_shape: shape ``D`` of one example; learnt from the first batch scored without error if
         omitted; needed to sample.
+    :param family: the inference family (:class:`~pyrodiff.forward.InferenceFamily`) whose posterior at
+        :math:`\hat x_0` is the mean, :math:`\mu_\theta = E_{q}[x_{t-1} \mid x_t, \hat x_0]`: DDPM's (default) or,
+        through :meth:`ddim`, DDIM's.
 
     Called as ``model(x0, subsample_steps=None)``, as the guide is.  ``model(None, batch_size=n)``
     draws n samples ancestrally (also through ``pyro.infer.Predictive``).
@@ -275,11 +290,15 @@ class DiffusionModel(ReverseChain):
         decoder: str | Decoder = "gaussian",
         levels: int | None = None,
         data_shape: tuple[int, ...] | None = None,
+        family: InferenceFamily = DDPM,
     ) -> None:
         prediction, variance = parse_target(prediction), parse_variance(variance)
+        if not isinstance(family, InferenceFamily):
+            raise TypeError(f"family must be an InferenceFamily, got {type(family).__name__}")
         super().__init__(schedule, parse_decoder(decoder, levels), data_shape)
         self.prediction = prediction
         self.variance = variance
+        self.family = family
         self.network = network
         #: if set (e.g. ``torch.bfloat16``), the network runs under autocast to this dtype; its output
         #: is cast back to the data's dtype, so every log-density stays in full precision
@@ -291,7 +310,8 @@ class DiffusionModel(ReverseChain):
         self.register_with_pyro = True
 
     def describe(self) -> dict:
-        return {"prediction": self.prediction.name, "variance": self.variance.name, **super().describe()}
+        eta = {} if self.family.is_markov else {"eta": self.family.eta}
+        return {"prediction": self.prediction.name, "variance": self.variance.name, **eta, **super().describe()}
 
     def device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where samples are drawn: the device and dtype of the network's parameters."""
@@ -300,8 +320,11 @@ class DiffusionModel(ReverseChain):
 
     def with_network(self, network: nn.Module) -> DiffusionModel:
         """The same model with another network (e.g. the exponential moving average of the weights)."""
+        return self._with(network, self.schedule)
+
+    def _with(self, network: nn.Module, schedule: NoiseSchedule) -> DiffusionModel:
         return DiffusionModel(
-            network, self.schedule, self.prediction, self.variance, self.decoder, None, self.data_shape
+            network, schedule, self.prediction, self.variance, self.decoder, None, self.data_shape, self.family
         )
 
     def respaced(self, steps: int | Sequence[int] | torch.Tensor) -> DiffusionModel:
@@ -315,9 +338,28 @@ class DiffusionModel(ReverseChain):
             timesteps = self.schedule.evenly_spaced_timesteps(steps)
         else:
             timesteps = self.schedule.validated_timesteps(steps)
-        network = _RespacedNetwork(self.network, timesteps)
-        schedule = self.schedule.respace(timesteps)
-        return DiffusionModel(network, schedule, self.prediction, self.variance, self.decoder, None, self.data_shape)
+        return self._with(_RespacedNetwork(self.network, timesteps), self.schedule.respace(timesteps))
+
+    def ddim(self, eta: float) -> DiffusionModel:
+        r"""DDIM's generative process (Song et al. 2021, eq. 12) for this network, on this (possibly respaced)
+        chain: :math:`p_\theta(x_{t-1} \mid x_t) = q_\sigma(x_{t-1} \mid x_t, \hat x_0(x_t))`, the family's
+        posterior at the prediction, with :math:`\sigma_t^2 = \eta^2\tilde\beta_t`
+        (:class:`~pyrodiff.parameterization.DDIMVariance`; the decoder at t = 1 is this model's).  Its guide is
+        ``DiffusionGuide(schedule, eta=eta)``, and ``bound_terms`` gives its exact bound for eta in (0, 1]; ancestral
+        sampling of it is :func:`pyrodiff.samplers.ddim`.  With eta = 0 the steps are deterministic: the model samples
+        but has no bound (scoring data is refused).  eta = 1 is this network's DDPM chain with the "small" variance."""
+        family = InferenceFamily(eta)
+        base = self.variance.base if isinstance(self.variance, DDIMVariance) else self.variance
+        return DiffusionModel(
+            self.network,
+            self.schedule,
+            self.prediction,
+            DDIMVariance(family, base),
+            self.decoder,
+            None,
+            self.data_shape,
+            family,
+        )
 
     def _register(self) -> None:
         if self.register_with_pyro:
@@ -333,7 +375,7 @@ class DiffusionModel(ReverseChain):
         event_dim = xt.dim() - t.dim()
         abar = at_timesteps(self.schedule.coefficients(xt.device, xt.dtype).alphas_cumprod, t, event_dim)
         x0_hat = self.prediction.to_x0(out.reshape(xt.shape), xt, abar)
-        mean, _ = q_posterior(self.schedule, x0_hat, xt, t)
+        mean, _ = self.posterior(x0_hat, xt, t)
         variance = self.variance.variance(self.schedule, t, event_dim, xt, None if v is None else v.reshape(xt.shape))
         return Prediction(mean, variance, x0_hat)
 

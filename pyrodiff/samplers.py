@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from .forward import InferenceFamily
+
 if TYPE_CHECKING:  # the samplers use only the chain's predict and decoder
     from .reverse import ReverseChain
 
@@ -68,7 +70,7 @@ def reverse_step(
         raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
     step = model.predict(x_t, steps)
     if clip:
-        step = step.clipped(model.schedule, x_t, steps)
+        step = step.clipped(model, x_t, steps)
     if isinstance(t, int):  # no device-side selection (nor a host read) when all examples share t
         return step.decode(model.decoder, noise, generator) if t == 1 else step.draw(noise, generator)
     at_one = (steps == 1).reshape((N,) + (1,) * (x_t.dim() - 1))
@@ -131,22 +133,20 @@ def ddim(
     the previous visited step s, with :math:`\hat x_0` the chain's prediction and
     :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1 - \bar\alpha_t}`,
     :math:`x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\hat\epsilon + \sigma z`.  The last
-    step (to :math:`x_0`) is the decoder's, as in :func:`ancestral`."""
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    step (to :math:`x_0`) is the decoder's, as in :func:`ancestral`.  This is :math:`q_\sigma(x_s \mid x_t, \hat x_0)`
+    (:class:`~pyrodiff.forward.InferenceFamily`): the ancestral sampler of the Pyro model
+    :meth:`DiffusionModel.ddim(eta) <pyrodiff.reverse.DiffusionModel.ddim>`, whose bound ``bound_terms`` gives for
+    eta > 0."""
+    family = InferenceFamily(eta)
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
     x, path = x_T, [x_T]
-    c = chain.schedule.coefficients(x.device, x.dtype)
     for t in tqdm(
         range(chain.schedule.num_steps, 1, -1), desc="ddim", disable=not progress, mininterval=1.0, leave=False
     ):
-        step = chain.predict(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
-        x0 = step.x0.clamp(-1, 1) if clip else step.x0
-        abar, abar_s = c.alphas_cumprod[t - 1], c.alphas_cumprod[t - 2]
-        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-        var = eta**2 * (1 - abar_s) / (1 - abar) * (1 - abar / abar_s)
-        x = abar_s.sqrt() * x0 + (1 - abar_s - var).sqrt() * eps
-        if eta > 0:
+        steps_t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        step = chain.predict(x, steps_t)
+        x, var = family.posterior(chain.schedule, step.x0.clamp(-1, 1) if clip else step.x0, x, steps_t)
+        if family.has_density:
             x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         path.append(x)
     x = _last_step(chain, x, last, clip, generator)
@@ -179,7 +179,7 @@ def _last_step(chain, x, last: str, clip: bool, generator) -> torch.Tensor:
     if last == "mean":
         one = torch.ones(x.shape[0], device=x.device, dtype=torch.long)
         step = chain.predict(x, one)
-        return (step.clipped(chain.schedule, x, one) if clip else step).mean
+        return (step.clipped(chain, x, one) if clip else step).mean
     return x
 
 

@@ -140,14 +140,27 @@ def linear_denoisers(num_steps: int, dtype: torch.dtype = torch.float64) -> st.S
     )
 
 
-def linear_reverse_coefficients(schedule: NoiseSchedule, a, b, prediction: str) -> tuple[np.ndarray, np.ndarray]:
+def linear_reverse_coefficients(
+    schedule: NoiseSchedule, a, b, prediction: str, eta: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     r""":math:`c_t, d_t` (arrays over t = 1..T) with :math:`\mu_\theta(x_t, t) = c_t x_t + d_t` for the
-    network ``a_t x_t + b_t`` under ``prediction``."""
+    network ``a_t x_t + b_t`` under ``prediction``: DDPM's mean (Ho et al. 2020, eq. 7 and 11), or for
+    ``eta != 1`` the mean of DDIM's step (Song et al. 2021, eq. 12), :math:`\sqrt{\bar\alpha_{t-1}}\,\hat x_0 +
+    \sqrt{1 - \bar\alpha_{t-1} - \sigma_t^2}\,\hat\epsilon` with :math:`\sigma_t^2 = \eta^2\tilde\beta_t`."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     beta = schedule.betas.numpy()
     alpha = 1 - beta
     abar = np.cumprod(alpha)
     abar_prev = np.concatenate([[1.0], abar[:-1]])
+    if eta != 1:
+        # x0_hat = e x_t + f; eps_hat = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar)
+        e, f = {
+            "epsilon": ((1 - np.sqrt(1 - abar) * a) / np.sqrt(abar), -np.sqrt(1 - abar) * b / np.sqrt(abar)),
+            "x0": (a, b),
+            "v": (np.sqrt(abar) - np.sqrt(1 - abar) * a, -np.sqrt(1 - abar) * b),
+        }[prediction]
+        r = np.sqrt(np.maximum(1 - abar_prev - eta**2 * beta * (1 - abar_prev) / (1 - abar), 0)) / np.sqrt(1 - abar)
+        return np.sqrt(abar_prev) * e + r * (1 - np.sqrt(abar) * e), np.sqrt(abar_prev) * f - r * np.sqrt(abar) * f
     P = np.sqrt(abar_prev) * beta / (1 - abar)
     Q = np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
     if prediction == "epsilon":
@@ -169,6 +182,7 @@ def linear_elbo_terms(
     levels: int | None = None,
     quadrature_points: int = 80,
     v=None,
+    eta: float = 1.0,
 ) -> np.ndarray:
     r"""Every term of the bound, shape ``(N, T + 1)`` (column k is :math:`L_k`, nats), for the model with
     network :class:`LinearDenoiser` ``(a, b)`` (and ``v`` for learned variances, where
@@ -181,10 +195,14 @@ def linear_elbo_terms(
     - :math:`L_0` (Gaussian) :math:`= \tfrac12\sum_d \big[\log 2\pi\sigma_1^2 + \frac{((1 - c m) x_0 - d)^2 + c^2 s^2}{\sigma_1^2}\big]`;
       discretized: Gauss-Hermite quadrature over :math:`x_1` of the exact bin mass (scipy's ``log_ndtr``),
     - :math:`L_T = \tfrac12\sum_d \big[s^2 + m^2 x_0^2 - 1 - \log s^2\big]`.
+
+    With ``eta != 1``, the model is DDIM's (``model.ddim(eta)``): the posterior is Song et al.'s
+    :math:`q_\sigma` (their eq. 7, variance :math:`\eta^2\tilde\beta_t` in place of :math:`\tilde\beta_t`), the
+    steps have that variance for t >= 2, and the decoder keeps ``variance``.
     """
     x = x0.detach().double().reshape(x0.shape[0], -1).numpy()
     T = schedule.num_steps
-    c, d = linear_reverse_coefficients(schedule, a, b, prediction)
+    c, d = linear_reverse_coefficients(schedule, a, b, prediction, eta)
     beta = schedule.betas.numpy()
     alpha = 1 - beta
     abar = np.cumprod(alpha)
@@ -198,6 +216,11 @@ def linear_elbo_terms(
         sigma2 = small if variance == "small" else np.concatenate([[beta_tilde[1]], beta[1:]])
     A = np.sqrt(abar_prev) * beta / (1 - abar)
     B = np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
+    if eta != 1:  # Song et al.'s q_sigma: x_{t-1} = A x_0 + B x_t + N(0, eta^2 beta_tilde)
+        beta_tilde = eta**2 * beta_tilde
+        B = np.sqrt(np.maximum(1 - abar_prev - beta_tilde, 0)) / np.sqrt(1 - abar)
+        A = np.sqrt(abar_prev) - B * np.sqrt(abar)
+        sigma2 = np.concatenate([sigma2[:1], beta_tilde[1:]])
     m, s2 = np.sqrt(abar), 1 - abar
     terms = np.zeros((x.shape[0], T + 1))
     for t in range(2, T + 1):

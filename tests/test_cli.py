@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,6 +243,27 @@ def test_ddim_samples_and_the_bound_of_a_shorter_chain(trained, tmp_path, capsys
     capsys.readouterr()
     assert cli.main(["sample", str(trained), "--sampler", "ddim", "--eta", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "eta must be a number in [0, 1]" in _error(capsys)
+
+
+def test_report_of_a_ddim_chain_is_its_bound_and_eta_zero_is_refused(trained, tmp_path, capsys):
+    import json
+
+    from pyrodiff import bound_terms
+    from pyrodiff.trained import load_trained
+
+    argv = ["report", str(trained), "--steps", "4", "--max-examples", "5", "--eta", "0.5", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    bound = json.loads((tmp_path / "bound.json").read_text())
+    built, model = load_trained(trained, "cpu", None)
+    torch.manual_seed(0)
+    direct = bound_terms(model.respaced(4).ddim(0.5), built.data.test[:5])
+    assert bound["eta"] == 0.5 and bound["model"]["eta"] == 0.5
+    assert np.allclose(bound["terms_nats"], direct.mean().numpy(), rtol=1e-6)
+    capsys.readouterr()
+    assert cli.main(["report", str(trained), "--eta", "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "eta = 0" in _error(capsys) and not (tmp_path / "zero").exists()
+    assert cli.main(["report", str(trained), "--eta", "0.5", "--variance", "large", "--out", str(tmp_path / "b")]) == 2
+    assert "not both" in _error(capsys)
 
 
 def test_report_with_other_reverse_variances(trained, tmp_path):

@@ -223,7 +223,7 @@ def test_clipping_takes_the_step_from_the_clamped_prediction(float64):
     assert free.max() > 1.5 and clipped.abs().max() <= 1 + 1e-12
     x = torch.randn(4, 3, dtype=torch.float64)
     t = torch.full((4,), 10)
-    step = model.predict(x, t).clipped(LONG, x, t)
+    step = model.predict(x, t).clipped(model, x, t)
     P, Q = LONG.posterior_mean_coef_x0[9], LONG.posterior_mean_coef_xt[9]
     assert torch.allclose(step.mean, P * (0.5 * x + 3).clamp(-1, 1) + Q * x)
 
