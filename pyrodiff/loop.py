@@ -13,7 +13,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .forward import DiffusionGuide, ForwardTransition, q_marginal, q_posterior
+from .forward import DiffusionGuide, ForwardTransition, q_marginal
 from .reverse import DiffusionModel
 
 __all__ = ["loop_model", "loop_guide"]
@@ -43,7 +43,7 @@ def loop_guide(guide: DiffusionGuide, x0: torch.Tensor) -> None:
             loc, var = q_marginal(schedule, x0, step(T))
             x = pyro.sample(f"x_{T}", dist.Normal(loc, var.sqrt()).to_event(event_dim))
             for s in range(T, 1, -1):
-                loc, var = q_posterior(schedule, x0, x, step(s))
+                loc, var = guide.family.posterior(schedule, x0, x, step(s))
                 x = pyro.sample(f"x_{s - 1}", dist.Normal(loc, var.sqrt()).to_event(event_dim))
         else:
             c = schedule.coefficients(x0.device, x0.dtype)

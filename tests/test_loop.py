@@ -11,14 +11,16 @@ from pyrodiff.loop import loop_guide, loop_model
 from pyrodiff.testing import LinearDenoiser
 
 
-@pytest.mark.parametrize("order", ["posterior", "forward"])
+@pytest.mark.parametrize("order, eta", [("posterior", 1.0), ("forward", 1.0), ("posterior", 0.4)])
 @pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
-def test_same_elbo_on_the_same_path(order, prediction, float64):
+def test_same_elbo_on_the_same_path(order, eta, prediction, float64):
+    """Also for DDIM's pair (eta < 1): the model's steps and the guide's q_sigma, one site per step."""
     T = 5
     schedule = NoiseSchedule.linear(T, 0.05, 0.3)
     net = LinearDenoiser(T, torch.linspace(-0.5, 0.5, T), torch.linspace(0.2, -0.2, T))
     model = DiffusionModel(net, schedule, prediction=prediction)
-    guide = DiffusionGuide(schedule, order=order)
+    model = model if eta == 1 else model.ddim(eta)
+    guide = DiffusionGuide(schedule, order=order, eta=eta)
     x0 = torch.rand(3, 2) * 2 - 1
     gt = poutine.trace(guide).get_trace(x0)
     mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0)
