@@ -1,15 +1,16 @@
 """The bound of a trained model's K-step chains: bits/dim against the number of sampling steps.
 
     python analysis/bound_vs_steps.py runs/digits/checkpoint.pt [--steps 10 25 50 100 250 1000]
-        [--variances small large analytic] [--analytic-examples 200] [--max-examples 100] [--out docs/bound-vs-steps]
-        [--overwrite]
+        [--variances small large analytic] [--etas 0.5 0.2] [--analytic-examples 200] [--max-examples 100]
+        [--out docs/bound-vs-steps] [--overwrite]
 
 For each K, the model respaced to K evenly spaced steps (`DiffusionModel.respaced`, the network seeing the
 original timesteps) is scored by `bound_terms` on the first test examples: the exact bound of the K-step
 ancestral sampler, every term, one draw of the noisy inputs per example.  Each reverse variance is the
 respaced chain's own ("small": its beta_tilde, "large": its beta; "analytic": Analytic-DPM's optimal variances for
 the trained mean, `pyrodiff.analytic`, estimated on the first training examples, the estimate included in the
-seconds).  Writes `bound_vs_steps.md`,
+seconds).  Each eta adds the K-step DDIM chain with that eta (`DiffusionModel.ddim`, variances eta^2 beta_tilde,
+scored against its own inference family q_sigma; eta = 1 is "small", eta = 0 has no bound).  Writes `bound_vs_steps.md`,
 `bound_vs_steps.json` and `bound_vs_steps.png`.
 """
 
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variances", nargs="+", default=["small", "large", "analytic"], choices=["small", "large", "analytic"]
     )
+    p.add_argument("--etas", type=float, nargs="*", default=[0.5, 0.2], help="DDIM chains to score, eta in (0, 1]")
     p.add_argument("--analytic-examples", type=int, default=200, help="training examples that estimate Gamma_t")
     p.add_argument("--max-examples", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("docs/bound-vs-steps"))
@@ -45,8 +47,9 @@ def main(argv=None) -> int:
     built, trained = load_trained(args.checkpoint)
     x0 = built.data.test[: args.max_examples]
     rows, results = [], {}
-    for variance in args.variances:
-        fixed = "small" if variance == "analytic" else variance
+    chains = [(variance, variance) for variance in args.variances] + [(f"ddim eta={eta:g}", eta) for eta in args.etas]
+    for variance, choice in chains:
+        fixed = choice if choice in ("small", "large") else "small"
         model = DiffusionModel(
             trained.network, trained.schedule, trained.prediction, fixed, trained.decoder, None, trained.data_shape
         )
@@ -54,8 +57,10 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             began = time.time()
             chain = model.respaced(K)
-            if variance == "analytic":  # Analytic-DPM's variances for this chain, from training data
+            if choice == "analytic":  # Analytic-DPM's variances for this chain, from training data
                 chain = analytic_variance(chain, built.data.train[: args.analytic_examples])
+            elif not isinstance(choice, str):
+                chain = chain.ddim(choice)
             terms = bound_terms(chain, x0)
             seconds = time.time() - began
             total = terms.total.mean().item()
@@ -73,6 +78,7 @@ def main(argv=None) -> int:
     ax.set_xscale("log")
     ax.set_xlabel("K (sampling steps, evenly spaced)")
     ax.set_ylabel("bound (bits/dim)")
+    ax.set_yscale("log")
     ax.legend(title="reverse variance")
     fig.savefig(args.out / "bound_vs_steps.png", dpi=100, bbox_inches="tight")
     scale = "17-level" if trained.decoder.levels == 17 else trained.decoder.describe()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pyro.distributions as dist
 import torch
 from tqdm.auto import tqdm
 
@@ -147,6 +148,7 @@ def bound_terms(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     model.check_data(x0)
+    validate = dist.is_validation_enabled()
     schedule, T, N = model.schedule, model.schedule.num_steps, x0.shape[0]
     chunk_size = chunk_size or max(1, 4096 // N)
     event_dim = x0.dim() - 1
@@ -160,8 +162,9 @@ def bound_terms(
     for s in range(num_samples):
         scaled_sum = x0.clone()  # x_t / sqrt(abar_t) = x_0 + sum_{u <= t} sqrt(beta_u / abar_u) eps_u
         for start in range(1, T + 1, chunk_size):
-            t = torch.arange(start, min(start + chunk_size, T + 1), device=x0.device)
-            K = t.numel()
+            stop = min(start + chunk_size, T + 1)
+            t = torch.arange(start, stop, device=x0.device)
+            K = stop - start
             tt = t[:, None].expand(K, N)
             x0k = x0.expand((K,) + x0.shape)
             if draws == "independent":
@@ -174,27 +177,28 @@ def bound_terms(
                 scaled_sum = path[-1]
                 xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
             step = model.predict(xt, tt)
-            _check_finite(step.mean, t)
-            sq_error[s, :, t - 1] = (model.decoder.reconstruction(step.x0) - x0k).pow(2).sum(sum_event).T
-            # L_{t-1} for t >= 2 in this chunk
-            kl_rows = t >= 2
-            if kl_rows.any():
-                loc_q, var_q = model.posterior(x0k[kl_rows], xt[kl_rows], tt[kl_rows])
-                nats[s, :, t[kl_rows] - 1] = step.select(kl_rows).kl_from(loc_q, var_q, event_dim).T
+            if validate:  # before the laws are built from the step (they would refuse its values less clearly)
+                _check_finite(torch.isfinite(step.mean.reshape(K, -1)).all(1), first=start - 1)
+            sq_error[s, :, start - 1 : stop - 1] = (model.decoder.reconstruction(step.x0) - x0k).pow(2).sum(sum_event).T
+            # L_{t-1} for the rows with t >= 2 (sliced with host integers: no read of device values)
+            kl = slice(1 if start == 1 else 0, K)
+            if kl.start < kl.stop:
+                loc_q, var_q = model.posterior(x0k[kl], xt[kl], tt[kl])
+                nats[s, :, start - 1 + kl.start : stop - 1] = step.select(kl).kl_from(loc_q, var_q, event_dim).T
             if start == 1:  # L_0 from the draw of x_1
                 nats[s, :, 0] = -step.select(0).decoder(model.decoder, event_dim).log_prob(x0)
             bar.update(K)
     bar.close()
-    _check_finite(nats.transpose(0, 2), torch.arange(T + 1, device=x0.device) + 1)
+    _check_finite(torch.isfinite(nats.reshape(-1, T + 1)).all(0))
     return BoundTerms(nats, sq_error, int(x0[0].numel()), model.decoder, model.describe())
 
 
-def _check_finite(values: torch.Tensor, t: torch.Tensor) -> None:
-    """Refuse non-finite values along the leading (timestep) dim of ``values``, naming the term
-    :math:`L_{t-1}` they feed."""
-    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
-    if bad.any():
-        k = int(t[bad][0]) - 1
+def _check_finite(finite: torch.Tensor, first: int = 0) -> None:
+    """Refuse non-finite terms, naming the first :math:`L_k` that is not finite: ``finite[j]`` says whether
+    :math:`L_{\text{first} + j}` (or what feeds it) is.  A host read: once at the end of :func:`bound_terms`, and per
+    chunk only while Pyro's validation is on (as the distributions' own checks are)."""
+    if not finite.all():
+        k = first + int(torch.nonzero(~finite)[0])
         raise FloatingPointError(
             f"the term L_{k} of the bound is not finite (the network's output or the data is broken there)"
         )

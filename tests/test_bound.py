@@ -141,8 +141,13 @@ def test_bad_input(float64):
     with pytest.raises(ValueError, match="draws"):
         bound_terms(model, x0, draws="antithetic")
     broken = DiffusionModel(LinearDenoiser(T, torch.full((T,), float("nan")), torch.zeros(T)), SCHEDULE)
-    with pytest.raises(FloatingPointError, match="L_"):
+    with pytest.raises(FloatingPointError, match="L_0 "):
         bound_terms(broken, x0)
+    a = torch.zeros(T)
+    a[2] = float("inf")  # the network breaks at t = 3 only: the term it feeds is L_2
+    for chunk_size in (1, 2, T):
+        with pytest.raises(FloatingPointError, match="L_2 of the bound is not finite"):
+            bound_terms(DiffusionModel(LinearDenoiser(T, a, torch.zeros(T)), SCHEDULE), x0, chunk_size=chunk_size)
 
 
 def test_compare_bounds_script(tmp_path, float64):
