@@ -6,8 +6,8 @@ evidence lower bound as a hierarchical VAE with a fixed encoder.  ``docs/MATH.md
 ``docs/API.md`` the public interface.
 """
 
+from . import adapters, samplers
 from . import kl as _kl  # noqa: F401  (registers the KL divergences of the chains)
-from . import samplers
 from .bound import BoundTerms, bound_terms
 from .data import Dataset, load_dataset
 from .decoders import DiscretizedGaussian
@@ -37,6 +37,7 @@ __all__ = [
     "NoiseSchedule",
     "Prediction",
     "UNet",
+    "adapters",
     "bound_terms",
     "load_dataset",
     "load_spec",

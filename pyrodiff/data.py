@@ -23,7 +23,7 @@ import torch
 
 from .mixture import IsotropicGaussianMixture
 
-__all__ = ["Dataset", "load_dataset", "DATASETS", "GAUSSIANS8_ENTROPY"]
+__all__ = ["Dataset", "load_dataset", "levels_to_unit", "DATASETS", "GAUSSIANS8_ENTROPY"]
 
 #: Differential entropy (nats) of the 8-Gaussian mixture: log 8 + log(2 pi e sigma^2), the modes being
 #: far apart relative to sigma = 0.1 (the overlap correction is below 1e-30).
@@ -61,7 +61,7 @@ def _split(
     return x[n_test:], x[:n_test]
 
 
-def _levels_to_unit(v: np.ndarray, levels: int) -> np.ndarray:
+def levels_to_unit(v: np.ndarray, levels: int) -> np.ndarray:
     """Integers 0..levels-1 to the grid 2 v / (levels - 1) - 1 in [-1, 1]."""
     return 2.0 * v.astype(np.float64) / (levels - 1) - 1.0
 
@@ -71,7 +71,7 @@ def _digits(root: Path | None) -> Dataset:
 
     digits = load_digits()
     images = digits.images.astype(np.int64)  # (1797, 8, 8), values 0..16
-    train, test = _split(_levels_to_unit(images, 17)[:, None], 0.2, seed=0)
+    train, test = _split(levels_to_unit(images, 17)[:, None], 0.2, seed=0)
     train_labels, test_labels = _split(digits.target, 0.2, seed=0, dtype=torch.long)
     return Dataset("digits", train, test, levels=17, train_labels=train_labels, test_labels=test_labels)
 
@@ -156,7 +156,7 @@ def _mnist(root: Path | None) -> Dataset:
     root = Path(root or "data/mnist")
     train = _read_idx(_find(root, ["train-images-idx3-ubyte", "train-images.idx3-ubyte"], "MNIST"))
     test = _read_idx(_find(root, ["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"], "MNIST"))
-    as_tensor = lambda a: torch.tensor(_levels_to_unit(a, 256)[:, None], dtype=torch.float32)  # noqa: E731
+    as_tensor = lambda a: torch.tensor(levels_to_unit(a, 256)[:, None], dtype=torch.float32)  # noqa: E731
     return Dataset("mnist", as_tensor(train), as_tensor(test), levels=256)
 
 
@@ -219,7 +219,7 @@ def _cifar10(root: Path | None) -> Dataset:
 
     train = np.concatenate([batch(f"data_batch_{i}") for i in range(1, 6)])
     test = batch("test_batch")
-    as_tensor = lambda a: torch.tensor(_levels_to_unit(a, 256), dtype=torch.float32)  # noqa: E731
+    as_tensor = lambda a: torch.tensor(levels_to_unit(a, 256), dtype=torch.float32)  # noqa: E731
     return Dataset("cifar10", as_tensor(train), as_tensor(test), levels=256)
 
 
