@@ -21,8 +21,9 @@ import torch
 from .forward import q_marginal
 from .parameterization import TableVariance, x0_to_eps
 from .reverse import DiffusionModel
+from .schedule import NoiseSchedule
 
-__all__ = ["analytic_variance", "expected_eps_norm"]
+__all__ = ["analytic_variance", "expected_eps_norm", "optimal_variances"]
 
 
 @torch.no_grad()
@@ -45,17 +46,25 @@ def expected_eps_norm(model: DiffusionModel, data: torch.Tensor, draws: int = 1,
     return out
 
 
+def optimal_variances(schedule: NoiseSchedule, gamma: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sigma_t^{*2}` of the module docstring for t = 1..T (float64), given :math:`\Gamma_t` (length T), clipped to
+    :math:`[\tilde\beta_t, \beta_t/\alpha_t]`; entry 0 (the decoder) is :math:`\tilde\beta_2`."""
+    abar, alpha, tilde = schedule.alphas_cumprod, schedule.alphas, schedule.posterior_variance
+    gap = ((1 - abar) / alpha).sqrt() - (1 - schedule.alphas_cumprod_prev - tilde).clamp(min=0).sqrt()
+    sigma2 = torch.minimum(torch.maximum(tilde + gap**2 * (1 - gamma.double()), tilde), tilde + gap**2)
+    sigma2[0] = tilde[1]  # the decoder keeps the model's convention
+    return sigma2
+
+
 def analytic_variance(model: DiffusionModel, data: torch.Tensor, draws: int = 1, generator=None) -> DiffusionModel:
     """The model with Analytic-DPM's variances for its mean (module docstring), estimated on ``data``."""
-    s = model.schedule
-    gamma = expected_eps_norm(model, data, draws, generator)
-    abar, alpha, tilde = s.alphas_cumprod, s.alphas, s.posterior_variance
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    gap = ((1 - abar) / alpha).sqrt() - (1 - abar_prev - tilde).clamp(min=0).sqrt()
-    upper = tilde + gap**2
-    sigma2 = torch.minimum(torch.maximum(tilde + gap**2 * (1 - gamma), tilde), upper)
-    sigma2[0] = tilde[1]  # the decoder keeps the model's convention
-    values = tuple(float(v) for v in sigma2)
+    sigma2 = optimal_variances(model.schedule, expected_eps_norm(model, data, draws, generator))
     return DiffusionModel(
-        model.network, s, model.prediction, TableVariance(values), model.decoder, None, model.data_shape
+        model.network,
+        model.schedule,
+        model.prediction,
+        TableVariance(tuple(float(v) for v in sigma2)),
+        model.decoder,
+        None,
+        model.data_shape,
     )
