@@ -14,22 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from test_samplers import KEPT, LONG, _long_model  # the linear model on a 30-step schedule
 
 from pyrodiff import DiffusionGuide, NoiseSchedule, bound_terms, samplers
 from pyrodiff.forward import DDPM, InferenceFamily, q_posterior, q_sigma_posterior
-from pyrodiff.testing import LinearDenoiser, linear_elbo_terms, linear_reverse_coefficients, schedules
-
-LONG = NoiseSchedule.linear(30, 1e-3, 0.2)
-KEPT = [1, 4, 9, 17, 30]
-
-
-def _model(prediction="epsilon", variance="small", seed=6):
-    from pyrodiff import DiffusionModel
-
-    g = torch.Generator().manual_seed(seed)
-    a = (torch.rand(30, generator=g, dtype=torch.float64) - 0.5) * 0.8
-    b = (torch.rand(30, generator=g, dtype=torch.float64) - 0.5) * 0.4
-    return DiffusionModel(LinearDenoiser(30, a, b), LONG, prediction, variance, data_shape=(3,)), a, b
+from pyrodiff.testing import linear_elbo_terms, linear_reverse_coefficients, schedules
 
 
 def _song(schedule, eta):
@@ -103,7 +92,7 @@ def test_the_guide_scores_its_path_with_q_sigma(float64):
 @pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
 @torch.no_grad()
 def test_the_ddim_step_is_song_eq_12_and_eta_one_is_ddpm(prediction, float64):
-    model, a, b = _model(prediction, "large")
+    model, a, b = _long_model(prediction, "large")
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([1, 2, 17, 30])
     for eta in (0.0, 0.4):
@@ -116,14 +105,14 @@ def test_the_ddim_step_is_song_eq_12_and_eta_one_is_ddpm(prediction, float64):
         base = model.predict(x, t)  # the decoder at t = 1 is the model's own, whatever eta
         assert torch.allclose(step.mean[0], base.mean[0]) and torch.equal(step.variance[0], base.variance[0])
     one = model.ddim(1.0).predict(x, t)  # eta = 1: DDPM with the "small" variance, whatever the base variance
-    ddpm = _model(prediction, "small")[0].predict(x, t)
+    ddpm = _long_model(prediction, "small")[0].predict(x, t)
     assert torch.allclose(one.mean, ddpm.mean, rtol=1e-12) and torch.allclose(one.variance, ddpm.variance)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 @pytest.mark.parametrize("clip", [False, True])
 def test_the_ddim_sampler_is_ancestral_sampling_of_the_ddim_model(eta, clip, float64):
-    model, _, _ = _model("x0")
+    model, _, _ = _long_model("x0")
     x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(2)) * 3
     for kw in ({"timesteps": KEPT}, {"steps": 7}):
         by_sampler = samplers.ddim(model, x_T, eta=eta, generator=torch.Generator().manual_seed(5), clip=clip, **kw)
@@ -141,7 +130,7 @@ def test_the_ddim_sampler_is_ancestral_sampling_of_the_ddim_model(eta, clip, flo
 def test_bound_terms_of_a_respaced_ddim_chain_are_exact(prediction, eta, float64):
     """bound_terms of model.respaced(KEPT).ddim(eta) against linear_elbo_terms(eta=...), every term within
     4.5 standard errors."""
-    model, a, b = _model(prediction)
+    model, a, b = _long_model(prediction)
     short = model.respaced(KEPT).ddim(eta)
     kept = torch.tensor(KEPT) - 1
     x0 = torch.rand(4, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -159,7 +148,7 @@ def test_bound_terms_of_a_respaced_ddim_chain_are_exact(prediction, eta, float64
 def test_the_pyro_elbo_of_the_ddim_pair_is_its_exact_bound(estimator, subsample_steps, float64):
     """The respaced DDIM model with its q_sigma guide: the Pyro ELBO's draws average to -sum(linear_elbo_terms)
     within 4 standard errors (300 seeded draws)."""
-    model, a, b = _model("epsilon")
+    model, a, b = _long_model("epsilon")
     short = model.respaced(KEPT).ddim(0.5)
     kept = torch.tensor(KEPT) - 1
     x0 = torch.rand(3, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
@@ -172,7 +161,7 @@ def test_the_pyro_elbo_of_the_ddim_pair_is_its_exact_bound(estimator, subsample_
 
 # ---------------------------------------------------------------------- bad input
 def test_eta_zero_has_no_bound_and_bad_etas_are_refused(float64):
-    model, _, _ = _model()
+    model, _, _ = _long_model()
     x0 = torch.zeros(2, 3)
     deterministic = model.ddim(0.0)
     with pytest.raises(ValueError, match="eta = 0.*no bound"):
