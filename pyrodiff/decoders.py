@@ -94,8 +94,9 @@ class DiscretizedGaussian(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         h = self.half_width
-        upper = torch.where(value > 1 - h, float("inf"), (value + h - self.loc) / self.scale)
-        lower = torch.where(value < -1 + h, float("-inf"), (value - h - self.loc) / self.scale)
+        # masked_fill takes the infinities as kernel arguments: no tensor is made on the host and copied over
+        upper = ((value + h - self.loc) / self.scale).masked_fill(value > 1 - h, float("inf"))
+        lower = ((value - h - self.loc) / self.scale).masked_fill(value < -1 + h, float("-inf"))
         return log_normal_bin_mass(lower, upper)
 
     @torch.no_grad()

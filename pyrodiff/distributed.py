@@ -81,23 +81,39 @@ def init_world(device: str | torch.device) -> World:
 
 
 class RandomStreams:
-    """The torch random streams of this rank's micro-batches (Pyro draws from torch's global
-    generator, so each micro-batch runs with its stream swapped in)."""
+    """The torch random streams of this rank's micro-batches (Pyro draws from torch's global generators, so
+    each micro-batch runs with its stream swapped in): the CPU generator's state in :attr:`states` and, on a
+    CUDA device, whose generator draws the noise there, that generator's state in :attr:`device_states`.
+    Swapping a CUDA generator's state (a seed and an offset kept on the host) does not wait for the device."""
 
     def __init__(self, seed: int, world: World, micro_batches: int) -> None:
         self.ids = [world.rank * micro_batches + j for j in range(micro_batches)]
-        self.states = []
+        self.device = world.device if world.device.type == "cuda" else None
+        self.states, self.device_states = [], []
         for s in self.ids:
-            torch.manual_seed(seed + s)
+            torch.manual_seed(seed + s)  # seeds every device's generator too
             self.states.append(torch.get_rng_state())
+            if self.on_device:
+                self.device_states.append(torch.cuda.get_rng_state(self.device))
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the streams include a CUDA generator's."""
+        return self.device is not None
 
     @contextmanager
     def stream(self, j: int):
-        """Run a block with micro-batch j's stream as torch's global generator."""
+        """Run a block with micro-batch j's stream as torch's global generators."""
         outer = torch.get_rng_state()
         torch.set_rng_state(self.states[j])
+        if self.on_device:
+            outer_device = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self.device_states[j], self.device)
         try:
             yield
         finally:
             self.states[j] = torch.get_rng_state()
             torch.set_rng_state(outer)
+            if self.on_device:
+                self.device_states[j] = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_device, self.device)

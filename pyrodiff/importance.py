@@ -28,43 +28,54 @@ class ImportanceSampler:
     (:func:`pyrodiff.traces.drawn_terms` reads them off the traces; ``pyrodiff train`` does this).
     """
 
-    def __init__(self, num_steps: int, history: int = 10, uniform_mix: float = 1e-3) -> None:
+    def __init__(
+        self, num_steps: int, history: int = 10, uniform_mix: float = 1e-3, device: torch.device | str | None = None
+    ) -> None:
         self.num_steps = num_steps
         self.history = history
         self.uniform_mix = uniform_mix
-        self.values = torch.zeros(num_steps, history, dtype=torch.float64)
-        self.counts = torch.zeros(num_steps, dtype=torch.long)
+        # the ring buffers, plus one spare entry that receives the values update() drops: updates write in place
+        # (a CUDA graph replays them on the same memory) with a fixed shape (no host read of the batch's content)
+        self._buffer = torch.zeros(num_steps * history + 1, dtype=torch.float64, device=device)
+        self.values = self._buffer[:-1].view(num_steps, history)
+        self.counts = torch.zeros(num_steps, dtype=torch.long, device=device)
 
     @property
     def warm(self) -> bool:
-        return bool((self.counts >= self.history).all())
+        """Whether every t has ``history`` values (reads the device; the sampler itself never does)."""
+        return bool(self._warm())
+
+    def _warm(self) -> torch.Tensor:
+        return (self.counts >= self.history).all()
 
     def probs(self) -> torch.Tensor:
-        """p(t) for t = 1..T (float64)."""
-        uniform = torch.full((self.num_steps,), 1 / self.num_steps, dtype=torch.float64)
-        if not self.warm:
-            return uniform
+        """p(t) for t = 1..T (float64, on the sampler's device), chosen on the device: no host read."""
+        uniform = torch.full((self.num_steps,), 1 / self.num_steps, dtype=torch.float64, device=self.counts.device)
         rms = self.values.pow(2).mean(1).sqrt()
-        return (1 - self.uniform_mix) * rms / rms.sum() + self.uniform_mix * uniform
+        weighted = (1 - self.uniform_mix) * rms / rms.sum() + self.uniform_mix * uniform
+        return torch.where(self._warm(), weighted, uniform)
 
     def update(self, t: torch.Tensor, terms: torch.Tensor) -> None:
         """Record the values ``terms`` of the drawn terms ``t`` (same shape): each t keeps a ring buffer
-        of its last ``history`` values."""
-        t = t.detach().reshape(-1).cpu() - 1
-        values = terms.detach().reshape(-1).double().cpu()
+        of its last ``history`` values.  Device work of fixed shapes only: no host read, capturable in a CUDA graph."""
+        t = t.detach().reshape(-1).to(self.counts.device) - 1
+        values = terms.detach().reshape(-1).to(self._buffer.device, torch.float64)
         order = torch.argsort(t, stable=True)
         t, values = t[order], values[order]
-        in_batch = torch.bincount(t, minlength=self.num_steps)
-        rank = torch.arange(t.numel()) - (torch.cumsum(in_batch, 0) - in_batch)[t]  # position within its t
+        in_batch = torch.zeros_like(self.counts).index_add_(0, t, torch.ones_like(t))  # bincount of a fixed length
+        rank = torch.arange(t.numel(), device=t.device) - (torch.cumsum(in_batch, 0) - in_batch)[t]  # rank within t
         keep = rank >= in_batch[t] - self.history  # only the newest `history` values of each t matter
-        self.values[t[keep], ((self.counts[t] + rank) % self.history)[keep]] = values[keep]
+        slot = t * self.history + (self.counts[t] + rank) % self.history  # distinct for the kept values
+        self._buffer.index_put_((slot.masked_fill(~keep, self.values.numel()),), values)  # the rest: the spare entry
         self.counts += in_batch
 
     def state_dict(self) -> dict:
         return {"values": self.values.clone(), "counts": self.counts.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values, self.counts = state["values"].clone(), state["counts"].clone()
+        """Copy a state in (in place, onto the sampler's device)."""
+        self.values.copy_(state["values"])
+        self.counts.copy_(state["counts"])
 
     def __call__(self, fn):
         return _ImportanceMessenger(self)(fn)
@@ -80,7 +91,7 @@ class _ImportanceMessenger(TimestepWeighting):
 
     def _process_message(self, msg) -> None:
         if msg["name"] == "t":
-            probs = self.sampler.probs().to(msg["fn"].device)
+            probs = self.sampler.probs().to(msg["fn"].device)  # a no-op when the sampler is on the draws' device
             self.set_weights(1 / (self.sampler.num_steps * probs))
             msg["fn"] = msg["fn"].with_probs(probs)
         super()._process_message(msg)

@@ -372,7 +372,9 @@ class NetworkSpec:
 @dataclass(frozen=True)
 class TrainingSpec:
     """``[training]``: the optimiser (AdamW, linear warm-up, clipping, EMA of the weights), the objective
-    and its estimator, and the run.  ``subsample_steps`` None is the full chain (``"all"`` in TOML)."""
+    and its estimator, and the run.  ``subsample_steps`` None is the full chain (``"all"`` in TOML).
+    ``graph``: on a CUDA device, capture the whole step as a CUDA graph (where the run allows it, see
+    :mod:`pyrodiff.training`); ``log_every``: how many steps pass between the host's reads of the losses."""
 
     steps: int = 2000
     batch_size: int = 128
@@ -388,7 +390,9 @@ class TrainingSpec:
     timestep_sampler: str = "uniform"
     amp: bool | str = False
     compile: bool = False
+    graph: bool = True
     checkpoint_every: int = 500
+    log_every: int = 50
     eval_examples: int = 2000
     seed: int = 0
 
@@ -409,7 +413,9 @@ class TrainingSpec:
             "timestep_sampler": _choice(TIMESTEP_SAMPLERS),
             "amp": _choice(AMP),
             "compile": _boolean,
+            "graph": _boolean,
             "checkpoint_every": _integer(1),
+            "log_every": _integer(1),
             "eval_examples": _integer(1),
             "seed": _integer(0),
         }

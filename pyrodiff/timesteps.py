@@ -36,7 +36,8 @@ STEP_SITES = ("x_t", "x_{t-1}", "x_0")
 
 class _Subsample(_PyroSubsample):
     """k timesteps in 1..T for each of N examples, shape ``(k, N)``: distinct and uniform, or, given
-    ``probs`` (length T, on the device), drawn with replacement from them.
+    ``probs`` (length T, on the device), drawn with replacement from them.  Drawing reads nothing back to
+    the host, so it runs inside a captured CUDA graph.
 
     Named ``_Subsample`` on purpose: Pyro recognises subsample sites by this class name
     (``pyro.poutine.util.site_is_subsample``) and prunes them from ELBO traces, with log-density 0;
@@ -59,8 +60,10 @@ class _Subsample(_PyroSubsample):
         if sample_shape:
             raise NotImplementedError("timestep subsample sites are not vectorised over particles")
         T, k, N = self.size, self.subsample_size, self.num_examples
-        if self.probs is not None:
-            return torch.multinomial(self.probs, k * N, replacement=True).reshape(k, N) + 1
+        if self.probs is not None:  # inverse CDF: unlike torch.multinomial, never a host read (nor for one draw)
+            cdf = self.probs.cumsum(0)
+            u = torch.rand(k * N, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
+            return torch.searchsorted(cdf, u, right=True).clamp_(max=T - 1).reshape(k, N) + 1
         if k == 1:
             return torch.randint(1, T + 1, (1, N), device=self.device)
         return torch.rand(N, T, device=self.device).topk(k, dim=1).indices.T + 1

@@ -7,6 +7,16 @@ weights, used for evaluation and sampling.  Options: Nichol & Dhariwal's importa
 timesteps, bf16 autocast around the network only (log-densities stay float32), ``torch.compile`` of
 the network.
 
+A step never waits for the device: the loss, the gradient, the optimiser, the EMA and the importance
+sampler's statistics stay on it (Pyro's ELBO through :func:`~pyrodiff.graphed.elbo_on_device`), and the host
+reads the losses every ``log_every`` steps (for the progress bar and ``losses.csv``) and at checkpoints.  A
+non-finite loss is therefore found at the first read after it, up to ``log_every - 1`` steps later: training
+stops there, naming the step whose loss was non-finite (every loss is kept), and its weights, spoiled by that
+step, are never saved.  On a CUDA device, with one process, one micro-batch, no ``torch.compile`` and
+``graph`` on (the default), the step is captured once as a CUDA graph (:class:`~pyrodiff.graphed.GraphedStep`)
+after three eager steps, and replayed; the learning-rate schedule writes the rate into a device tensor the
+graph reads.
+
 Checkpoints are atomic and hold every state needed to resume exactly: network, EMA, optimiser,
 scheduler, step, loss history and the random-number states of Pyro (torch's global generator) and of
 the data order.  A checkpoint is written only for weights whose loss is finite, so the one kept after
@@ -16,10 +26,12 @@ stopping (one process; under ``torchrun`` the last checkpoint is kept as it is).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,12 +46,13 @@ import pyro
 import torch
 from pyro import poutine
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .bound import bound_terms
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .distributed import RandomStreams, World, init_world
+from .ema import ExponentialMovingAverage
+from .graphed import GraphedStep, elbo_on_device
 from .importance import ImportanceSampler
 from .objectives import objective_weights, reweight
 from .plots import save_samples_figure
@@ -51,8 +64,9 @@ __all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_
 
 CHECKPOINT = "checkpoint.pt"
 LOSSES = "losses.csv"
-#: ``[training]`` keys a resume may always change: how long to train, how often to save, what to evaluate.
-RUN_KEYS = ("steps", "checkpoint_every", "eval_examples")
+#: ``[training]`` keys a resume may always change: how long to train, how often to save and read the losses,
+#: what to evaluate, whether to capture the step as a CUDA graph (the same step either way).
+RUN_KEYS = ("steps", "checkpoint_every", "log_every", "eval_examples", "graph")
 #: The optimisation hyperparameters a resume may change when asked (``change_hyperparameters=True``).
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
 log = logging.getLogger(__name__)
@@ -190,17 +204,25 @@ class _Run:
         self.train_data = self.built.data.train.to(device)
         with pyro.validation_enabled(True):  # once here: the loop runs with validation off
             self.model.check_data(self.train_data)
-        kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        # a CUDA graph needs static shapes and one random stream per step; DDP and torch.compile bring their own
+        self.graphed = tr.graph and device.type == "cuda" and not world.distributed and self.M == 1 and not tr.compile
+        # fused AdamW keeps its step counter on the device; a graph also needs it capturable
+        kwargs = {"fused": True, "capturable": self.graphed} if device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, **kwargs)
         warmup = max(1, tr.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.ema = AveragedModel(self.network, multi_avg_fn=get_ema_multi_avg_fn(tr.ema_decay), use_buffers=True)
+        self.ema = ExponentialMovingAverage(self.network, tr.ema_decay)
         self.data_generator = torch.Generator().manual_seed(tr.seed)  # the same global batches on every rank
         self.streams = RandomStreams(tr.seed, world, self.M)
         schedule = self.built.schedule
-        self.sampler = ImportanceSampler(schedule.num_steps) if tr.timestep_sampler == "importance" else None
+        self.sampler = (
+            ImportanceSampler(schedule.num_steps, device=device) if tr.timestep_sampler == "importance" else None
+        )
         self.losses: list[float] = []
+        self.pending: list[torch.Tensor] = []  # the losses of the steps since the host last read them, on the device
+        self.running: float | None = None  # the progress bar's smoothed loss
         self.step = self.saved_step = 0
+        self.graph: GraphedStep | None = None  # made when training starts, after a resume has loaded its state
 
         self.model_fn, self.guide_fn = self.model, self.built.guide
         if tr.objective != "elbo":
@@ -214,14 +236,19 @@ class _Run:
         self.dims = self.train_data[0].numel()
 
     # ------------------------------------------------------------------ the resumable state
-    def state_dict(self, noise_rng: list) -> dict:
-        """What a checkpoint holds (``noise_rng``: every rank's random streams)."""
-        return {
+    def state_dict(self, noise_rng: list, device_rng: list) -> dict:
+        """What a checkpoint holds (``noise_rng``, ``device_rng``: every rank's random streams, on the host and
+        on a CUDA device; the latter only for a run on CUDA).  The learning rate is saved as a number, also when
+        a graphed step keeps it in a device tensor."""
+        optimizer = self.optimizer.state_dict()
+        for group in optimizer["param_groups"]:  # copies of the live groups
+            group["lr"] = float(group["lr"])
+        state = {
             "spec": self.spec.to_dict(),
             "step": self.step,
             "network": self.network.state_dict(),
             "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "world_size": self.world.size,
             "data_rng": self.data_generator.get_state(),
@@ -229,6 +256,7 @@ class _Run:
             "losses": self.losses,
             "timestep_sampler": None if self.sampler is None else self.sampler.state_dict(),
         }
+        return state | ({"device_rng": device_rng} if self.streams.on_device else {})
 
     def resume(self, change_hyperparameters: bool) -> None:
         """Continue the checkpoint: refuse another specification (naming what differs), a
@@ -250,6 +278,11 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_rng"])
         self.streams.states = list(state["noise_rng"][self.world.rank])
+        if self.streams.on_device:
+            if "device_rng" in state:
+                self.streams.device_states = list(state["device_rng"][self.world.rank])
+            else:
+                log.warning("%s was written on the CPU: the noise on %s is drawn afresh", path, self.world.device)
         self.losses = list(state["losses"])
         self.step = self.saved_step = state["step"]
         if self.sampler is not None:
@@ -278,8 +311,9 @@ class _Run:
                 f"training stopped and they were not saved, {self._kept()}"
             )
         noise_rng = self.world.gather_objects(self.streams.states)  # every rank takes part; rank 0 writes
+        device_rng = self.world.gather_objects(self.streams.device_states)
         if self.world.is_main:
-            save_checkpoint(self.path, self.state_dict(noise_rng))
+            save_checkpoint(self.path, self.state_dict(noise_rng, device_rng))
             _write_losses(self.path.with_name(LOSSES), self.losses, self.spec.training.loss_name)
         self.saved_step = self.step
 
@@ -296,16 +330,21 @@ class _Run:
         return [mine[j * b : (j + 1) * b] for j in range(M)]
 
     def _next_batch(self) -> torch.Tensor:
+        """The next global batch, drawn on the host (the same order on every device); on CUDA the indices go
+        over from pinned memory without waiting for the device."""
         index = torch.randint(len(self.train_data), (self.B,), generator=self.data_generator)
-        return self.train_data[index.to(self.world.device)]
+        if self.world.device.type == "cuda":
+            index = index.pin_memory().to(self.world.device, non_blocking=True)
+        return self.train_data[index]
 
     def _step_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (per example)."""
+        """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (per example).  Each
+        micro-batch draws from its own random stream, except in a graphed step, whose one stream the replay holds."""
         k, world = self.spec.training.subsample_steps, self.world
         total = torch.zeros((), device=world.device)
         drawn = []
         for j, micro in enumerate(self._micro_batches(batch)):
-            with self.streams.stream(j):
+            with contextlib.nullcontext() if self.graphed else self.streams.stream(j), elbo_on_device():
                 loss = self.loss_module(micro, k)
             # DDP averages gradients over ranks: scale so that the sum is d(global loss / B)
             (loss * world.size / (self.B * self.dims)).backward()
@@ -328,21 +367,57 @@ class _Run:
                 total = total + self.loss_module(micro, self.spec.training.subsample_steps)
         return self.world.all_sum(total) / self.B
 
-    def _train_step(self, batch: torch.Tensor) -> float:
-        """One optimiser step on a global batch; its loss.  A non-finite loss raises :class:`TrainingError`."""
+    def _device_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """Everything one optimiser step does on the device (the graphed step's body): gradients of the loss on
+        ``batch``, clipping, AdamW, the EMA update; the loss, never read here."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._step_loss(batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {self.step + 1}; training stopped, {self._kept()}"
-            )
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.spec.training.grad_clip)
         self.optimizer.step()
+        self.ema.update(self.network)
+        return loss
+
+    def _graph_step(self) -> GraphedStep:
+        """The graphed step; the learning rate becomes a device tensor that the scheduler fills and the graph
+        reads (made when training starts, after a resume has loaded a number into it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=self.world.device)
+        self.scheduler._last_lr = [group["lr"].clone() for group in self.optimizer.param_groups]
+        return GraphedStep(self._device_step)
+
+    def _train_step(self, batch: torch.Tensor) -> None:
+        """One optimiser step on a global batch, eager or replayed from the graph; its loss stays on the device,
+        in :attr:`pending`, until :meth:`_read_losses`."""
+        if self.graphed:
+            if self.graph is None:
+                self.graph = self._graph_step()
+            with self.streams.stream(0):
+                loss = self.graph(batch)
+        else:
+            loss = self._device_step(batch)
         self.scheduler.step()
-        self.ema.update_parameters(self.network)
+        self.pending.append(loss)
         self.step += 1
-        self.losses.append(loss.item())
-        return self.losses[-1]
+
+    def _read_losses(self, bar: tqdm) -> None:
+        """Read the losses of the steps since the last read (one host read), append them to the history and
+        show their running mean; a non-finite one raises :class:`TrainingError` naming its step."""
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).tolist()
+        self.pending.clear()
+        first = self.step - len(values) + 1
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"non-finite loss ({value}) at step {first + i} (losses are read every "
+                    f"{self.spec.training.log_every} steps and at checkpoints: this was seen at step {self.step}); "
+                    f"training stopped, {self._kept()}"
+                )
+            self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
+        self.losses.extend(values)
+        bar.update(len(values))
+        bar.set_postfix(loss=f"{self.running:.4g}", refresh=False)
 
     # ------------------------------------------------------------------ the loop
     def train(self, progress: bool) -> float:
@@ -350,7 +425,6 @@ class _Run:
         end, and on SIGINT (then raising :class:`TrainingInterrupted`); the seconds it took."""
         tr, path = self.spec.training, self.path
         began = time.time()
-        running = None
         bar = tqdm(
             initial=self.step,
             total=tr.steps,
@@ -363,12 +437,12 @@ class _Run:
             try:
                 while self.step < tr.steps:
                     batch = self._next_batch()
-                    loss = self._train_step(batch)
-                    running = loss if running is None else 0.98 * running + 0.02 * loss
-                    bar.update()
-                    bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+                    self._train_step(batch)
                     stopping = stop.requested  # read once: a signal may come at any moment
-                    if self.step % tr.checkpoint_every == 0 or self.step == tr.steps or stopping:
+                    saving = self.step % tr.checkpoint_every == 0 or self.step == tr.steps or stopping
+                    if saving or self.step % tr.log_every == 0:
+                        self._read_losses(bar)
+                    if saving:
                         self.save(batch)
                     if stopping:
                         raise TrainingInterrupted(

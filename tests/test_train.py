@@ -263,3 +263,43 @@ def test_learned_variances_train_on_the_bound_and_refuse_the_noise_losses(tmp_pa
     assert "kl_bound_nats" in result.test_bound  # gaussians8's density is known exactly
     with pytest.raises(SpecError, match="training.objective: learned variances"):
         spec.with_changes({"training": {"objective": "simple"}})
+
+
+def test_a_non_finite_loss_is_found_at_the_next_read_of_the_losses_naming_its_step(tmp_path, hooked):
+    hooked.hook = staticmethod(lambda n, loss: loss * float("nan") if n == 4 else loss)
+    spec = TINY_2D.with_changes({"training": {"estimator": "trace", "log_every": 3, "checkpoint_every": 3}})
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 4 .*seen at step 6.*step 3\) is kept"):
+        train(spec, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+    assert len(_rows(tmp_path / "losses.csv")) == 4  # the header and steps 1-3
+
+
+def test_the_ema_is_torchs_averaged_model_and_reads_its_checkpoints():
+    """Bit for bit the average of ``AveragedModel(use_buffers=True)`` with torch's EMA function, state dicts
+    interchangeable both ways (old checkpoints load, and ``load_trained`` reads new ones with AveragedModel)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from pyrodiff.ema import ExponentialMovingAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    ema = ExponentialMovingAverage(net, 0.9)
+    reference = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net)
+        reference.update_parameters(net)
+    assert ema.state_dict().keys() == reference.state_dict().keys()
+    assert all(
+        torch.equal(a, b) for a, b in zip(ema.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+    fresh = ExponentialMovingAverage(net, 0.9)
+    fresh.load_state_dict(reference.state_dict())
+    old = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    old.load_state_dict(ema.state_dict())
+    fresh.update(net), reference.update_parameters(net)  # a loaded EMA averages (not copies) at its next update
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
