@@ -97,7 +97,16 @@ def _sample(args: argparse.Namespace) -> int:
     built, model = load_trained(args.checkpoint, args.device, args.data_root)
     sampler = samplers.ddim if args.sampler == "ddim" else samplers.ancestral
     options = {"eta": args.eta} if args.sampler == "ddim" else {}
-    samples = sampler(model, args.num, steps=args.steps, last=args.last, clip=args.clip, progress=True, **options)
+    samples = sampler(
+        model,
+        args.num,
+        steps=args.steps,
+        last=args.last,
+        clip=args.clip,
+        progress=True,
+        graph=args.device == "cuda",  # one CUDA graph replayed per step
+        **options,
+    )
     save_samples_figure(samples, out, data=built.data.test, title=f"{built.spec.name}: {args.num} samples")
     print(f"samples: {out}")
     return 0

@@ -21,6 +21,7 @@ references' ``clip_denoised``): the clipped sampler is not the model whose bound
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,7 @@ def ancestral(
     clip: bool = False,
     return_path: bool = False,
     progress: bool = False,
+    graph: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""DDPM's ancestral sampler, over all T steps or over the respaced chain of ``steps`` / ``timesteps``.
 
@@ -102,13 +104,20 @@ def ancestral(
     :param clip: clamp each :math:`\hat x_0` to [-1, 1] (see the module docstring).
     :param return_path: also return the path :math:`x_{1:K}`, shape ``(K, N, *D)``, row k - 1 holding :math:`x_k`.
     :param progress: show a progress bar over the steps.
+    :param graph: capture one reverse step as a CUDA graph and replay it at every step (a
+        :class:`~pyrodiff.reverse.DiffusionModel` on a CUDA device): one launch per step instead of one per kernel,
+        the same draws from ``generator`` (drawn outside the graph) and the same samples.
     """
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
+    move = _graphed(chain, x_T, lambda x, t, z: reverse_step(chain, x, t, noise=z, clip=clip)) if graph else None
     x, path = x_T, [x_T]
     for t in tqdm(
         range(chain.schedule.num_steps, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False
     ):
-        x = reverse_step(chain, x, t, generator=generator, clip=clip)
+        if move is None:
+            x = reverse_step(chain, x, t, generator=generator, clip=clip)
+        else:  # the same draw as reverse_step's, made outside the graph
+            x = move(x, _timestep(x, t), torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
         path.append(x)
     x = _last_step(chain, x, last, clip, generator)
     return (x, torch.stack(path[::-1])) if return_path else x
@@ -127,6 +136,7 @@ def ddim(
     clip: bool = False,
     return_path: bool = False,
     progress: bool = False,
+    graph: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""DDIM (Song et al. 2021, eq. 12) over all T steps or the respaced chain of ``steps`` / ``timesteps``; the
     arguments are :func:`ancestral`'s, and ``eta`` in [0, 1] scales the noise (module docstring).  From step t to
@@ -139,18 +149,42 @@ def ddim(
     eta > 0."""
     family = InferenceFamily(eta)
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
+    move = functools.partial(_ddim_step, chain, family, clip)
+    move = _graphed(chain, x_T, move) if graph else move
     x, path = x_T, [x_T]
     for t in tqdm(
         range(chain.schedule.num_steps, 1, -1), desc="ddim", disable=not progress, mininterval=1.0, leave=False
     ):
-        steps_t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        step = chain.predict(x, steps_t)
-        x, var = family.posterior(chain.schedule, step.x0.clamp(-1, 1) if clip else step.x0, x, steps_t)
-        if family.has_density:
-            x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = [torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)] if family.has_density else []
+        x = move(x, _timestep(x, t), *z)
         path.append(x)
     x = _last_step(chain, x, last, clip, generator)
     return (x, torch.stack(path[::-1])) if return_path else x
+
+
+def _ddim_step(chain, family: InferenceFamily, clip: bool, x, t, noise=None) -> torch.Tensor:
+    r""":math:`x_s \sim q_\sigma(x_s \mid x_t, \hat x_0)` from the standard normal ``noise`` (none when eta = 0)."""
+    step = chain.predict(x, t)
+    x_s, var = family.posterior(chain.schedule, step.x0.clamp(-1, 1) if clip else step.x0, x, t)
+    return x_s if noise is None else x_s + var.sqrt() * noise
+
+
+def _timestep(x: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def _graphed(chain, x_T: torch.Tensor, move):
+    """``move`` as a :class:`~pyrodiff.graphed.GraphedStep`, after checking that it can be one."""
+    from .graphed import GraphedStep
+    from .reverse import DiffusionModel
+
+    if x_T.device.type != "cuda":
+        raise ValueError(f"graph=True captures a step as a CUDA graph: x_T must be on a CUDA device, not {x_T.device}")
+    if not isinstance(chain, DiffusionModel):
+        raise ValueError(
+            f"graph=True needs a DiffusionModel (its steps draw only the noise given), not {type(chain).__name__}"
+        )
+    return GraphedStep(move)
 
 
 def _start(model, x_T, steps, timesteps, last, generator):

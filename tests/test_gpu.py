@@ -82,3 +82,22 @@ def test_the_step_does_not_synchronise_with_the_host(tmp_path, graph):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack(run.pending)).all()
+
+
+@pytest.mark.parametrize("sampler, options", [("ancestral", {"clip": True}), ("ddim", {"eta": 0.5}), ("ddim", {})])
+def test_the_graphed_sampler_equals_the_eager_one(sampler, options):
+    """samplers.*(graph=True): one reverse step captured and replayed, with the generator's draws made outside the
+    graph: the samples are the eager ones (to CUDA's floating-point order).  That the steps read nothing on the host
+    is tested on the CPU (tests/test_host_sync.py)."""
+    from pyrodiff import samplers
+    from pyrodiff.spec import build
+
+    model = build(DIGITS).model.eval()
+    model.network.cuda()
+    x_T = torch.randn((8,) + model.data_shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    fn = getattr(samplers, sampler)
+    runs = [
+        fn(model, x_T, steps=20, generator=torch.Generator("cuda").manual_seed(1), graph=graph, **options)
+        for graph in (False, True)
+    ]
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-5)

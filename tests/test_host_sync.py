@@ -209,3 +209,33 @@ def test_pyros_eager_elbo_reads_the_loss_on_the_host(estimator, reads, host_read
     host_reads.active = False
     found = collections.Counter(_where(frames, line=False) for _, frames in host_reads.reads)
     assert found == reads
+
+
+@pytest.mark.parametrize(
+    ("sampler", "options"), [("ancestral", {"last": "sample", "clip": True}), ("ddim", {"eta": 0.5})]
+)
+def test_the_samplers_steps_read_nothing_on_the_host(host_reads, sampler, options):
+    """The reverse steps of both samplers (eager, and the function a CUDA graph captures) only queue device work."""
+    from pyrodiff import samplers
+
+    chain = build(TINY_DIGITS).model.eval().respaced(6)
+    x_T = torch.randn((3,) + chain.data_shape)
+    fn = getattr(samplers, sampler)
+    host_reads.active = True
+    with host_reads, pyro.validation_enabled(False):
+        fn(chain, x_T, generator=torch.Generator().manual_seed(0), **options)
+    host_reads.active = False
+    assert [f"{what} at {_where(frames)}" for what, frames in host_reads.reads] == []
+
+
+def test_bound_terms_reads_the_host_once_after_all_its_chunks(host_reads):
+    """With validation off (as in training's evaluation), one read: the finiteness check at the end."""
+    from pyrodiff import bound_terms
+
+    built = build(TINY_DIGITS)
+    model = built.model.eval()
+    host_reads.active = True
+    with host_reads, pyro.validation_enabled(False):
+        bound_terms(model, built.data.test[:3], num_samples=2, chunk_size=2)
+    host_reads.active = False
+    assert [_where(frames, line=False) for _, frames in host_reads.reads] == ["pyrodiff/bound.py _check_finite"]

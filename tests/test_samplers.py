@@ -244,6 +244,9 @@ def test_bad_sampler_arguments(float64):
             samplers.ddim(model, x_T, **kwargs)
     with pytest.raises(ValueError, match="x_T must have shape"):
         samplers.ancestral(model, torch.zeros(2, 4, dtype=torch.float64))
+    for sampler in (samplers.ancestral, samplers.ddim):  # a CUDA graph on the CPU
+        with pytest.raises(ValueError, match="CUDA device"):
+            sampler(model, x_T, graph=True)
 
 
 def test_the_pyro_model_draws_x0_from_the_decoder_at_the_sampled_x1(float64):
