@@ -44,6 +44,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.change_hyperparameters and not args.resume:
         raise ValueError("--change-hyperparameters applies to a resume: pass --resume too")
     spec = load_spec(args.config)
+    if args.no_graph:
+        spec = spec.with_changes({"training": {"graph": False}})
     out = Path(args.out or Path("runs") / spec.name)
     try:
         result = train(
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_integer(1), help="training steps (overrides the specification)")
     t.add_argument("--out", help="output folder (default runs/NAME)")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--no-graph", action="store_true", help="on CUDA, run the step eagerly instead of as one CUDA graph")
     t.add_argument("--seed", type=_integer(0), help="random seed (overrides the specification)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     t.add_argument(

@@ -307,7 +307,10 @@ class DiffusionGuide:
                 chain = QPosteriorOrder(x0, self.schedule, self.family)
             else:
                 chain = QForwardOrder(x0, self.schedule)
-            with pyro.plate("data", N, dim=-1), pyro.plate("time", self.schedule.num_steps, dim=-2):
+            with (
+                pyro.plate("data", N, dim=-1, device=x0.device),
+                pyro.plate("time", self.schedule.num_steps, dim=-2, device=x0.device),
+            ):
                 return pyro.sample("x_{1:T}", chain, infer={SCHEDULE_KEY: self.schedule})
         return self._subsampled(x0, subsample_steps)
 
@@ -315,13 +318,16 @@ class DiffusionGuide:
         T, N = self.schedule.num_steps, x0.shape[0]
         event_dim = x0.dim() - 1
         t = draw_timesteps(N, subsample_steps, T, x0.device)
-        with pyro.plate("data", N, dim=-1):
+        with pyro.plate("data", N, dim=-1, device=x0.device):
             loc_T, var_T = q_marginal(self.schedule, x0, torch.full((N,), T, device=x0.device))
             pyro.sample(
                 "x_T", dist.Normal(loc_T, var_T.sqrt()).to_event(event_dim), infer={SCHEDULE_KEY: self.schedule}
             )
             x0 = x0.expand(t.shape + x0.shape[1:])
-            with pyro.plate("steps", subsample_steps, dim=-2), pyro.poutine.scale(scale=step_scale(t, T)):
+            with (
+                pyro.plate("steps", subsample_steps, dim=-2, device=x0.device),
+                pyro.poutine.scale(scale=step_scale(t, T)),
+            ):
                 if self.order == "posterior":
                     loc, var = q_marginal(self.schedule, x0, t)
                     xt = pyro.sample("x_t", dist.Normal(loc, var.sqrt()).to_event(event_dim))

@@ -207,18 +207,21 @@ class ReverseChain(nn.Module):
     def _full_chain(self, x0: torch.Tensor | None, N: int, data_shape: tuple[int, ...]) -> torch.Tensor:
         device, dtype = (x0.device, x0.dtype) if x0 is not None else self.device_and_dtype()
         chain = PTheta(self, N, data_shape, device, dtype)
-        with pyro.plate("data", N, dim=-1):
-            with pyro.plate("time", self.schedule.num_steps, dim=-2):
+        with pyro.plate("data", N, dim=-1, device=device):
+            with pyro.plate("time", self.schedule.num_steps, dim=-2, device=device):
                 path = pyro.sample("x_{1:T}", chain)
             return pyro.sample("x_0", chain.decoder_law(path), obs=x0)
 
     def _subsampled(self, x0: torch.Tensor, subsample_steps: int) -> torch.Tensor:
         T, N, event_dim = self.schedule.num_steps, x0.shape[0], x0.dim() - 1
         t = draw_timesteps(N, subsample_steps, T, x0.device)
-        with pyro.plate("data", N, dim=-1):
+        with pyro.plate("data", N, dim=-1, device=x0.device):
             pyro.sample("x_T", dist.Normal(torch.zeros_like(x0), torch.ones_like(x0)).to_event(event_dim))
             x0 = x0.expand(t.shape + x0.shape[1:])
-            with pyro.plate("steps", subsample_steps, dim=-2), pyro.poutine.scale(scale=step_scale(t, T)):
+            with (
+                pyro.plate("steps", subsample_steps, dim=-2, device=x0.device),
+                pyro.poutine.scale(scale=step_scale(t, T)),
+            ):
                 loc, var = q_marginal(self.schedule, x0, t)
                 xt = pyro.sample("x_t", dist.Normal(loc, var.sqrt()).to_event(event_dim))
                 step = self.predict(xt, t)

@@ -289,3 +289,12 @@ def test_report_with_other_reverse_variances(trained, tmp_path):
         assert bound["variance"] == variance and bound["num_steps"] == 5
         totals[variance] = bound["total_nats"]
     assert len(set(totals.values())) == 3  # each variance gives its own bound
+
+
+def test_no_graph_is_recorded_in_the_checkpoints_specification(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    argv = ["train", "--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "run"), "--no-graph"]
+    assert cli.main(argv) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["spec"]["training"]["graph"] is False
+    assert cli.main([*argv[:-1], "--out", str(tmp_path / "default")]) == 0
+    assert load_checkpoint(tmp_path / "default" / "checkpoint.pt")["spec"]["training"]["graph"] is True
