@@ -145,15 +145,17 @@ def test_bound_terms_of_a_respaced_ddim_chain_are_exact(prediction, eta, float64
 
 @pytest.mark.parametrize("estimator", [Trace_ELBO, TraceMeanField_ELBO])
 @pytest.mark.parametrize("subsample_steps", [None, 2])
-def test_the_pyro_elbo_of_the_ddim_pair_is_its_exact_bound(estimator, subsample_steps, float64):
-    """The respaced DDIM model with its q_sigma guide: the Pyro ELBO's draws average to -sum(linear_elbo_terms)
-    within 4 standard errors (300 seeded draws)."""
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_the_pyro_elbo_of_a_respaced_chain_is_its_exact_bound(estimator, subsample_steps, eta, float64):
+    """The respaced DDPM chain (eta = 1: model.respaced(KEPT) and the DDPM guide) and the respaced DDIM model with its
+    q_sigma guide: the Pyro ELBO's draws average to -sum(linear_elbo_terms) within 4 standard errors (300 seeded
+    draws)."""
     model, a, b = _long_model("epsilon")
-    short = model.respaced(KEPT).ddim(0.5)
+    short = model.respaced(KEPT) if eta == 1 else model.respaced(KEPT).ddim(eta)
     kept = torch.tensor(KEPT) - 1
     x0 = torch.rand(3, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    exact = linear_elbo_terms(short.schedule, a[kept].numpy(), b[kept].numpy(), x0, "epsilon", eta=0.5).sum()
-    guide = DiffusionGuide(short.schedule, eta=0.5)
+    exact = linear_elbo_terms(short.schedule, a[kept].numpy(), b[kept].numpy(), x0, "epsilon", eta=eta).sum()
+    guide = DiffusionGuide(short.schedule) if eta == 1 else DiffusionGuide(short.schedule, eta=eta)
     pyro.set_rng_seed(21)
     losses = np.array([estimator().loss(short, guide, x0, subsample_steps) for _ in range(300)])
     assert abs(losses.mean() - exact) < 4 * losses.std(ddof=1) / np.sqrt(len(losses)), (losses.mean(), exact)

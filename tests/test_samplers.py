@@ -185,6 +185,9 @@ def _ddim_reference(model, x, timesteps, prediction, a, b):
         if prediction == "epsilon":
             eps = out
             x0 = (x - np.sqrt(1 - at) * eps) / np.sqrt(at)
+        elif prediction == "x0":
+            x0 = out
+            eps = (x - np.sqrt(at) * x0) / np.sqrt(1 - at)
         else:  # v: x0 = sqrt(abar) x - sqrt(1 - abar) v, eps = sqrt(1 - abar) x + sqrt(abar) v
             x0 = np.sqrt(at) * x - np.sqrt(1 - at) * out
             eps = np.sqrt(1 - at) * x + np.sqrt(at) * out
@@ -192,7 +195,7 @@ def _ddim_reference(model, x, timesteps, prediction, a, b):
     return x
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
 def test_ddim_follows_the_published_update(prediction, float64):
     model, a, b = _long_model(prediction)
     x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
