@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> dict:
         network = load_network(args.network, args.state_dict, args.kwargs, args.state_key, args.prefix)
         config = scheduler_config(args.scheduler) if args.scheduler else {}
     config.update({k: getattr(args, k) for k in SCHEDULER_KEYS if getattr(args, k) is not None})
+    if args.beta_schedule is not None:  # a schedule given here replaces the file's explicit betas
+        config.pop("trained_betas", None)
     model = model_from_diffusers(
         network,
         config,

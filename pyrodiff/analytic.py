@@ -57,7 +57,10 @@ def optimal_variances(schedule: NoiseSchedule, gamma: torch.Tensor) -> torch.Ten
 
 
 def analytic_variance(model: DiffusionModel, data: torch.Tensor, draws: int = 1, generator=None) -> DiffusionModel:
-    """The model with Analytic-DPM's variances for its mean (module docstring), estimated on ``data``."""
+    """The model with Analytic-DPM's variances for its mean (module docstring), estimated on ``data``.  DDPM's chains
+    only (the formula is for the posterior of DDPM's forward process): a DDIM model is refused."""
+    if not model.family.is_markov:
+        raise ValueError("Analytic-DPM's variances here are those of DDPM's chain: give the model before .ddim(eta)")
     sigma2 = optimal_variances(model.schedule, expected_eps_norm(model, data, draws, generator))
     return DiffusionModel(
         model.network,

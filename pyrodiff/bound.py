@@ -194,7 +194,7 @@ def bound_terms(
 
 
 def _check_finite(finite: torch.Tensor, first: int = 0) -> None:
-    """Refuse non-finite terms, naming the first :math:`L_k` that is not finite: ``finite[j]`` says whether
+    r"""Refuse non-finite terms, naming the first :math:`L_k` that is not finite: ``finite[j]`` says whether
     :math:`L_{\text{first} + j}` (or what feeds it) is.  A host read: once at the end of :func:`bound_terms`, and per
     chunk only while Pyro's validation is on (as the distributions' own checks are)."""
     if not finite.all():

@@ -106,7 +106,7 @@ def _sample(args: argparse.Namespace) -> int:
         last=args.last,
         clip=args.clip,
         progress=True,
-        graph=args.device == "cuda",  # one CUDA graph replayed per step
+        graph=args.device == "cuda" and not args.no_graph,  # one CUDA graph replayed per step
         **options,
     )
     save_samples_figure(samples, out, data=built.data.test, title=f"{built.spec.name}: {args.num} samples")
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     s.add_argument("--seed", type=_integer(0), default=0)
     s.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
+    s.add_argument("--no-graph", action="store_true", help="on CUDA, run each step eagerly instead of as a CUDA graph")
     s.add_argument("--steps", type=_integer(2), help="sample with K evenly spaced steps (default: all T)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta in [0, 1] (default 0: deterministic)")
     s.add_argument("--last", default="mean", choices=["mean", "sample"], help="last step: the decoder's mean or a draw")

@@ -3,8 +3,9 @@
 :class:`torch.optim.swa_utils.AveragedModel` reads its update counter on the host at every update
 (``if self.n_averaged == 0``, ``if self.n_averaged > 0``): two device synchronisations per training step
 on a GPU, and an update that a CUDA graph cannot capture.  :class:`ExponentialMovingAverage` computes the
-same average with the same operations (a copy at the first update, then ``torch._foreach_lerp_`` with weight
-``1 - decay``), deciding the first update from a host flag instead of the device counter, and keeps
+same average of the floating-point tensors (a copy at the first update, then ``torch._foreach_lerp_`` with weight
+``1 - decay``; integer buffers, such as a batch-norm counter, are copied where ``AveragedModel`` averages them in
+integer arithmetic: pyrodiff's networks have none), deciding the first update from a host flag instead of the device counter, and keeps
 ``AveragedModel(use_buffers=True)``'s state (``n_averaged`` and ``module.*``), so checkpoints written by
 either load into both.
 """

@@ -195,6 +195,11 @@ def reverse_chain(
         raise ValueError(
             f"the exact Gaussian account needs the Gaussian decoder; the model's decoder is {model.decoder.name!r}"
         )
+    if not model.family.is_markov:
+        raise ValueError(
+            "the exact Gaussian account scores a chain against DDPM's forward process; a DDIM model (eta < 1) is "
+            "scored against its own inference family by bound_terms"
+        )
     if model.variance.learned:
         raise ValueError(
             "the exact Gaussian account needs a fixed reverse variance ('small' or 'large'); a learned variance "

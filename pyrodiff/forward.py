@@ -98,8 +98,9 @@ def q_sigma_posterior(
         \frac{x_t - \sqrt{\bar\alpha_t}\, x_0}{\sqrt{1 - \bar\alpha_t}},\; \sigma_t^2 I\Big),
         \qquad \sigma_t^2 = \eta^2 \tilde\beta_t
 
-    (their eq. 16), for any :math:`\eta \ge 0`; :math:`\eta = 1` is :func:`q_posterior` (the same law, another
-    rounding).  At ``t = 1`` the variance is 0 and the mean :math:`x_0`."""
+    (their eq. 16), for :math:`\eta \in [0, 1]`; :math:`\eta = 1` is :func:`q_posterior` (the same law, another
+    rounding).  At ``t = 1`` the variance is 0 and the mean :math:`x_0`.  ``eta`` outside [0, 1] is refused."""
+    eta = InferenceFamily(eta).eta
     c = schedule.cached(f"q_sigma_{eta!r}", functools.partial(_q_sigma_coefficients, eta=eta), xt.device, xt.dtype)
     event_dim = xt.dim() - t.dim()
     loc = at_timesteps(c.coef_x0, t, event_dim) * x0 + at_timesteps(c.coef_xt, t, event_dim) * xt

@@ -103,9 +103,9 @@ class GraphedStep:
             main.wait_stream(self._side_stream)
             return output
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the kernels without running them
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the kernels without running them
                 self._output = self.step(*self._inputs)
-            self._side_stream = None
+            self.graph, self._side_stream = graph, None  # only a capture that finished is kept
         self.graph.replay()
         return self._output.clone()

@@ -325,9 +325,18 @@ class DiffusionModel(ReverseChain):
         """The same model with another network (e.g. the exponential moving average of the weights)."""
         return self._with(network, self.schedule)
 
-    def _with(self, network: nn.Module, schedule: NoiseSchedule) -> DiffusionModel:
+    def _with(self, network: nn.Module, schedule: NoiseSchedule, variance=None, family=None) -> DiffusionModel:
+        """A model of the same parts but these (the run-time options, ``autocast_dtype`` and ``register_with_pyro``,
+        back to their defaults)."""
         return DiffusionModel(
-            network, schedule, self.prediction, self.variance, self.decoder, None, self.data_shape, self.family
+            network,
+            schedule,
+            self.prediction,
+            variance or self.variance,
+            self.decoder,
+            None,
+            self.data_shape,
+            family or self.family,
         )
 
     def respaced(self, steps: int | Sequence[int] | torch.Tensor) -> DiffusionModel:
@@ -353,16 +362,7 @@ class DiffusionModel(ReverseChain):
         but has no bound (scoring data is refused).  eta = 1 is this network's DDPM chain with the "small" variance."""
         family = InferenceFamily(eta)
         base = self.variance.base if isinstance(self.variance, DDIMVariance) else self.variance
-        return DiffusionModel(
-            self.network,
-            self.schedule,
-            self.prediction,
-            DDIMVariance(family, base),
-            self.decoder,
-            None,
-            self.data_shape,
-            family,
-        )
+        return self._with(self.network, self.schedule, DDIMVariance(family, base), family)
 
     def _register(self) -> None:
         if self.register_with_pyro:

@@ -109,7 +109,7 @@ def ancestral(
         the same draws from ``generator`` (drawn outside the graph) and the same samples.
     """
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
-    move = _graphed(chain, x_T, lambda x, t, z: reverse_step(chain, x, t, noise=z, clip=clip)) if graph else None
+    move = _graphed(chain, x_T, functools.partial(_ancestral_step, chain, clip)) if graph else None
     x, path = x_T, [x_T]
     for t in tqdm(
         range(chain.schedule.num_steps, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False
@@ -160,6 +160,13 @@ def ddim(
         path.append(x)
     x = _last_step(chain, x, last, clip, generator)
     return (x, torch.stack(path[::-1])) if return_path else x
+
+
+def _ancestral_step(chain, clip: bool, x, t, noise) -> torch.Tensor:
+    r""":math:`x_{t-1} \sim p(x_{t-1} \mid x_t)` for t >= 2 (a tensor) from the standard normal ``noise``: the step
+    :func:`ancestral` captures as a graph (:func:`reverse_step`'s draw, without its checks and its decoder rows)."""
+    step = chain.predict(x, t)
+    return (step.clipped(chain, x, t) if clip else step).draw(noise)
 
 
 def _ddim_step(chain, family: InferenceFamily, clip: bool, x, t, noise=None) -> torch.Tensor:

@@ -262,7 +262,8 @@ class _Run:
         """Continue the checkpoint: refuse another specification (naming what differs), a
         shorter run, another world size; rewrite ``losses.csv`` from the checkpoint's losses."""
         path = self.path
-        state = load_checkpoint(path, map_location=self.world.device)
+        # on the CPU: random-number states must stay there; every other state is copied onto its module's device
+        state = load_checkpoint(path, map_location="cpu")
         saved = Spec.from_dict(state["spec"], f"checkpoint {path}")
         _check_resumable(saved, self.spec, path, change_hyperparameters)
         if self.spec.training.steps < state["step"]:
@@ -274,7 +275,7 @@ class _Run:
             raise CheckpointError(f"{path} was written by {state['world_size']} processes, not {self.world.size}")
         self.network.load_state_dict(state["network"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(_with_implementation(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_rng"])
         self.streams.states = list(state["noise_rng"][self.world.rank])
@@ -476,6 +477,16 @@ class _Run:
         samples = trained.sample(n, progress=progress)
         save_samples_figure(samples, samples_path, data=data.test, title=f"{self.spec.name}: {tr.steps} steps")
         return TrainResult(out / CHECKPOINT, samples_path, report, tr.steps, seconds)
+
+
+def _with_implementation(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved optimiser state with this run's implementation flags (``fused``, ``foreach``, ``capturable``):
+    ``load_state_dict`` would otherwise restore the saved ones (a checkpoint written on the CPU, or without the
+    graph, would make a CUDA graph's optimiser step uncapturable)."""
+    groups = [dict(saved_group) for saved_group in saved["param_groups"]]
+    for group, live in zip(groups, optimizer.param_groups, strict=True):
+        group.update({k: live[k] for k in ("fused", "foreach", "capturable") if k in live})
+    return {**saved, "param_groups": groups}
 
 
 def _check_resumable(saved: Spec, spec: Spec, path: Path, change_hyperparameters: bool) -> None:

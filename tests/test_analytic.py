@@ -93,6 +93,8 @@ def test_the_analytic_variance_does_not_lower_the_bound(float64):
 def test_bad_tables():
     with pytest.raises(ValueError, match="positive"):
         TableVariance((0.1, -1.0))
+    with pytest.raises(ValueError, match="before .ddim"):
+        analytic_variance(_optimal_model(NoiseSchedule.linear(4), 0.3).ddim(0.5), torch.zeros(3, 1))
     with pytest.raises(ValueError, match="steps"):
         DiffusionModel(LinearDenoiser(3), NoiseSchedule.linear(3), variance=TableVariance((0.1, 0.2))).predict(
             torch.zeros(2, 1), torch.ones(2, dtype=torch.long)

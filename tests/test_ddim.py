@@ -179,6 +179,8 @@ def test_eta_zero_has_no_bound_and_bad_etas_are_refused(float64):
             model.ddim(bad)
         with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\]"):
             DiffusionGuide(LONG, eta=bad)
+        with pytest.raises(ValueError, match="eta must be a number in \\[0, 1\\]"):
+            q_sigma_posterior(LONG, bad, x0, x0, torch.full((2,), 3))
     assert InferenceFamily(1) == DDPM and DDPM.is_markov and not InferenceFamily(0.5).is_markov
     assert model.ddim(0.3).ddim(0.6).variance.base == model.variance  # re-choosing eta keeps the base decoder
     assert model.ddim(0.3).describe()["eta"] == 0.3 and "eta" not in model.describe()

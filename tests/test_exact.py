@@ -539,6 +539,8 @@ def test_refuses_what_is_not_a_gaussian_affine_chain():
         E.reverse_chain(_model(decoder="discretized", levels=9), (2,))
     with pytest.raises(ValueError, match="learned variance"):
         E.reverse_chain(_model(LinearDenoiser(4, v=torch.zeros(4)), variance="learned"), (2,))
+    with pytest.raises(ValueError, match="DDIM model"):
+        E.reverse_chain(_model().ddim(0.5), (2,))
     with pytest.raises(ValueError, match="data shape"):
         E.reverse_chain(_model())
     with pytest.raises(ValueError, match="check_points must be a positive integer"):

@@ -2,6 +2,7 @@
 CUDA graph cannot capture it.  Counted on the CPU (so in CI) with a dispatch mode that sees every aten op."""
 
 import collections
+import functools
 import traceback
 from pathlib import Path
 
@@ -217,13 +218,21 @@ def test_pyros_eager_elbo_reads_the_loss_on_the_host(estimator, reads, host_read
 def test_the_samplers_steps_read_nothing_on_the_host(host_reads, sampler, options):
     """The reverse steps of both samplers (eager, and the function a CUDA graph captures) only queue device work."""
     from pyrodiff import samplers
+    from pyrodiff.forward import InferenceFamily
 
     chain = build(TINY_DIGITS).model.eval().respaced(6)
     x_T = torch.randn((3,) + chain.data_shape)
     fn = getattr(samplers, sampler)
+    t = torch.full((3,), 4)
+    if sampler == "ancestral":
+        captured = functools.partial(samplers._ancestral_step, chain, options["clip"], x_T, t, torch.randn_like(x_T))
+    else:
+        family = InferenceFamily(options["eta"])
+        captured = functools.partial(samplers._ddim_step, chain, family, False, x_T, t, torch.randn_like(x_T))
     host_reads.active = True
-    with host_reads, pyro.validation_enabled(False):
+    with host_reads, pyro.validation_enabled(False), torch.no_grad():
         fn(chain, x_T, generator=torch.Generator().manual_seed(0), **options)
+        captured()
     host_reads.active = False
     assert [f"{what} at {_where(frames)}" for what, frames in host_reads.reads] == []
 

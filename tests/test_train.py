@@ -299,7 +299,26 @@ def test_the_ema_is_torchs_averaged_model_and_reads_its_checkpoints():
     fresh.load_state_dict(reference.state_dict())
     old = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     old.load_state_dict(ema.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), ema.state_dict().values(), strict=True))
     fresh.update(net), reference.update_parameters(net)  # a loaded EMA averages (not copies) at its next update
     assert all(
         torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), reference.state_dict().values(), strict=True)
     )
+
+
+def test_a_resumed_optimiser_keeps_this_runs_implementation():
+    """A checkpoint's optimiser state (written on the CPU with foreach, or without the graph) loads into an optimiser
+    that must stay capturable for a CUDA graph: the run's flags win, the moments and step are the checkpoint's."""
+    from pyrodiff.training import _with_implementation
+
+    p = [torch.nn.Parameter(torch.randn(3))]
+    saved = torch.optim.AdamW(p, foreach=True)
+    p[0].grad = torch.ones(3)
+    saved.step()
+    live = torch.optim.AdamW(p, capturable=True, foreach=False)
+    live.load_state_dict(_with_implementation(saved.state_dict(), live))
+    assert live.param_groups[0]["capturable"] and not live.param_groups[0]["foreach"]
+    assert torch.equal(live.state[p[0]]["exp_avg"], saved.state[p[0]]["exp_avg"]) and live.state[p[0]]["step"] == 1
+    plain = torch.optim.AdamW(p, capturable=True, foreach=False)
+    plain.load_state_dict(saved.state_dict())
+    assert not plain.param_groups[0]["capturable"]  # what the helper prevents
