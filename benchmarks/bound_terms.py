@@ -12,10 +12,9 @@ Goals (issue 3): decomposition / network forward <= 1.2, and faster than the loo
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds  # benchmarks/timing.py
 
 from pyrodiff import DiffusionModel, NoiseSchedule, UNet
 from pyrodiff.bound import bound_terms
@@ -43,20 +42,6 @@ def loop_terms(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms, -1)
 
 
-def _median_time(fn, device, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -78,9 +63,9 @@ def main():
         for xs, ts in zip(flat_x.split(args.chunk_size * N), flat_t.split(args.chunk_size * N), strict=True):
             net(xs, ts)
 
-    floor = _median_time(network_forward, device, args.repeats)
-    ours = _median_time(lambda: bound_terms(model, x0, chunk_size=args.chunk_size), device, args.repeats)
-    loop = _median_time(lambda: loop_terms(model, x0), device, args.repeats)
+    floor = median_seconds(network_forward, device, args.repeats)
+    ours = median_seconds(lambda: bound_terms(model, x0, chunk_size=args.chunk_size), device, args.repeats)
+    loop = median_seconds(lambda: loop_terms(model, x0), device, args.repeats)
     print(
         f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; N = {N}, T = {T}, digits U-Net"
     )

@@ -10,26 +10,12 @@ On the CPU only the eager sampler runs (a CUDA graph needs a CUDA device).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds  # benchmarks/timing.py
 
 from pyrodiff import samplers
 from pyrodiff.spec import build, load_spec
-
-
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -56,7 +42,7 @@ def main() -> None:
     print(f"{T}-step ancestral sampler, {args.num} samples per run, {device} ({torch.__version__})")
     seconds = {}
     for name, fn in rows.items():
-        seconds[name] = _median_seconds(fn, device, args.repeats)
+        seconds[name] = median_seconds(fn, device, args.repeats, warmup=False)
         print(f"| {name} | {seconds[name]:.2f} s | {args.num / seconds[name]:.1f} samples/s |", flush=True)
     if "graphed" in seconds:
         diff = (run(False) - run(True)).abs().max().item()

@@ -10,32 +10,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from timing import seconds  # benchmarks/timing.py
 
 from pyrodiff import DiffusionGuide, DiffusionModel, MLPDenoiser, NoiseSchedule, UNet
 
 T = 1000
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn, device, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def bench(name, network, x0, device, repeats):
@@ -67,9 +50,9 @@ def bench(name, network, x0, device, repeats):
 
     results = {"network fwd+bwd": [], "ELBOModule + torch Adam step": [], "pyro SVI.step": []}
     for _ in range(repeats):  # interleave so that drifts of the machine hit all alike
-        results["network fwd+bwd"] += _time(network_pass, device, 1)
-        results["ELBOModule + torch Adam step"] += _time(elbo_module_step, device, 1)
-        results["pyro SVI.step"] += _time(svi_step, device, 1)
+        results["network fwd+bwd"] += seconds(network_pass, device, 1)
+        results["ELBOModule + torch Adam step"] += seconds(elbo_module_step, device, 1)
+        results["pyro SVI.step"] += seconds(svi_step, device, 1)
     base = statistics.median(results["network fwd+bwd"])
     print(f"\n{name}: N = {N}, T = {T}, {N * T} network inputs of shape {tuple(x0.shape[1:])}, device {device}")
     for label, times in results.items():
