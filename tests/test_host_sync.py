@@ -84,7 +84,13 @@ def _where(frames, line: bool = True) -> str:
     """The innermost frame in pyrodiff or Pyro (who asked for the read), as ``file:line function``."""
     for f in reversed(frames):
         if f.filename.startswith(_PYRODIFF) or "/pyro/" in f.filename:
-            path = f.filename.split("site-packages/")[-1].split("/main/")[-1]
+            # pyrodiff's files relative to the checkout (wherever it is), Pyro's relative to site-packages
+            root = str(Path(_PYRODIFF).parent) + "/"
+            path = (
+                f.filename.removeprefix(root)
+                if f.filename.startswith(_PYRODIFF)
+                else f.filename.split("site-packages/")[-1]
+            )
             return f"{path}{f':{f.lineno}' if line else ''} {f.name}"
     return f"{frames[-1].filename}:{frames[-1].lineno}"
 
