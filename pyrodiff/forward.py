@@ -15,7 +15,6 @@ The guide has no parameters.  It exposes the same sample sites in both of its or
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -100,19 +99,10 @@ def q_sigma_posterior(
 
     (their eq. 16), for :math:`\eta \in [0, 1]`; :math:`\eta = 1` is :func:`q_posterior` (the same law, another
     rounding).  At ``t = 1`` the variance is 0 and the mean :math:`x_0`.  ``eta`` outside [0, 1] is refused."""
-    eta = InferenceFamily(eta).eta
-    c = schedule.cached(f"q_sigma_{eta!r}", functools.partial(_q_sigma_coefficients, eta=eta), xt.device, xt.dtype)
+    c = InferenceFamily(eta).tables(schedule, xt.device, xt.dtype)
     event_dim = xt.dim() - t.dim()
     loc = at_timesteps(c.coef_x0, t, event_dim) * x0 + at_timesteps(c.coef_xt, t, event_dim) * xt
     return loc, at_timesteps(c.variance, t, event_dim)
-
-
-def _q_sigma_coefficients(schedule: NoiseSchedule, eta: float) -> SimpleNamespace:
-    """The float64 tables of :func:`q_sigma_posterior`: the mean's coefficients of x_0 and x_t, and the variance."""
-    abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-    variance = eta**2 * schedule.posterior_variance
-    coef_xt = ((1 - abar_prev) - variance).clamp(min=0).sqrt() / (1 - abar).sqrt()
-    return SimpleNamespace(coef_x0=abar_prev.sqrt() - coef_xt * abar.sqrt(), coef_xt=coef_xt, variance=variance)
 
 
 @dataclass(frozen=True)
@@ -154,6 +144,18 @@ class InferenceFamily:
     def variances(self, schedule: NoiseSchedule) -> torch.Tensor:
         r""":math:`\sigma_t^2 = \eta^2 \tilde\beta_t` (float64, entry t - 1; 0 at t = 1)."""
         return self.eta**2 * schedule.posterior_variance
+
+    def tables(self, schedule: NoiseSchedule, device: torch.device | str, dtype: torch.dtype) -> SimpleNamespace:
+        r"""The tables of :func:`q_sigma_posterior` on ``device`` in ``dtype``, computed in float64 and cached with
+        the schedule: ``coef_x0`` and ``coef_xt`` of the mean :math:`A_t x_0 + B_t x_t`, and ``variance``
+        :math:`\sigma_t^2`."""
+        return schedule.cached(f"q_sigma_{self.eta!r}", self._tables, device, dtype)
+
+    def _tables(self, schedule: NoiseSchedule) -> SimpleNamespace:
+        abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+        variance = self.variances(schedule)
+        coef_xt = ((1 - abar_prev) - variance).clamp(min=0).sqrt() / (1 - abar).sqrt()
+        return SimpleNamespace(coef_x0=abar_prev.sqrt() - coef_xt * abar.sqrt(), coef_xt=coef_xt, variance=variance)
 
 
 #: DDPM's forward chain (eta = 1), the default of the guide and the model

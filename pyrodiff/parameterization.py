@@ -218,8 +218,7 @@ class DDIMVariance(ReverseVariance):
         return torch.cat([self.base.table(schedule)[:1], self.family.variances(schedule)[1:]])
 
     def variance(self, schedule, t, event_dim, like, v=None):
-        key = f"ddim_variances_{self.family.eta!r}"
-        sigma2 = at_timesteps(schedule.cached(key, self.family.variances, like.device, like.dtype), t, event_dim)
+        sigma2 = at_timesteps(self.family.tables(schedule, like.device, like.dtype).variance, t, event_dim)
         decoder = self.base.variance(schedule, t, event_dim, like, v)
         return torch.where(expand_event(t == 1, event_dim), decoder, sigma2)
 
