@@ -8,7 +8,7 @@ For each K, the model respaced to K evenly spaced steps (`DiffusionModel.respace
 original timesteps) is scored by `bound_terms` on the first test examples: the exact bound of the K-step
 ancestral sampler, every term, one draw of the noisy inputs per example.  Each reverse variance is the
 respaced chain's own ("small": its beta_tilde, "large": its beta; "analytic": Analytic-DPM's optimal variances for
-the trained mean, `pyrodiff.analytic`, estimated on the first training examples, the estimate included in the
+the trained mean, `pyrodiff.chain.analytic`, estimated on the first training examples, the estimate included in the
 seconds).  Each eta adds the K-step DDIM chain with that eta (`DiffusionModel.ddim`, variances eta^2 beta_tilde,
 scored against its own inference family q_sigma; eta = 1 is "small", eta = 0 has no bound).  Writes `bound_vs_steps.md`,
 `bound_vs_steps.json` and `bound_vs_steps.png`.
@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pyrodiff import DiffusionModel, bound_terms, load_trained
-from pyrodiff.analytic import analytic_variance
+from pyrodiff.chain.analytic import analytic_variance
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ without running code from it): integers are levels ``0..L-1`` and scaled to ``2 
 discretized one, and with ``--levels 256`` bits/dim are on the 8-bit scale of published figures; without, the
 continuous Gaussian decoder.  Writes bound.json (with the scheduler's configuration and the sampler-only options
 that the bound does not include), terms.csv, rate_distortion.csv, summary.md and the plots
-(``pyrodiff.report.write_report``).
+(``pyrodiff.evaluation.report.write_report``).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from pyrodiff.adapters import load_diffusers, load_network, model_from_diffusers, sampler_options, scheduler_config
-from pyrodiff.bound import DRAWS, bound_terms
 from pyrodiff.data import levels_to_unit, load_dataset
-from pyrodiff.report import write_report
+from pyrodiff.evaluation.bound import DRAWS, bound_terms
+from pyrodiff.evaluation.report import write_report
 
 #: options that set a scheduler configuration key (they replace the key of ``--scheduler``'s file)
 SCHEDULER_KEYS = (

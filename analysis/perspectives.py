@@ -30,14 +30,14 @@ import torch
 from matplotlib.figure import Figure
 
 import pyrodiff
-from pyrodiff import exact
-from pyrodiff.bound import bound_terms, nats_to_bits_per_dim
+from pyrodiff.theory import exact
 from pyrodiff.data import GAUSSIANS8_ENTROPY
-from pyrodiff.empirical import EmpiricalReverse
-from pyrodiff.likelihood import log_likelihood_bound
-from pyrodiff.mixture import moment_matched_bound
+from pyrodiff.evaluation.bound import bound_terms, nats_to_bits_per_dim
+from pyrodiff.evaluation.likelihood import log_likelihood_bound
 from pyrodiff.testing import AffineDenoiser
-from pyrodiff.vae import load_vae, negative_elbo, save_vae, train_vae
+from pyrodiff.theory.empirical import EmpiricalReverse
+from pyrodiff.theory.mixture import moment_matched_bound
+from pyrodiff.theory.vae import load_vae, negative_elbo, save_vae, train_vae
 
 REPORT = "perspectives.md"
 
@@ -174,7 +174,7 @@ def exactly_solvable(out: Path, numbers: dict) -> str:
 Data q(x_0) = N(m, S) with m = {m.tolist()}, S = {S.tolist()} (D = 2, full covariance); the linear T = 1000
 schedule respaced to 100 evenly spaced steps (same endpoints); an affine network (`pyrodiff.testing.AffineDenoiser`,
 out = W_t x_t + b_t), epsilon prediction and the Gaussian decoder. Every number is a closed form
-(`pyrodiff.exact`), each computed on its own: E[-log p(x_0)] from the chain's Gaussian marginal, E[-ELBO] term
+(`pyrodiff.theory.exact`), each computed on its own: E[-log p(x_0)] from the chain's Gaussian marginal, E[-ELBO] term
 by term, KL(q_0:T || p_0:T) as one KL between two 202-dimensional Gaussians, KL(q0 || p0) between the
 marginals. Nats per example, under the data law.
 
@@ -522,7 +522,7 @@ def many_easy_problems(law, out: Path, numbers: dict, num_samples: int) -> str:
     return f"""## D. Many easy problems (perspective d)
 
 gaussians8's density is known, so every true reverse conditional q(x_{{t-1}} | x_t) is a known Gaussian
-mixture (`pyrodiff.mixture`). The best any chain of Gaussian steps can do is to match each conditional's
+mixture (`pyrodiff.theory.mixture`). The best any chain of Gaussian steps can do is to match each conditional's
 mean and covariance; its expected negative ELBO is then exactly H(q(x_0)) + KL(q(x_T) || N(0, I)) + sum_t
 E KL(q(x_{{t-1}} | x_t) || its moment-matched Gaussian). Each step KL is a Monte Carlo estimate
 ({num_samples} draws per step) with its standard error. The schedules are the linear T = 1000 schedule
@@ -614,7 +614,7 @@ def learned_encoder(
     return f"""## E. The parameterless encoder against a learned one (perspective c)
 
 A diffusion model is a hierarchical VAE with T latent layers whose encoder q(x_{{1:T}} | x_0) has no
-parameters. Beside it, an ordinary Pyro VAE (`pyrodiff.vae`: a `pyro.infer.SVI` model/guide pair, a Gaussian
+parameters. Beside it, an ordinary Pyro VAE (`pyrodiff.theory.vae`: a `pyro.infer.SVI` model/guide pair, a Gaussian
 latent, a learned Gaussian encoder, the same discretized decoder on the 17 grey levels) with a parameter count
 within 10% of the digits U-Net, trained on the same training set. Test-set negative ELBO on the first
 {test.shape[0]} test digits (the diffusion rows are the same examples, every term of the bound), bits/dim on

@@ -17,9 +17,9 @@ import torch
 from timing import median_seconds  # benchmarks/timing.py
 
 from pyrodiff import DiffusionModel, NoiseSchedule, UNet
-from pyrodiff.bound import bound_terms
-from pyrodiff.forward import q_marginal, q_posterior
-from pyrodiff.gaussian import normal_kl
+from pyrodiff.chain.forward import q_marginal, q_posterior
+from pyrodiff.chain.gaussian import normal_kl
+from pyrodiff.evaluation.bound import bound_terms
 
 T = 1000
 

@@ -26,10 +26,11 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, UNet
-from pyrodiff.distributed import World
-from pyrodiff.graphed import GraphedStep, elbo_on_device
-from pyrodiff.objectives import objective_weights, reweight
-from pyrodiff.spec import load_spec
+from pyrodiff.chain.objectives import objective_weights, reweight
+from pyrodiff.cuda_graph import GraphedStep
+from pyrodiff.training.distributed import World
+from pyrodiff.training.graphed import elbo_on_device
+from pyrodiff.training.spec import load_spec
 
 NETWORKS = {
     # name: (constructor arguments, data shape, batch, levels)
@@ -133,7 +134,7 @@ def _rows(name: str, precision: str, steps: int, repeats: int) -> dict[str, floa
 
 def _train_steps_per_second(steps: int, repeats: int) -> tuple[float, float]:
     """``pyrodiff train``'s step on the default specification (graphed, then eager), steps/s."""
-    from pyrodiff.training import _Run  # the loop's own step: data, clipping, EMA, scheduler included
+    from pyrodiff.training.loop import _Run  # the loop's own step: data, clipping, EMA, scheduler included
 
     rates = []
     for graph in (True, False):

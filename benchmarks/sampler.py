@@ -15,7 +15,7 @@ import torch
 from timing import median_seconds  # benchmarks/timing.py
 
 from pyrodiff import samplers
-from pyrodiff.spec import build, load_spec
+from pyrodiff.training.spec import build, load_spec
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
-from pyrodiff.bound import bound_terms
-from pyrodiff.importance import ImportanceSampler
-from pyrodiff.timesteps import _Subsample
-from pyrodiff.trained import load_trained
+from pyrodiff.chain.importance import ImportanceSampler
+from pyrodiff.chain.timesteps import _Subsample
+from pyrodiff.evaluation.bound import bound_terms
+from pyrodiff.training.trained import load_trained
 
 
 class SharedTimesteps(Messenger):

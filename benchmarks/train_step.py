@@ -19,9 +19,9 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, UNet
+from pyrodiff.chain.forward import q_marginal, q_posterior
+from pyrodiff.chain.gaussian import expand_event, normal_kl
 from pyrodiff.data import load_dataset
-from pyrodiff.forward import q_marginal, q_posterior
-from pyrodiff.gaussian import expand_event, normal_kl
 
 
 def plain_pytorch_loss(model: DiffusionModel, x0: torch.Tensor) -> torch.Tensor:

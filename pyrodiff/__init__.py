@@ -6,23 +6,24 @@ evidence lower bound as a hierarchical VAE with a fixed encoder.  ``docs/MATH.md
 ``docs/API.md`` the public interface.
 """
 
-from . import adapters, samplers
-from . import kl as _kl  # noqa: F401  (registers the KL divergences of the chains)
-from .bound import BoundTerms, bound_terms
+from . import adapters
+from .chain import kl as _kl  # noqa: F401  (registers the KL divergences of the chains)
+from .chain import samplers
+from .chain.decoders import DiscretizedGaussian
+from .chain.forward import DiffusionGuide
+from .chain.importance import ImportanceSampler
+from .chain.objectives import objective_weights, reweight
+from .chain.reverse import DiffusionModel, Prediction
+from .chain.schedule import NoiseSchedule
 from .data import Dataset, load_dataset
-from .decoders import DiscretizedGaussian
-from .empirical import EmpiricalReverse
-from .forward import DiffusionGuide
-from .importance import ImportanceSampler
-from .likelihood import LikelihoodBound, log_likelihood_bound
+from .evaluation.bound import BoundTerms, bound_terms
+from .evaluation.likelihood import LikelihoodBound, log_likelihood_bound
+from .evaluation.report import report_checkpoint, write_report
 from .networks import MLPDenoiser, UNet
-from .objectives import objective_weights, reweight
-from .report import report_checkpoint, write_report
-from .reverse import DiffusionModel, Prediction
-from .schedule import NoiseSchedule
-from .spec import load_spec
-from .trained import load_trained
-from .training import train
+from .theory.empirical import EmpiricalReverse
+from .training.loop import train
+from .training.spec import load_spec
+from .training.trained import load_trained
 
 __all__ = [
     "BoundTerms",

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .training.checkpoint import CheckpointError
 
 DEFAULT_SPEC = "digits"
 
@@ -38,8 +38,8 @@ def _integer(minimum: int):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .spec import load_spec
-    from .training import TrainingInterrupted, train
+    from .training.loop import TrainingInterrupted, train
+    from .training.spec import load_spec
 
     if args.change_hyperparameters and not args.resume:
         raise ValueError("--change-hyperparameters applies to a resume: pass --resume too")
@@ -89,8 +89,8 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from . import samplers
-    from .plots import save_samples_figure
-    from .trained import load_trained
+    from .evaluation.plots import save_samples_figure
+    from .training.trained import load_trained
 
     out = Path(args.out or Path(args.checkpoint).with_name(f"samples-seed{args.seed}.png"))
     if out.exists() and not args.overwrite:
@@ -115,7 +115,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import report_checkpoint
+    from .evaluation.report import report_checkpoint
 
     summary, out = report_checkpoint(
         args.checkpoint,
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; the exit status (argument errors exit with status 2 from the parser)."""
     args = build_parser().parse_args(argv)
     try:
-        from .training import check_device
+        from .training.loop import check_device
 
         check_device(args.device)
         return args.run(args)

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .mixture import IsotropicGaussianMixture
+from .theory.mixture import IsotropicGaussianMixture
 
 __all__ = ["Dataset", "load_dataset", "levels_to_unit", "DATASETS", "GAUSSIANS8_ENTROPY"]
 

@@ -25,7 +25,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"pyrodiff.testing needs the testing extra: pip install 'pyrodiff[testing]' ({e})") from e
 
-from .schedule import NoiseSchedule
+from .chain.schedule import NoiseSchedule
 
 __all__ = [
     "schedules",
@@ -107,7 +107,7 @@ class AffineDenoiser(nn.Module):
     r"""``network(x_t, t) = W[t-1] x_t + b[t-1]`` on the flattened :math:`x_t` (D values), with a full matrix
     ``weight`` :math:`W`, shape ``(T, D, D)``, and ``bias`` :math:`b`, shape ``(T, D)`` (zeros by default): a network
     affine in :math:`x_t` that couples the dimensions.  With fixed variances and the Gaussian decoder its
-    reverse chain is Gaussian for any prediction (:func:`pyrodiff.exact.reverse_chain`)."""
+    reverse chain is Gaussian for any prediction (:func:`pyrodiff.theory.exact.reverse_chain`)."""
 
     def __init__(
         self, num_steps: int, dim: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -255,12 +255,12 @@ def linear_case(
     seed: int = 0,
     levels: int = 9,
 ):
-    """A ready test case in float64: a :class:`~pyrodiff.reverse.DiffusionModel` with a random
+    """A ready test case in float64: a :class:`~pyrodiff.chain.reverse.DiffusionModel` with a random
     :class:`LinearDenoiser` (coefficients ``a`` in [-0.4, 0.4], ``b`` in [-0.2, 0.2], and ``v`` in [-1, 1]
     for learned variances), data ``x0`` of
     ``shape`` (on the grid of ``levels`` values for the discretized decoder, else uniform in [-1, 1])
     and its exact terms from :func:`linear_elbo_terms`, shape ``(N, T + 1)``."""
-    from .reverse import DiffusionModel
+    from .chain.reverse import DiffusionModel
 
     T = schedule.num_steps
     g = torch.Generator().manual_seed(seed)

@@ -46,9 +46,9 @@ survived (equivalent ones excepted).
 
 Examples::
 
-    python tests/planted_changes.py --module pyrodiff/parameterization.py
-    python tests/planted_changes.py --module pyrodiff/schedule.py --list
-    python tests/planted_changes.py --module pyrodiff/gaussian.py --only 3,7 --tests tests/test_gaussian.py
+    python tests/planted_changes.py --module pyrodiff/chain/parameterization.py
+    python tests/planted_changes.py --module pyrodiff/chain/schedule.py --list
+    python tests/planted_changes.py --module pyrodiff/chain/gaussian.py --only 3,7 --tests tests/test_gaussian.py
     python tests/planted_changes.py --module all --out /tmp/planted
 
 Writes ``<out>/<module>.json`` (every mutant) and ``<out>/<module>.md`` (summary, survivors, equivalents).
@@ -75,79 +75,79 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: the formula modules, in the order they are checked with ``--module all``
 FORMULA_MODULES = (
-    "pyrodiff/parameterization.py",
-    "pyrodiff/schedule.py",
-    "pyrodiff/gaussian.py",
-    "pyrodiff/forward.py",
-    "pyrodiff/decoders.py",
-    "pyrodiff/objectives.py",
-    "pyrodiff/timesteps.py",
-    "pyrodiff/importance.py",
-    "pyrodiff/samplers.py",
-    "pyrodiff/reverse.py",
-    "pyrodiff/kl.py",
-    "pyrodiff/traces.py",
-    "pyrodiff/path.py",
-    "pyrodiff/exact.py",
-    "pyrodiff/likelihood.py",
-    "pyrodiff/mixture.py",
-    "pyrodiff/empirical.py",
-    "pyrodiff/vae.py",
+    "pyrodiff/chain/parameterization.py",
+    "pyrodiff/chain/schedule.py",
+    "pyrodiff/chain/gaussian.py",
+    "pyrodiff/chain/forward.py",
+    "pyrodiff/chain/decoders.py",
+    "pyrodiff/chain/objectives.py",
+    "pyrodiff/chain/timesteps.py",
+    "pyrodiff/chain/importance.py",
+    "pyrodiff/chain/samplers.py",
+    "pyrodiff/chain/reverse.py",
+    "pyrodiff/chain/kl.py",
+    "pyrodiff/chain/traces.py",
+    "pyrodiff/chain/path.py",
+    "pyrodiff/theory/exact.py",
+    "pyrodiff/evaluation/likelihood.py",
+    "pyrodiff/theory/mixture.py",
+    "pyrodiff/theory/empirical.py",
+    "pyrodiff/theory/vae.py",
 )
 
 #: the fast test files that guard each module, those most likely to catch a change first (``-x`` stops
 #: at the first failure); files missing from the copy are skipped
 DEFAULT_TESTS = {
-    "pyrodiff/exact.py": ["tests/test_exact.py"],
-    "pyrodiff/likelihood.py": ["tests/test_likelihood.py"],
-    "pyrodiff/mixture.py": ["tests/test_mixture.py", "tests/test_empirical.py"],
-    "pyrodiff/empirical.py": ["tests/test_empirical.py"],
-    "pyrodiff/vae.py": ["tests/test_vae.py"],
-    "pyrodiff/parameterization.py": [
+    "pyrodiff/theory/exact.py": ["tests/test_exact.py"],
+    "pyrodiff/evaluation/likelihood.py": ["tests/test_likelihood.py"],
+    "pyrodiff/theory/mixture.py": ["tests/test_mixture.py", "tests/test_empirical.py"],
+    "pyrodiff/theory/empirical.py": ["tests/test_empirical.py"],
+    "pyrodiff/theory/vae.py": ["tests/test_vae.py"],
+    "pyrodiff/chain/parameterization.py": [
         "tests/test_parameterization.py",
         "tests/test_reverse.py",
         "tests/test_objectives.py",
         "tests/test_reference_agreement.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/schedule.py": [
+    "pyrodiff/chain/schedule.py": [
         "tests/test_schedule.py",
         "tests/test_parameterization.py",
         "tests/test_forward.py",
         "tests/test_objectives.py",
         "tests/test_reference_agreement.py",
     ],
-    "pyrodiff/gaussian.py": [
+    "pyrodiff/chain/gaussian.py": [
         "tests/test_gaussian.py",
         "tests/test_forward.py",
         "tests/test_reverse.py",
         "tests/test_reference_agreement.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/forward.py": [
+    "pyrodiff/chain/forward.py": [
         "tests/test_forward.py",
         "tests/test_loop.py",
         "tests/test_reverse.py",
         "tests/test_kl.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/decoders.py": [
+    "pyrodiff/chain/decoders.py": [
         "tests/test_decoders.py",
         "tests/test_reference_agreement.py",
         "tests/test_reverse.py",
         "tests/test_samplers.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/objectives.py": ["tests/test_objectives.py", "tests/test_train.py"],
-    "pyrodiff/timesteps.py": [
+    "pyrodiff/chain/objectives.py": ["tests/test_objectives.py", "tests/test_train.py"],
+    "pyrodiff/chain/timesteps.py": [
         "tests/test_timesteps.py",
         "tests/test_objectives.py",
         "tests/test_importance.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/importance.py": ["tests/test_importance.py"],
-    "pyrodiff/samplers.py": ["tests/test_samplers.py", "tests/test_reverse.py", "tests/test_loop.py"],
-    "pyrodiff/reverse.py": [
+    "pyrodiff/chain/importance.py": ["tests/test_importance.py"],
+    "pyrodiff/chain/samplers.py": ["tests/test_samplers.py", "tests/test_reverse.py", "tests/test_loop.py"],
+    "pyrodiff/chain/reverse.py": [
         "tests/test_reverse.py",
         "tests/test_loop.py",
         "tests/test_samplers.py",
@@ -155,21 +155,21 @@ DEFAULT_TESTS = {
         "tests/test_reference_agreement.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/kl.py": ["tests/test_kl.py", "tests/test_reverse.py", "tests/test_elbo_statistics.py"],
-    "pyrodiff/traces.py": ["tests/test_traces.py", "tests/test_bound.py", "tests/test_importance.py"],
-    "pyrodiff/path.py": [
+    "pyrodiff/chain/kl.py": ["tests/test_kl.py", "tests/test_reverse.py", "tests/test_elbo_statistics.py"],
+    "pyrodiff/chain/traces.py": ["tests/test_traces.py", "tests/test_bound.py", "tests/test_importance.py"],
+    "pyrodiff/chain/path.py": [
         "tests/test_path.py",
         "tests/test_forward.py",
         "tests/test_loop.py",
         "tests/test_reverse.py",
         "tests/test_kl.py",
     ],
-    "pyrodiff/bound.py": [
+    "pyrodiff/evaluation/bound.py": [
         "tests/test_bound.py",
         "tests/test_reference_agreement.py",
         "tests/test_elbo_statistics.py",
     ],
-    "pyrodiff/report.py": ["tests/test_report.py", "tests/test_bound.py"],
+    "pyrodiff/evaluation/report.py": ["tests/test_report.py", "tests/test_bound.py"],
 }
 
 #: changes that cannot alter behaviour: module -> [(the changed line, stripped; the change; why)].  Keyed by
@@ -180,7 +180,7 @@ _SIGMOID_SCALE = (
 )
 _STEP_SIGN = "_shifted reads only the sign of its step (its callers pass +1 and -1)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
-    "pyrodiff/decoders.py": [
+    "pyrodiff/chain/decoders.py": [
         (
             "flip = lower > 0",
             "`>` -> `>=` in `lower > 0`",
@@ -213,7 +213,7 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "the noise is drawn inside sample() and is symmetric: loc - scale z has the law of loc + scale z",
         ),
     ],
-    "pyrodiff/reverse.py": [
+    "pyrodiff/chain/reverse.py": [
         (
             "step_var = torch.where(is_decoder, 1.0, var)",
             "`1.0` -> `2.0`",
@@ -231,7 +231,7 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "as above: the cache is never hit and the same values are recomputed",
         ),
     ],
-    "pyrodiff/samplers.py": [
+    "pyrodiff/chain/samplers.py": [
         (
             'for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):',
             "`not` dropped in `not progress`",
@@ -243,21 +243,21 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "the progress bar's refresh interval",
         ),
     ],
-    "pyrodiff/traces.py": [
+    "pyrodiff/chain/traces.py": [
         (
             "return torch.cat([decoder.unsqueeze(-1), chain.T], dim=-1)",
             "`-` dropped in `-1`",
             "decoder is 1-D (N,) and the result 2-D (N, T + 1): unsqueeze(1) = unsqueeze(-1) and dim=1 = dim=-1",
         ),
     ],
-    "pyrodiff/path.py": [
+    "pyrodiff/chain/path.py": [
         (
             "return torch.arange(1, T + 1, device=device).unsqueeze(-1).expand(batch_shape)",
             "`-` dropped in `-1`",
             "arange is 1-D, so unsqueeze(1) = unsqueeze(-1)",
         ),
     ],
-    "pyrodiff/forward.py": [
+    "pyrodiff/chain/forward.py": [
         ("if step > 0:", "`>` -> `>=` in `step > 0`", _STEP_SIGN + "; step is never 0"),
         (
             "loc = at_timesteps(c.alphas, t, self.event_dim).sqrt() * self._shifted(value, -1)",
@@ -270,7 +270,7 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             _STEP_SIGN,
         ),
     ],
-    "pyrodiff/schedule.py": [
+    "pyrodiff/chain/schedule.py": [
         (
             "v_start, v_end = torch.sigmoid(torch.tensor([start / tau, end / tau], dtype=torch.float64))",
             "`/` -> `*` in `start / tau`",
@@ -915,7 +915,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--module", action="append", required=True, help="e.g. pyrodiff/schedule.py; repeat, or 'all' (formula modules)"
+        "--module",
+        action="append",
+        required=True,
+        help="e.g. pyrodiff/chain/schedule.py; repeat, or 'all' (formula modules)",
     )
     p.add_argument("--tests", nargs="+", help="test files to run (default: the module's mapping); 'all' for tests/")
     p.add_argument("--limit", type=int, help="plant at most this many changes")

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize_scalar
 
 from pyrodiff import DiffusionModel, NoiseSchedule, bound_terms
-from pyrodiff.analytic import analytic_variance, expected_eps_norm, optimal_variances
-from pyrodiff.exact import true_reverse
-from pyrodiff.parameterization import TableVariance
+from pyrodiff.chain.analytic import analytic_variance, expected_eps_norm, optimal_variances
+from pyrodiff.chain.parameterization import TableVariance
 from pyrodiff.testing import LinearDenoiser, linear_reverse_coefficients, schedules
+from pyrodiff.theory.exact import true_reverse
 
 
 def _optimal_model(schedule, s2):

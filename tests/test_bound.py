@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pyrodiff import DiffusionModel, NoiseSchedule
-from pyrodiff.bound import BoundTerms, bound_terms
-from pyrodiff.report import write_report
+from pyrodiff.evaluation.bound import BoundTerms, bound_terms
+from pyrodiff.evaluation.report import write_report
 from pyrodiff.testing import LinearDenoiser, linear_case
 
 T = 8
@@ -55,7 +55,7 @@ def test_trajectory_and_independent_draws_agree_in_mean(float64):
 
 def _x0_hat_coefficients(schedule, model):
     """x0_hat = g_t x_t + h_t for the linear network a_t x_t + b_t, derived here from the definitions of
-    the three targets (independently of pyrodiff.parameterization)."""
+    the three targets (independently of pyrodiff.chain.parameterization)."""
     a, b = model.network.a.detach().numpy(), model.network.b.detach().numpy()
     abar = schedule.alphas_cumprod.numpy()
     r, q = np.sqrt(abar), np.sqrt(1 - abar)
@@ -165,7 +165,7 @@ def test_compare_bounds_script(tmp_path, float64):
 def test_standard_errors_with_one_example_come_from_the_draws():
     """With one example, the Monte Carlo error across draws is all there is: sd over draws / sqrt(S); with one
     draw of one example there is no error to estimate (NaN)."""
-    from pyrodiff.decoders import GaussianDecoder
+    from pyrodiff.chain.decoders import GaussianDecoder
 
     nats = torch.tensor([[[1.0, 2.0, 3.0]], [[3.0, 2.0, 7.0]], [[2.0, 5.0, 2.0]]], dtype=torch.float64)  # (S=3, N=1, 3)
     terms = BoundTerms(nats, torch.zeros(3, 1, 2), 4, GaussianDecoder(), {})
@@ -180,7 +180,7 @@ def test_standard_errors_with_one_example_come_from_the_draws():
 
 def test_views_of_the_terms():
     """total, rate (L_1 .. L_T), distortion (L_0), bits/dim and the mean of each term, from known draws."""
-    from pyrodiff.decoders import GaussianDecoder
+    from pyrodiff.chain.decoders import GaussianDecoder
 
     g = torch.Generator().manual_seed(0)
     nats = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_train import TINY_2D
 
-from pyrodiff import checkpoint as checkpoint_module
-from pyrodiff.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from pyrodiff.training import train
+from pyrodiff.training import checkpoint as checkpoint_module
+from pyrodiff.training.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from pyrodiff.training.loop import train
 
 TINY = TINY_2D.with_changes({"training": {"steps": 2, "batch_size": 8, "timestep_sampler": "importance"}})
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pyrodiff import cli
-from pyrodiff import training as train_module
-from pyrodiff.checkpoint import FORMAT, load_checkpoint
+from pyrodiff.training import loop as train_module
+from pyrodiff.training.checkpoint import FORMAT, load_checkpoint
 
 ROOT = Path(__file__).parents[1]
 TINY = (
@@ -194,7 +194,7 @@ def test_importing_the_package_chooses_no_matplotlib_backend():
         "import sys, runpy, matplotlib\n"
         "def refuse(*a, **k): raise AssertionError('a backend was chosen')\n"
         "matplotlib.use = refuse\n"
-        "import pyrodiff.training, pyrodiff.plots, pyrodiff.cli, pyrodiff.report\n"
+        "import pyrodiff.training.loop, pyrodiff.evaluation.plots, pyrodiff.cli, pyrodiff.evaluation.report\n"
         f"runpy.run_path({str(ROOT / 'analysis' / 'compare_bounds.py')!r})\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
     )
@@ -249,7 +249,7 @@ def test_report_of_a_ddim_chain_is_its_bound_and_eta_zero_is_refused(trained, tm
     import json
 
     from pyrodiff import bound_terms
-    from pyrodiff.trained import load_trained
+    from pyrodiff.training.trained import load_trained
 
     argv = ["report", str(trained), "--steps", "4", "--max-examples", "5", "--eta", "0.5", "--out", str(tmp_path)]
     assert cli.main(argv) == 0

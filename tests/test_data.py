@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from pyrodiff.chain.decoders import check_levels_grid
 from pyrodiff.data import GAUSSIANS8_ENTROPY, load_dataset
-from pyrodiff.decoders import check_levels_grid
 
 
 def test_digits_are_on_the_17_level_grid_with_a_held_out_split():

@@ -17,7 +17,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from test_samplers import KEPT, LONG, _long_model  # the linear model on a 30-step schedule
 
 from pyrodiff import DiffusionGuide, NoiseSchedule, bound_terms, samplers
-from pyrodiff.forward import DDPM, InferenceFamily, q_posterior, q_sigma_posterior
+from pyrodiff.chain.forward import DDPM, InferenceFamily, q_posterior, q_sigma_posterior
 from pyrodiff.testing import linear_elbo_terms, linear_reverse_coefficients, schedules
 
 

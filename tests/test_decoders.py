@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import norm
 
-from pyrodiff.decoders import (
+from pyrodiff.chain.decoders import (
     DiscretizedDecoder,
     DiscretizedGaussian,
     GaussianDecoder,

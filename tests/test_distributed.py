@@ -1,7 +1,7 @@
 """Two gloo processes under torchrun give the parameters of one process with the same global batch.
 
 Rank r draws its noise from random stream r; one process with ``micro_batches = 2`` draws micro-batch
-j's noise from stream j, so both runs see the same noise for the same examples (pyrodiff.distributed).
+j's noise from stream j, so both runs see the same noise for the same examples (pyrodiff.training.distributed).
 """
 
 import subprocess
@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from pyrodiff.checkpoint import load_checkpoint
-from pyrodiff.distributed import World
-from pyrodiff.spec import load_spec
-from pyrodiff.training import _Run
+from pyrodiff.training.checkpoint import load_checkpoint
+from pyrodiff.training.distributed import World
+from pyrodiff.training.loop import _Run
+from pyrodiff.training.spec import load_spec
 
 SPEC = """
 [data]

@@ -12,8 +12,8 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.loop import loop_guide, loop_model
 from pyrodiff.testing import linear_case
+from pyrodiff.theory.unrolled import loop_guide, loop_model
 
 T = 6
 NUM_DRAWS = 300

@@ -9,10 +9,10 @@ import torch
 from pyro import poutine
 
 from pyrodiff import DiffusionGuide, NoiseSchedule, bound_terms, samplers
-from pyrodiff.empirical import EmpiricalReverse
-from pyrodiff.forward import q_marginal
-from pyrodiff.gaussian import normal_log_prob
-from pyrodiff.traces import trace_terms
+from pyrodiff.chain.forward import q_marginal
+from pyrodiff.chain.gaussian import normal_log_prob
+from pyrodiff.chain.traces import trace_terms
+from pyrodiff.theory.empirical import EmpiricalReverse
 
 
 def _steep_schedule(T: int = 8) -> NoiseSchedule:

@@ -1,4 +1,4 @@
-"""The exactly solvable diffusion (pyrodiff.exact) against independent derivations.
+"""The exactly solvable diffusion (pyrodiff.theory.exact) against independent derivations.
 
 Brute force written here in numpy/scipy: every chain as an explicit linear map of standard normals
 (x_{0:T} = G z + h, for the reverse chain from its conditionals, for the forward chain from the recursion
@@ -20,7 +20,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.stats import multivariate_normal
 
 from pyrodiff import DiffusionGuide, DiffusionModel, MLPDenoiser, NoiseSchedule
-from pyrodiff import exact as E
+from pyrodiff.theory import exact as E
 from pyrodiff.testing import AffineDenoiser, LinearDenoiser, linear_elbo_terms, linear_reverse_coefficients, schedules
 
 PREDICTIONS = ("epsilon", "x0", "v")

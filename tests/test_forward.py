@@ -11,7 +11,7 @@ from scipy.stats import norm
 from torch.distributions import MultivariateNormal
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.forward import QForwardOrder, QPosteriorOrder, check_batch, q_marginal, q_posterior
+from pyrodiff.chain.forward import QForwardOrder, QPosteriorOrder, check_batch, q_marginal, q_posterior
 from pyrodiff.testing import data_batches, schedules
 
 

@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.stats import norm
 from torch.distributions import Normal, kl_divergence
 
-from pyrodiff.gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
+from pyrodiff.chain.gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
 
 finite = st.floats(-3, 3)
 positive = st.floats(0.05, 4.0)

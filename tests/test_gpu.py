@@ -6,11 +6,11 @@ import pytest
 import torch
 from test_train import TINY_2D, TINY_DIGITS
 
-from pyrodiff import training as train_module
-from pyrodiff.checkpoint import load_checkpoint
+from pyrodiff.training import loop as train_module
 from pyrodiff.cli import main
-from pyrodiff.distributed import World
-from pyrodiff.training import train
+from pyrodiff.training.checkpoint import load_checkpoint
+from pyrodiff.training.distributed import World
+from pyrodiff.training.loop import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -90,7 +90,7 @@ def test_the_graphed_sampler_equals_the_eager_one(sampler, options):
     graph: the samples are the eager ones (to CUDA's floating-point order).  That the steps read nothing on the host
     is tested on the CPU (tests/test_host_sync.py)."""
     from pyrodiff import samplers
-    from pyrodiff.spec import build
+    from pyrodiff.training.spec import build
 
     model = build(DIGITS).model.eval()
     model.network.cuda()

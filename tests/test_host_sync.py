@@ -13,9 +13,9 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from test_train import TINY_2D, TINY_DIGITS
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pyrodiff import training as train_module
-from pyrodiff.graphed import elbo_on_device
-from pyrodiff.spec import build
+from pyrodiff.training import loop as train_module
+from pyrodiff.training.graphed import elbo_on_device
+from pyrodiff.training.spec import build
 
 #: aten ops that read a tensor's value on the host: item/float/int/bool, data-dependent output shapes, comparisons
 #: answered on the host.  Boolean-mask indexing and tensors made from host data are recognised by their arguments.
@@ -34,7 +34,7 @@ _READING_OPS = {
 }
 #: Tensor methods that read values without an aten op on the CPU (they copy to the host on a GPU).
 _READING_METHODS = ("tolist", "numpy", "cpu")
-_PYRODIFF = str(Path(train_module.__file__).parent)
+_PYRODIFF = str(Path(train_module.__file__).parents[1])
 
 
 class HostReads(TorchDispatchMode):
@@ -136,7 +136,7 @@ def test_no_host_read_between_the_loops_reads_of_the_losses(tmp_path, monkeypatc
     spec = spec.with_changes({"training": {**options, "steps": 6, "log_every": 3, "checkpoint_every": 6}})
     steps, intervals = _steps_reads(host_reads, spec, tmp_path, monkeypatch)
     assert steps == [], "host reads in the training step:\n" + "\n".join(steps)
-    assert any("Tensor.tolist at pyrodiff/training.py" in r and "_read_losses" in r for r in intervals)
+    assert any("Tensor.tolist at pyrodiff/training/loop.py" in r and "_read_losses" in r for r in intervals)
 
 
 def test_the_recorder_sees_every_kind_of_host_read(host_reads):
@@ -224,7 +224,7 @@ def test_pyros_eager_elbo_reads_the_loss_on_the_host(estimator, reads, host_read
 def test_the_samplers_steps_read_nothing_on_the_host(host_reads, sampler, options):
     """The reverse steps of both samplers (eager, and the function a CUDA graph captures) only queue device work."""
     from pyrodiff import samplers
-    from pyrodiff.forward import InferenceFamily
+    from pyrodiff.chain.forward import InferenceFamily
 
     chain = build(TINY_DIGITS).model.eval().respaced(6)
     x_T = torch.randn((3,) + chain.data_shape)
@@ -253,4 +253,6 @@ def test_bound_terms_reads_the_host_once_after_all_its_chunks(host_reads):
     with host_reads, pyro.validation_enabled(False):
         bound_terms(model, built.data.test[:3], num_samples=2, chunk_size=2)
     host_reads.active = False
-    assert [_where(frames, line=False) for _, frames in host_reads.reads] == ["pyrodiff/bound.py _check_finite"]
+    assert [_where(frames, line=False) for _, frames in host_reads.reads] == [
+        "pyrodiff/evaluation/bound.py _check_finite"
+    ]

@@ -12,9 +12,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
-from pyrodiff.importance import ImportanceSampler
+from pyrodiff.chain.importance import ImportanceSampler
+from pyrodiff.chain.traces import drawn_terms
 from pyrodiff.testing import LinearDenoiser, linear_elbo_terms
-from pyrodiff.traces import drawn_terms
 
 T = 6
 SCHEDULE = NoiseSchedule.linear(T, 0.05, 0.4)

@@ -8,7 +8,7 @@ from pyro import poutine
 from torch.distributions import kl_divergence
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
+from pyrodiff.chain.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
 from pyrodiff.testing import linear_case
 
 T = 5

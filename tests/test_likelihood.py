@@ -1,4 +1,4 @@
-r"""The importance-weighted bound (pyrodiff.likelihood) against exact likelihoods.
+r"""The importance-weighted bound (pyrodiff.evaluation.likelihood) against exact likelihoods.
 
 The oracle: for a model whose reverse chain is linear-Gaussian, :math:`x_{t-1} = c_t x_t + d_t + \sigma_t z`
 with :math:`x_T \sim N(0, 1)` (per dimension; the dimensions are independent), :math:`x_{0:T}` is jointly
@@ -29,7 +29,7 @@ from hypothesis.extra.numpy import arrays
 from pyro.infer import RenyiELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
-from pyrodiff.likelihood import (
+from pyrodiff.evaluation.likelihood import (
     MIN_PARTICLES_FOR_KHAT,
     LikelihoodBound,
     default_chunk_size,

@@ -7,8 +7,8 @@ from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
-from pyrodiff.loop import loop_guide, loop_model
 from pyrodiff.testing import LinearDenoiser
+from pyrodiff.theory.unrolled import loop_guide, loop_model
 
 
 @pytest.mark.parametrize("order, eta", [("posterior", 1.0), ("forward", 1.0), ("posterior", 0.4)])

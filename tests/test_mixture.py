@@ -1,4 +1,4 @@
-"""Gaussian-mixture data, its exact reverse process and the moment-matched bound (pyrodiff.mixture).
+"""Gaussian-mixture data, its exact reverse process and the moment-matched bound (pyrodiff.theory.mixture).
 
 Every closed form is held to an independent derivation in float64 numpy: Bayes' rule on a fine grid (1-D and
 2-D), explicit (B, K, D) sums, the marginal variance by its recursion P_t = alpha_t P_{t-1} + beta_t, the
@@ -18,12 +18,12 @@ from hypothesis.extra.numpy import arrays
 from scipy.special import logsumexp
 
 from pyrodiff import NoiseSchedule
-from pyrodiff import mixture as mixture_module
+from pyrodiff.theory import mixture as mixture_module
+from pyrodiff.chain.forward import q_posterior
+from pyrodiff.chain.gaussian import normal_log_prob
 from pyrodiff.data import GAUSSIANS8_ENTROPY
-from pyrodiff.forward import q_posterior
-from pyrodiff.gaussian import normal_log_prob
-from pyrodiff.mixture import IsotropicGaussianMixture, moment_matched_bound, reverse_coefficients
 from pyrodiff.testing import schedules
+from pyrodiff.theory.mixture import IsotropicGaussianMixture, moment_matched_bound, reverse_coefficients
 
 Z = 4.5  # standard errors allowed to a seeded Monte Carlo estimate
 

@@ -6,7 +6,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, objective_weights, reweight
-from pyrodiff.objectives import Objective, parse_objective
+from pyrodiff.chain.objectives import Objective, parse_objective
 from pyrodiff.testing import LinearDenoiser
 
 

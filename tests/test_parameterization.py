@@ -12,7 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pyrodiff.parameterization import (
+from pyrodiff.chain.parameterization import (
     TARGETS,
     VARIANCES,
     eps_to_x0,
@@ -22,7 +22,7 @@ from pyrodiff.parameterization import (
     v_to_x0,
     x0_to_eps,
 )
-from pyrodiff.schedule import NoiseSchedule
+from pyrodiff.chain.schedule import NoiseSchedule
 from pyrodiff.testing import schedules
 
 values = arrays(np.float64, 5, elements=st.floats(-3, 3))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pyrodiff import NoiseSchedule
-from pyrodiff.forward import QPosteriorOrder
-from pyrodiff.path import is_last_row, path_timesteps
+from pyrodiff.chain.forward import QPosteriorOrder
+from pyrodiff.chain.path import is_last_row, path_timesteps
 
 
 def test_path_timesteps_number_the_rows_from_one():

@@ -16,7 +16,7 @@ import torch
 from scipy.special import ndtr
 
 from pyrodiff import DiffusionModel, NoiseSchedule
-from pyrodiff.bound import bound_terms
+from pyrodiff.evaluation.bound import bound_terms
 from pyrodiff.testing import LinearDenoiser
 
 

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pyrodiff.bound import BoundTerms
-from pyrodiff.decoders import DiscretizedDecoder, GaussianDecoder
-from pyrodiff.report import REPORT_FILES, progressive_rate_distortion, summarise, summary_markdown, write_report
+from pyrodiff.chain.decoders import DiscretizedDecoder, GaussianDecoder
+from pyrodiff.evaluation.bound import BoundTerms
+from pyrodiff.evaluation.report import (
+    REPORT_FILES,
+    progressive_rate_distortion,
+    summarise,
+    summary_markdown,
+    write_report,
+)
 
 T, N, S, D = 12, 5, 2, 3
 MODEL = {"prediction": "v", "variance": "large", "decoder": "x", "levels": None, "schedule": {"kind": "cosine"}}
@@ -124,11 +130,11 @@ def test_an_existing_report_is_never_replaced_silently(tmp_path):
 def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
     """``pyrodiff report`` end to end: the written bound is the decomposition of the checkpoint's EMA model
     on the first examples of the split, with the model's choices and the split recorded."""
-    from pyrodiff.bound import bound_terms
-    from pyrodiff.report import report_checkpoint
-    from pyrodiff.spec import Spec
-    from pyrodiff.trained import load_trained
-    from pyrodiff.training import train
+    from pyrodiff.evaluation.bound import bound_terms
+    from pyrodiff.evaluation.report import report_checkpoint
+    from pyrodiff.training.loop import train
+    from pyrodiff.training.spec import Spec
+    from pyrodiff.training.trained import load_trained
 
     spec = Spec.from_dict(
         {

@@ -9,7 +9,7 @@ from pyro.infer import Predictive, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
 from pyrodiff import DiffusionGuide, DiffusionModel, MLPDenoiser, NoiseSchedule, UNet
-from pyrodiff.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
+from pyrodiff.chain.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
 from pyrodiff.testing import LinearDenoiser
 
 

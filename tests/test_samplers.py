@@ -6,7 +6,7 @@ import torch
 from pyro import poutine
 
 from pyrodiff import DiffusionModel, NoiseSchedule, samplers
-from pyrodiff.decoders import check_levels_grid
+from pyrodiff.chain.decoders import check_levels_grid
 from pyrodiff.testing import LinearDenoiser, linear_reverse_coefficients
 
 T = 5
@@ -146,7 +146,7 @@ def _long_model(prediction="epsilon", variance="small", seed=6):
 def test_a_respaced_model_has_the_exact_bound_of_its_chain(prediction, float64):
     """The respaced model is the linear model (a, b) at the kept steps on the respaced schedule, so its terms
     are linear_elbo_terms of that: bound_terms must agree within 4.5 standard errors."""
-    from pyrodiff.bound import bound_terms
+    from pyrodiff.evaluation.bound import bound_terms
     from pyrodiff.testing import linear_elbo_terms
 
     model, a, b = _long_model(prediction)

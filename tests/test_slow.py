@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_train import TINY_2D
 
-from pyrodiff.checkpoint import load_checkpoint
-from pyrodiff.training import train
+from pyrodiff.training.checkpoint import load_checkpoint
+from pyrodiff.training.loop import train
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyrodiff.spec import Spec, SpecError, build, find_spec, load_spec, spec_folders
+from pyrodiff.training.spec import Spec, SpecError, build, find_spec, load_spec, spec_folders
 
 MODELS = Path(__file__).parents[1] / "models"
 TINY = {

@@ -6,7 +6,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.timesteps import TimestepSubsample, TimestepWeighting, check_subsample_steps, step_scale
+from pyrodiff.chain.timesteps import TimestepSubsample, TimestepWeighting, check_subsample_steps, step_scale
 
 
 def test_pyro_still_recognises_and_prunes_the_timestep_site():

@@ -9,10 +9,10 @@ from pyro.infer import Trace_ELBO
 from scipy.stats import norm
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.forward import q_posterior
-from pyrodiff.loop import loop_guide, loop_model
+from pyrodiff.chain.forward import q_posterior
+from pyrodiff.chain.traces import drawn_terms, trace_terms
 from pyrodiff.testing import linear_case
-from pyrodiff.traces import drawn_terms, trace_terms
+from pyrodiff.theory.unrolled import loop_guide, loop_model
 
 T = 5
 SCHEDULE = NoiseSchedule.linear(T, 0.05, 0.3)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyrodiff import training as train_module
-from pyrodiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pyrodiff.spec import Spec, SpecError
-from pyrodiff.training import TrainingError, TrainingInterrupted, train
+from pyrodiff.training import loop as train_module
+from pyrodiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyrodiff.training.loop import TrainingError, TrainingInterrupted, train
+from pyrodiff.training.spec import Spec, SpecError
 
 TINY_2D = Spec.from_dict(
     {
@@ -279,7 +279,7 @@ def test_the_ema_is_torchs_averaged_model_and_reads_its_checkpoints():
     interchangeable both ways (old checkpoints load, and ``load_trained`` reads new ones with AveragedModel)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from pyrodiff.ema import ExponentialMovingAverage
+    from pyrodiff.training.ema import ExponentialMovingAverage
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
@@ -309,7 +309,7 @@ def test_the_ema_is_torchs_averaged_model_and_reads_its_checkpoints():
 def test_a_resumed_optimiser_keeps_this_runs_implementation():
     """A checkpoint's optimiser state (written on the CPU with foreach, or without the graph) loads into an optimiser
     that must stay capturable for a CUDA graph: the run's flags win, the moments and step are the checkpoint's."""
-    from pyrodiff.training import _with_implementation
+    from pyrodiff.training.loop import _with_implementation
 
     p = [torch.nn.Parameter(torch.randn(3))]
     saved = torch.optim.AdamW(p, foreach=True)

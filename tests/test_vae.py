@@ -1,4 +1,4 @@
-"""The learned-encoder VAE (pyrodiff.vae): its bound against an exact oracle, its Pyro programs under SVI,
+"""The learned-encoder VAE (pyrodiff.theory.vae): its bound against an exact oracle, its Pyro programs under SVI,
 training, checkpoints and input checks.
 
 The oracle: with both networks affine (depth 0), a constant encoder scale s and decoder scale sigma,
@@ -21,11 +21,9 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from scipy import integrate
 from scipy.stats import norm
 
-from pyrodiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyrodiff.chain.decoders import DiscretizedGaussian
 from pyrodiff.data import load_dataset
-from pyrodiff.decoders import DiscretizedGaussian
-from pyrodiff.spec import load_spec
-from pyrodiff.vae import (
+from pyrodiff.theory.vae import (
     DECODER_MIN_SCALE,
     ENCODER_MIN_SCALE,
     VAE,
@@ -35,6 +33,8 @@ from pyrodiff.vae import (
     save_vae,
     train_vae,
 )
+from pyrodiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyrodiff.training.spec import load_spec
 
 F64 = torch.float64
 

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .analytic import analytic_variance
+from ..chain.analytic import analytic_variance
+from ..chain.forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
+from ..chain.reverse import DiffusionModel
+from ..training.trained import load_trained
 from .bound import BoundTerms, bound_terms, nats_to_bits_per_dim
-from .forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
-from .reverse import DiffusionModel
-from .trained import load_trained
 
 __all__ = ["write_report", "summarise", "progressive_rate_distortion", "report_checkpoint", "REPORT_FILES"]
 
@@ -72,7 +72,7 @@ def progressive_rate_distortion(terms: BoundTerms) -> tuple[np.ndarray, np.ndarr
 def summarise(terms: BoundTerms, meta: dict | None = None, log_q: torch.Tensor | None = None) -> dict:
     r"""The content of ``bound.json`` (and of training's ``test_bound.json``): ``meta`` (name, split, ...),
     the model's choices, and every term; with the exact data log-density ``log_q`` of each example, also the
-    bound on :math:`\mathrm{KL}(q(x_0) \,\|\, p_\theta(x_0))` (:meth:`~pyrodiff.bound.BoundTerms.kl_bound`)."""
+    bound on :math:`\mathrm{KL}(q(x_0) \,\|\, p_\theta(x_0))` (:meth:`~pyrodiff.evaluation.bound.BoundTerms.kl_bound`)."""
     mean, stderr = terms.mean().double().cpu().numpy(), terms.stderr().double().cpu().numpy()
     mcse, ess = _arviz_stats(terms)
     total, total_stderr = float(mean.sum()), terms.total_stderr()
@@ -259,10 +259,10 @@ def report_checkpoint(
 ) -> tuple[dict, Path]:
     r"""Decompose the bound of a checkpoint's EMA model on a data split and write the report
     (default folder: ``report-SPLIT`` beside the checkpoint).  With ``steps`` = K, the bound of the respaced
-    K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`).  ``variance`` replaces the model's reverse variance:
+    K-step chain (:meth:`~pyrodiff.chain.reverse.DiffusionModel.respaced`).  ``variance`` replaces the model's reverse variance:
     ``"small"`` or ``"large"``, or ``"analytic"`` for Analytic-DPM's optimal variances for the trained mean
-    (:func:`~pyrodiff.analytic.analytic_variance`, estimated on the first ``analytic_examples`` training examples).
-    ``eta`` in (0, 1] scores DDIM's generative process with that eta (:meth:`~pyrodiff.reverse.DiffusionModel.ddim`)
+    (:func:`~pyrodiff.chain.analytic.analytic_variance`, estimated on the first ``analytic_examples`` training examples).
+    ``eta`` in (0, 1] scores DDIM's generative process with that eta (:meth:`~pyrodiff.chain.reverse.DiffusionModel.ddim`)
     against its inference family :math:`q_\sigma`; eta = 0 has no bound and is refused.
     Returns the summary and the folder."""
     if split not in ("test", "train"):

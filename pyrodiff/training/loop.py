@@ -8,12 +8,12 @@ timesteps, bf16 autocast around the network only (log-densities stay float32), `
 the network.
 
 A step never waits for the device: the loss, the gradient, the optimiser, the EMA and the importance
-sampler's statistics stay on it (Pyro's ELBO through :func:`~pyrodiff.graphed.elbo_on_device`), and the host
+sampler's statistics stay on it (Pyro's ELBO through :func:`~pyrodiff.training.graphed.elbo_on_device`), and the host
 reads the losses every ``log_every`` steps (for the progress bar and ``losses.csv``) and at checkpoints.  A
 non-finite loss is therefore found at the first read after it, up to ``log_every - 1`` steps later: training
 stops there, naming the step whose loss was non-finite (every loss is kept), and its weights, spoiled by that
 step, are never saved.  On a CUDA device, with one process, one micro-batch, no ``torch.compile`` and
-``graph`` on (the default), the step is captured once as a CUDA graph (:class:`~pyrodiff.graphed.GraphedStep`)
+``graph`` on (the default), the step is captured once as a CUDA graph (:class:`~pyrodiff.cuda_graph.GraphedStep`)
 after three eager steps, and replayed; the learning-rate schedule writes the rate into a device tensor the
 graph reads.
 
@@ -48,17 +48,18 @@ from pyro import poutine
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .bound import bound_terms
+from ..chain.importance import ImportanceSampler
+from ..chain.objectives import objective_weights, reweight
+from ..chain.traces import drawn_terms
+from ..cuda_graph import GraphedStep
+from ..evaluation.bound import bound_terms
+from ..evaluation.plots import save_samples_figure
+from ..evaluation.report import summarise
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .distributed import RandomStreams, World, init_world
 from .ema import ExponentialMovingAverage
-from .graphed import GraphedStep, elbo_on_device
-from .importance import ImportanceSampler
-from .objectives import objective_weights, reweight
-from .plots import save_samples_figure
-from .report import summarise
+from .graphed import elbo_on_device
 from .spec import ESTIMATORS, Spec, as_spec, build
-from .traces import drawn_terms
 
 __all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_KEYS", "HYPERPARAMETERS"]
 
@@ -89,7 +90,7 @@ class TrainingInterrupted(TrainingError):
 @dataclass
 class TrainResult:
     """What a finished run wrote: the checkpoint, the samples' picture, the test-set bound
-    (:func:`~pyrodiff.report.summarise`'s schema), the number of steps and this run's training time."""
+    (:func:`~pyrodiff.evaluation.report.summarise`'s schema), the number of steps and this run's training time."""
 
     checkpoint: Path
     samples: Path
@@ -112,7 +113,7 @@ def train(
 ) -> TrainResult | None:
     """Train the model of ``spec``, writing ``checkpoint.pt``, ``losses.csv``, ``test_bound.json`` and
     ``samples.png`` to ``out_dir``.  The test-set bound is the exact decomposition of
-    :func:`~pyrodiff.bound.bound_terms` (every term, one draw of the noisy inputs) on the first
+    :func:`~pyrodiff.evaluation.bound.bound_terms` (every term, one draw of the noisy inputs) on the first
     ``eval_examples`` test examples.  ``steps`` and ``seed`` override the specification's.
 
     ``resume`` continues the checkpoint in ``out_dir`` exactly; its specification must be this one up to
@@ -120,7 +121,7 @@ def train(
     take effect from the next step).  Raises :class:`TrainingInterrupted` after saving on SIGINT.
 
     Under ``torchrun`` every process trains its slice of each global batch (see
-    :mod:`pyrodiff.distributed`); rank 0 writes the files and gets the result, the others ``None``."""
+    :mod:`pyrodiff.training.distributed`); rank 0 writes the files and gets the result, the others ``None``."""
     spec = as_spec(spec)
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
     if overrides:

@@ -10,7 +10,7 @@ The guide has no parameters.  It exposes the same sample sites in both of its or
 - subsampled (``subsample_steps=k``): the per-example timesteps ``"t"`` (a subsample site,
   shared with the model and pruned from the ELBO like a plate's subsample), ``"x_T"``, and inside
   the plate ``steps`` (dim -2, size k) the pair ``"x_t"``, ``"x_{t-1}"``
-  (see :mod:`pyrodiff.timesteps`).
+  (see :mod:`pyrodiff.chain.timesteps`).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class QPosteriorOrder(_QPath):
 
 class ForwardTransition(dist.Normal):
     r"""A Normal used for the forward-order guide's sites, so that ``TraceMeanField_ELBO`` (which
-    would be biased on them) is refused with a clear error instead of a warning (:mod:`pyrodiff.kl`)."""
+    would be biased on them) is refused with a clear error instead of a warning (:mod:`pyrodiff.chain.kl`)."""
 
 
 class DiffusionGuide:
@@ -278,11 +278,11 @@ class DiffusionGuide:
         ``TraceMeanField_ELBO``.
     :param eta: the member of Song et al.'s inference family (:class:`InferenceFamily`): 1 (default) is DDPM's
         forward chain; eta in (0, 1) the non-Markovian :math:`q_\sigma` of DDIM, with the same marginals and
-        sites (posterior order only), the guide of :meth:`DiffusionModel.ddim(eta) <pyrodiff.reverse.DiffusionModel.ddim>`.
+        sites (posterior order only), the guide of :meth:`DiffusionModel.ddim(eta) <pyrodiff.chain.reverse.DiffusionModel.ddim>`.
         eta = 0 is refused: that :math:`q_\sigma` is deterministic given :math:`x_0, x_T` and has no density.
 
     Called as ``guide(x0, subsample_steps=None)``, with the same arguments as
-    :class:`~pyrodiff.reverse.DiffusionModel`.
+    :class:`~pyrodiff.chain.reverse.DiffusionModel`.
     """
 
     def __init__(self, schedule: NoiseSchedule, order: str = "posterior", eta: float = 1.0) -> None:

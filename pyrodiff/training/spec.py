@@ -37,15 +37,15 @@ else:  # pragma: no cover
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from .data import DATASETS, Dataset, load_dataset
-from .decoders import parse_decoder
-from .forward import DiffusionGuide
-from .networks import MLPDenoiser, UNet
-from .objectives import Objective
-from .parameterization import parse_target, parse_variance
-from .reverse import DiffusionModel
-from .schedule import NoiseSchedule
-from .timesteps import check_subsample_steps
+from ..chain.decoders import parse_decoder
+from ..chain.forward import DiffusionGuide
+from ..chain.objectives import Objective
+from ..chain.parameterization import parse_target, parse_variance
+from ..chain.reverse import DiffusionModel
+from ..chain.schedule import NoiseSchedule
+from ..chain.timesteps import check_subsample_steps
+from ..data import DATASETS, Dataset, load_dataset
+from ..networks import MLPDenoiser, UNet
 
 __all__ = [
     "Spec",
@@ -374,7 +374,7 @@ class TrainingSpec:
     """``[training]``: the optimiser (AdamW, linear warm-up, clipping, EMA of the weights), the objective
     and its estimator, and the run.  ``subsample_steps`` None is the full chain (``"all"`` in TOML).
     ``graph``: on a CUDA device, capture the whole step as a CUDA graph (where the run allows it, see
-    :mod:`pyrodiff.training`); ``log_every``: how many steps pass between the host's reads of the losses."""
+    :mod:`pyrodiff.training.loop`); ``log_every``: how many steps pass between the host's reads of the losses."""
 
     steps: int = 2000
     batch_size: int = 128
@@ -565,7 +565,7 @@ def as_spec(spec: Spec | Mapping, source: str = "the specification") -> Spec:
 def spec_folders() -> list[Path]:
     """Where bundled specifications are looked up by name: the repository's ``models/`` beside the package
     source (an editable install, a checkout), then the installed data ``share/pyrodiff/models``."""
-    return [Path(__file__).resolve().parent.parent / "models", Path(sys.prefix) / "share" / "pyrodiff" / "models"]
+    return [Path(__file__).resolve().parents[2] / "models", Path(sys.prefix) / "share" / "pyrodiff" / "models"]
 
 
 def find_spec(name_or_path: str | Path) -> Path:

@@ -14,7 +14,7 @@ answer in numbers in what sense training a diffusion model is maximum likelihood
 
 .. math:: H(q_0) + \mathrm{KL}(q_0 \,\|\, p_0) = E_q[-\log p(x_0)] \le E_q[-\mathrm{ELBO}] = H(q_0) + \mathrm{KL}(q_{0:T} \,\|\, p_{0:T}).
 
-A :class:`~pyrodiff.reverse.DiffusionModel` is such a chain when its network is affine in :math:`x_t` (e.g.
+A :class:`~pyrodiff.chain.reverse.DiffusionModel` is such a chain when its network is affine in :math:`x_t` (e.g.
 :class:`pyrodiff.testing.LinearDenoiser`, :class:`pyrodiff.testing.AffineDenoiser`), its variances are fixed
 ("small" or "large") and its decoder is Gaussian; :func:`reverse_chain` reads it as one (with
 :math:`\mu_p = 0`, :math:`\Sigma_p = I`, :math:`\Sigma_t = \sigma_t^2 I`).  :func:`true_reverse` is the exact reverse
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from .forward import check_batch
-from .parameterization import parse_variance
-from .reverse import DiffusionModel
-from .schedule import NoiseSchedule
+from ..chain.forward import check_batch
+from ..chain.parameterization import parse_variance
+from ..chain.reverse import DiffusionModel
+from ..chain.schedule import NoiseSchedule
 
 __all__ = [
     "GaussianReverseChain",

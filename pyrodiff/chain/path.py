@@ -3,7 +3,7 @@ r"""Laws of a whole path :math:`x_{1:T}` as one distribution, the shared shape o
 The full chain is one Pyro sample site ``"x_{1:T}"`` inside the plates ``time`` (dim -2, size T) and
 ``data`` (dim -1, size N): its value has shape ``(T, N, *D)``, row k - 1 holding :math:`x_k`, and its
 ``log_prob`` has shape ``(T, N)``, one log-density per variable.  The forward chain's two orders
-(:mod:`pyrodiff.forward`) and the reverse chain (:mod:`pyrodiff.reverse`) are such laws.
+(:mod:`pyrodiff.chain.forward`) and the reverse chain (:mod:`pyrodiff.chain.reverse`) are such laws.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ class NoiseSchedule:
     def cached(self, name: str, compute, device: torch.device | str, dtype: torch.dtype):
         """``compute(self)`` (a float64 table, or a namespace of them) cast to ``device`` and ``dtype`` once and
         cached under ``name``: how other modules keep their own per-timestep tables of this schedule on
-        the device (e.g. the fixed reverse variances of :mod:`pyrodiff.parameterization`)."""
+        the device (e.g. the fixed reverse variances of :mod:`pyrodiff.chain.parameterization`)."""
         key = (name, torch.device(device), dtype)
         if key not in self._cache:
             value = compute(self)

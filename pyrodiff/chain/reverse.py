@@ -1,7 +1,7 @@
 r"""The reverse (denoising) chain :math:`p_\theta(x_{0:T})` as a Pyro model.
 
 :math:`p(x_T) = N(0, I)`; for t >= 2, :math:`p_\theta(x_{t-1} \mid x_t) = N(\mu_\theta(x_t, t), \sigma_t^2 I)`;
-the decoder :math:`p_\theta(x_0 \mid x_1)` scores the data (:mod:`pyrodiff.decoders`).  The variance
+the decoder :math:`p_\theta(x_0 \mid x_1)` scores the data (:mod:`pyrodiff.chain.decoders`).  The variance
 :math:`\sigma_t^2` is fixed, "small" :math:`\tilde\beta_t` or "large" :math:`\beta_t` (MATH.md), or "learned" as
 Nichol & Dhariwal (2021, eq. 15) learn it, per dimension, interpolating in the log domain between the two:
 
@@ -11,10 +11,10 @@ with :math:`v_\theta` the second half of the network's output channels and :math
 :math:`\tilde\beta_2` (improved-diffusion's ``learned_range``).  At t = 1 the range is
 :math:`[\tilde\beta_2, \beta_1]`: on continuous data the decoder's best variance is near :math:`\beta_1`, above
 the fixed choices' :math:`\tilde\beta_2`.  The network's output is turned into :math:`\hat x_0` by what it predicts (:math:`\epsilon`, :math:`x_0` or
-:math:`v`; :mod:`pyrodiff.parameterization`) and :math:`\mu_\theta = \tilde\mu_t(\hat x_0, x_t)`, the posterior
+:math:`v`; :mod:`pyrodiff.chain.parameterization`) and :math:`\mu_\theta = \tilde\mu_t(\hat x_0, x_t)`, the posterior
 mean at the prediction (for :math:`\epsilon` this is Ho et al. 2020, eq. 11).
 
-The model has the sites of :class:`~pyrodiff.forward.DiffusionGuide` plus the observed ``"x_0"``.
+The model has the sites of :class:`~pyrodiff.chain.forward.DiffusionGuide` plus the observed ``"x_0"``.
 The full chain is scored with one batched network call over all T timesteps; called without data it
 runs DDPM's ancestral sampler (:func:`pyrodiff.samplers.ancestral`), T sequential calls.
 """
@@ -47,8 +47,8 @@ class ReverseStep(Protocol):
     r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of rows, as a reverse chain gives it
     (:meth:`ReverseChain.predict`); at rows with t = 1 the variable is :math:`x_0` and the law is the
     decoder's.  :class:`Prediction` is the Gaussian step of a network; the exact reverse process of a
-    data set (:class:`~pyrodiff.empirical.EmpiricalReverse`) gives a mixture.  What every consumer
-    (the Pyro program, :func:`~pyrodiff.bound.bound_terms`, the samplers) uses:"""
+    data set (:class:`~pyrodiff.theory.empirical.EmpiricalReverse`) gives a mixture.  What every consumer
+    (the Pyro program, :func:`~pyrodiff.evaluation.bound.bound_terms`, the samplers) uses:"""
 
     #: :math:`E[x_{t-1} \mid x_t]` (at t = 1 the decoder's mean)
     mean: torch.Tensor
@@ -131,7 +131,7 @@ class ReverseChain(nn.Module):
     :math:`p(x_T) = N(0, I)`: the program (its sites, the call signature, sampling, the data checks) shared by
     every reverse chain.  A subclass says what the law of :math:`x_{t-1}` given :math:`x_t` is
     (:meth:`predict`, a :class:`ReverseStep`): :class:`DiffusionModel` from a network,
-    :class:`~pyrodiff.empirical.EmpiricalReverse` exactly, from a data set.
+    :class:`~pyrodiff.theory.empirical.EmpiricalReverse` exactly, from a data set.
 
     Called as ``model(x0, subsample_steps=None)``, as the guide is.  ``model(None, batch_size=n)``
     draws n samples ancestrally (also through ``pyro.infer.Predictive``).
@@ -268,15 +268,15 @@ class DiffusionModel(ReverseChain):
         for learned variances ``(B, 2 D_0, D_1, ...)``: the prediction, then :math:`v_\theta`, along dim 1.
     :param schedule: the noise schedule (T >= 2).
     :param prediction: what the network predicts: ``"epsilon"``, ``"x0"`` or ``"v"`` (or a
-        :class:`~pyrodiff.parameterization.Target`).
+        :class:`~pyrodiff.chain.parameterization.Target`).
     :param variance: ``"small"`` (:math:`\tilde\beta_t`), ``"large"`` (:math:`\beta_t`) or ``"learned"``
-        (train it with the bound, ``objective="elbo"``), or a :class:`~pyrodiff.parameterization.ReverseVariance`.
+        (train it with the bound, ``objective="elbo"``), or a :class:`~pyrodiff.chain.parameterization.ReverseVariance`.
     :param decoder: ``"gaussian"`` (continuous data) or ``"discretized"`` (data on a grid of
-        ``levels`` values in [-1, 1]), or a :class:`~pyrodiff.decoders.Decoder`.
+        ``levels`` values in [-1, 1]), or a :class:`~pyrodiff.chain.decoders.Decoder`.
     :param levels: number of levels of the discretized decoder (256 for 8-bit images).
     :param data_shape: shape ``D`` of one example; learnt from the first batch scored without error if
         omitted; needed to sample.
-    :param family: the inference family (:class:`~pyrodiff.forward.InferenceFamily`) whose posterior at
+    :param family: the inference family (:class:`~pyrodiff.chain.forward.InferenceFamily`) whose posterior at
         :math:`\hat x_0` is the mean, :math:`\mu_\theta = E_{q}[x_{t-1} \mid x_t, \hat x_0]`: DDPM's (default) or,
         through :meth:`ddim`, DDIM's.
 
@@ -356,7 +356,7 @@ class DiffusionModel(ReverseChain):
         r"""DDIM's generative process (Song et al. 2021, eq. 12) for this network, on this (possibly respaced)
         chain: :math:`p_\theta(x_{t-1} \mid x_t) = q_\sigma(x_{t-1} \mid x_t, \hat x_0(x_t))`, the family's
         posterior at the prediction, with :math:`\sigma_t^2 = \eta^2\tilde\beta_t`
-        (:class:`~pyrodiff.parameterization.DDIMVariance`; the decoder at t = 1 is this model's).  Its guide is
+        (:class:`~pyrodiff.chain.parameterization.DDIMVariance`; the decoder at t = 1 is this model's).  Its guide is
         ``DiffusionGuide(schedule, eta=eta)``, and ``bound_terms`` gives its exact bound for eta in (0, 1]; ancestral
         sampling of it is :func:`pyrodiff.samplers.ddim`.  With eta = 0 the steps are deterministic: the model samples
         but has no bound (scoring data is refused).  eta = 1 is this network's DDPM chain with the "small" variance."""
@@ -435,7 +435,7 @@ class PTheta(PathDistribution):
     The steps along a path (:meth:`ReverseChain.predict`, one batched network call for a
     :class:`DiffusionModel`) are computed once and kept for that path, so that the decoder (the step at
     :math:`x_1`), ``log_prob`` and the analytic KL to the posterior-order guide (``TraceMeanField_ELBO``,
-    :mod:`pyrodiff.kl`) share them.  ``sample`` is the ancestral sampler.
+    :mod:`pyrodiff.chain.kl`) share them.  ``sample`` is the ancestral sampler.
     """
 
     has_rsample = False

@@ -25,7 +25,7 @@ class ImportanceSampler:
 
     Use it as a handler on model and guide alike, ``sampler(model)``, ``sampler(guide)``, with
     ``subsample_steps`` given; feed it the drawn terms with :meth:`update`
-    (:func:`pyrodiff.traces.drawn_terms` reads them off the traces; ``pyrodiff train`` does this).
+    (:func:`pyrodiff.chain.traces.drawn_terms` reads them off the traces; ``pyrodiff train`` does this).
     """
 
     def __init__(

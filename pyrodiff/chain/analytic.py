@@ -9,7 +9,7 @@ reverse step that maximises the bound has a closed form in :math:`\Gamma_t = E_{
 clipped to the interval their Theorem 2 proves it lies in, :math:`[\tilde\beta_t, \tilde\beta_t + (\cdot)^2] = [\tilde\beta_t, \beta_t/\alpha_t]`
 (the upper end: :math:`(\cdot)^2 = \beta_t^2 / (\alpha_t (1 - \bar\alpha_t))`, and :math:`\tilde\beta_t + \beta_t^2/(\alpha_t(1 - \bar\alpha_t)) = \beta_t/\alpha_t`).
 With the optimal mean (:math:`\hat\epsilon = E[\epsilon \mid x_t]`) and the exact :math:`\Gamma_t` it is the true reverse
-conditional's variance :math:`E\,\mathrm{Var}[x_{t-1} \mid x_t] / D` (tested against :mod:`pyrodiff.exact`); with a trained
+conditional's variance :math:`E\,\mathrm{Var}[x_{t-1} \mid x_t] / D` (tested against :mod:`pyrodiff.theory.exact`); with a trained
 mean it is Analytic-DPM's plug-in estimate.  :math:`\Gamma_t` is a Monte Carlo average over training data.  At t = 1 the decoder keeps the
 model's convention (:math:`\tilde\beta_2`).  The same holds for any respaced chain, with its own betas.
 """

@@ -1,5 +1,5 @@
 r"""Models trained elsewhere: a noise network of diffusers, improved-diffusion or denoising-diffusion-pytorch with
-its scheduler's settings, as a :class:`~pyrodiff.reverse.DiffusionModel` whose bound pyrodiff reports
+its scheduler's settings, as a :class:`~pyrodiff.chain.reverse.DiffusionModel` whose bound pyrodiff reports
 (``analysis/external_bound.py``).
 
 What differs from pyrodiff's conventions (``docs/MATH.md``, sections 1-4), and how it is mapped:
@@ -12,7 +12,7 @@ What differs from pyrodiff's conventions (``docs/MATH.md``, sections 1-4), and h
 - **Output.** A tensor, or an object whose ``.sample`` is one (diffusers' ``UNet2DOutput``).
 - **Prediction** (``prediction_type``, :data:`PREDICTION_TYPES`): ``"epsilon"``, ``"sample"`` and
   ``"v_prediction"`` are pyrodiff's ``"epsilon"``, ``"x0"`` and ``"v"``: ``DDPMScheduler.step`` forms
-  ``pred_original_sample`` with the formulas of :mod:`pyrodiff.parameterization` and its mean is the posterior mean
+  ``pred_original_sample`` with the formulas of :mod:`pyrodiff.chain.parameterization` and its mean is the posterior mean
   at it, :math:`\tilde\mu_t(\hat x_0, x_t)` (Ho et al. 2020, eq. 7), as pyrodiff's.
 - **Variance** (``variance_type``, :data:`VARIANCE_TYPES`): ``"fixed_small"`` is :math:`\tilde\beta_t`
   (``"fixed_small_log"`` draws with :math:`\exp(\tfrac12 \log\tilde\beta_t)`, the same law), ``"fixed_large"`` is
@@ -22,7 +22,7 @@ What differs from pyrodiff's conventions (``docs/MATH.md``, sections 1-4), and h
   t >= 2, checked against ``DDPMScheduler.step`` by ``tests/test_adapters.py``.  At t = 1 (diffusers' t = 0)
   diffusers clamps :math:`\tilde\beta_1 = 0` to 1e-20 where improved-diffusion and pyrodiff use :math:`\tilde\beta_2`;
   diffusers never uses that variance (its sampler adds no noise at the last step) and defines no decoder
-  :math:`p(x_0 \mid x_1)`, so the bound uses pyrodiff's (:mod:`pyrodiff.decoders`), with variance
+  :math:`p(x_0 \mid x_1)`, so the bound uses pyrodiff's (:mod:`pyrodiff.chain.decoders`), with variance
   :math:`\tilde\beta_2` (fixed variances) or :math:`\exp(f\log\beta_1 + (1 - f)\log\tilde\beta_2)` (learned).
   Refused: ``"learned"`` (the output read as the variance itself) and ``"fixed_large_log"`` (whose ``step`` takes the
   square root of :math:`\log\beta_t`): pyrodiff has no such reverse step.
@@ -57,10 +57,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .decoders import Decoder
-from .parameterization import ReverseVariance, parse_variance
-from .reverse import DiffusionModel
-from .schedule import NoiseSchedule
+from ..chain.decoders import Decoder
+from ..chain.parameterization import ReverseVariance, parse_variance
+from ..chain.reverse import DiffusionModel
+from ..chain.schedule import NoiseSchedule
 
 __all__ = [
     "ZeroIndexedNetwork",

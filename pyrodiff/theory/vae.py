@@ -6,7 +6,7 @@ grid of ``levels`` grey levels in [-1, 1]) and a latent :math:`z \in \mathbb{R}^
 
 - prior :math:`p(z) = N(0, I_{d_z})`;
 - decoder :math:`p_\theta(x \mid z) = \prod_d \mathrm{DG}(x_d;\ \mu_{\theta,d}(z), \sigma_{\theta,d}(z))`, the *same*
-  discretized Gaussian (Ho et al. 2020, eq. 13; :class:`~pyrodiff.decoders.DiscretizedGaussian`) that scores
+  discretized Gaussian (Ho et al. 2020, eq. 13; :class:`~pyrodiff.chain.decoders.DiscretizedGaussian`) that scores
   the data in the diffusion model, with mean and scale per pixel from the decoder network;
 - encoder :math:`q_\phi(z \mid x) = N(m_\phi(x), \mathrm{diag}\, s_\phi(x)^2)`.
 
@@ -17,8 +17,8 @@ Both networks are MLPs (``depth`` hidden SiLU layers of width ``hidden``); the r
 The negative ELBO of one example is :math:`L_0 + L_1` with :math:`L_0 = -E_{q_\phi(z \mid x)} \log p_\theta(x \mid z)`
 (distortion) and :math:`L_1 = \mathrm{KL}(q_\phi(z \mid x) \,\|\, N(0, I))` (rate): the diffusion bound's term layout
 with T = 1 and :math:`z` in the place of :math:`x_1`, except that :math:`q(z \mid x)` is learned instead of fixed.
-:func:`negative_elbo` returns it as :class:`~pyrodiff.bound.BoundTerms` (L_1 analytic, L_0 at draws of z), so
-bits/dim, standard errors and :func:`pyrodiff.report.summarise` work as for the diffusion bound.
+:func:`negative_elbo` returns it as :class:`~pyrodiff.evaluation.bound.BoundTerms` (L_1 analytic, L_0 at draws of z), so
+bits/dim, standard errors and :func:`pyrodiff.evaluation.report.summarise` work as for the diffusion bound.
 Training (:func:`train_vae`) is ``pyro.infer.SVI`` for a wall-clock budget, with early stopping on examples held
 out of the training data.  The mathematics (notation of ``docs/MATH.md``; what is exact and what is estimated)
 is in the VAE write-up.
@@ -39,12 +39,12 @@ from pyro.infer import SVI
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bound import BoundTerms
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .decoders import DiscretizedDecoder, DiscretizedGaussian, parse_decoder
-from .forward import check_batch
-from .gaussian import normal_kl
-from .spec import ESTIMATORS
+from ..chain.decoders import DiscretizedDecoder, DiscretizedGaussian, parse_decoder
+from ..chain.forward import check_batch
+from ..chain.gaussian import normal_kl
+from ..evaluation.bound import BoundTerms
+from ..training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..training.spec import ESTIMATORS
 
 __all__ = [
     "VAE",
@@ -229,7 +229,7 @@ class VAE(nn.Module):
 def negative_elbo(
     vae: VAE, x: torch.Tensor, num_samples: int = 1, *, generator: torch.Generator | None = None
 ) -> BoundTerms:
-    r"""Draws of the negative ELBO's two terms for each example, as :class:`~pyrodiff.bound.BoundTerms` with
+    r"""Draws of the negative ELBO's two terms for each example, as :class:`~pyrodiff.evaluation.bound.BoundTerms` with
     ``nats`` of shape ``(S, N, 2)``:
 
     - column 0, :math:`L_0 = -\log p_\theta(x \mid z_s)` at a draw :math:`z_s \sim q_\phi(z \mid x)` (an unbiased
@@ -333,7 +333,7 @@ def train_vae(
     if vae is None:
         vae = VAE(tuple(data.shape[1:])).to(device=data.device, dtype=data.dtype)
     elif not isinstance(vae, VAE):
-        raise TypeError(f"vae must be a pyrodiff.vae.VAE, got {type(vae).__name__}")
+        raise TypeError(f"vae must be a pyrodiff.theory.vae.VAE, got {type(vae).__name__}")
     vae._check_parameters(data)
     with pyro.validation_enabled(True):
         vae.check_data(data)  # once here: the loop runs with validation off
@@ -417,10 +417,10 @@ def train_vae(
 # ---------------------------------------------------------------------- checkpoints
 def save_vae(path: str | Path, vae: VAE, info: dict | None = None) -> None:
     """Write ``vae`` (its configuration and weights) and ``info`` (plain data, e.g. :func:`train_vae`'s) to
-    ``path`` atomically (:func:`pyrodiff.checkpoint.save_checkpoint`).  The file has the checkpoint format's
+    ``path`` atomically (:func:`pyrodiff.training.checkpoint.save_checkpoint`).  The file has the checkpoint format's
     keys; a VAE keeps no EMA and its optimiser's state is not kept (``ema`` and ``optimizer`` are None)."""
     if not isinstance(vae, VAE):
-        raise TypeError(f"vae must be a pyrodiff.vae.VAE, got {type(vae).__name__}")
+        raise TypeError(f"vae must be a pyrodiff.theory.vae.VAE, got {type(vae).__name__}")
     info = dict(info or {})
     state = {
         "spec": {"kind": CHECKPOINT_KIND, "config": vae.config},
@@ -435,7 +435,7 @@ def save_vae(path: str | Path, vae: VAE, info: dict | None = None) -> None:
 
 def load_vae(path: str | Path, map_location: str | torch.device = "cpu") -> VAE:
     """The VAE saved by :func:`save_vae` at ``path`` (in evaluation mode, in the saved dtype), rebuilt from its
-    configuration; :class:`~pyrodiff.checkpoint.CheckpointError` for a missing, corrupt or unsafe file, a
+    configuration; :class:`~pyrodiff.training.checkpoint.CheckpointError` for a missing, corrupt or unsafe file, a
     diffusion model's checkpoint, or weights that do not fit the configuration."""
     state = load_checkpoint(path, map_location=map_location)
     spec = state["spec"]

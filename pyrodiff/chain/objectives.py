@@ -1,6 +1,6 @@
 r"""Training objectives as reweightings of the per-timestep terms of the bound.
 
-The subsampled program (:mod:`pyrodiff.timesteps`) scores, for each drawn timestep t, the term
+The subsampled program (:mod:`pyrodiff.chain.timesteps`) scores, for each drawn timestep t, the term
 :math:`\ell_t` (:math:`L_0` at t = 1, :math:`L_{t-1}` for t >= 2).  For a Gaussian reverse step,
 :math:`L_{t-1} = w_t\, E\|\epsilon - \hat\epsilon_\theta\|^2` with
 :math:`w_t = \frac{\beta_t^2}{2 \sigma_t^2 \alpha_t (1 - \bar\alpha_t)}` (Ho et al. 2020, eq. 12), whatever
@@ -16,7 +16,7 @@ multiplies :math:`\ell_t` by :math:`\lambda_t` through ``pyro.poutine``'s scale,
   min-SNR-:math:`\gamma` weighting (Hang et al. 2023) of the noise loss.  Not a bound.
 
 The prior term :math:`L_T` has no parameters and is never reweighted.  Learned variances
-(:class:`~pyrodiff.reverse.DiffusionModel` ``variance="learned"``) are trained by the bound only: the
+(:class:`~pyrodiff.chain.reverse.DiffusionModel` ``variance="learned"``) are trained by the bound only: the
 noise losses have no term for them (Nichol & Dhariwal's hybrid :math:`L_\text{simple} + \lambda L_\text{vlb}`,
 with the mean's gradient stopped in :math:`L_\text{vlb}`, is not one program's reweighting).
 """

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..chain.reverse import DiffusionModel
 from .checkpoint import CheckpointError, load_checkpoint
-from .reverse import DiffusionModel
 from .spec import Built, Spec, build
 
 __all__ = ["load_trained"]
@@ -21,7 +21,7 @@ def load_trained(
     checkpoint_path: str | Path, device: str = "cpu", data_root: str | Path | None = None
 ) -> tuple[Built, DiffusionModel]:
     """The specification's objects and the EMA-weighted model of a checkpoint, in evaluation mode.  The
-    checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.spec.Spec.from_dict`)."""
+    checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.training.spec.Spec.from_dict`)."""
     state = load_checkpoint(checkpoint_path, map_location=device)
     spec = Spec.from_dict(state["spec"], f"checkpoint {checkpoint_path}")
     built = build(spec, data_root)

@@ -3,7 +3,7 @@ r"""Samplers of the reverse chain: one flat function per algorithm, one signatur
 A sampler takes the model, the starting noise :math:`x_T` (a tensor, or a number of samples to draw it
 for), and an optional ``torch.Generator`` for every draw it makes, so that a run is reproducible given
 ``x_T`` and the generator's seed; ``steps`` (a count K) or ``timesteps`` (increasing math timesteps) run it
-on the respaced K-step chain (:meth:`~pyrodiff.reverse.DiffusionModel.respaced`; the network always sees the
+on the respaced K-step chain (:meth:`~pyrodiff.chain.reverse.DiffusionModel.respaced`; the network always sees the
 original timesteps).  :func:`reverse_step` is the single reverse transition.
 
 - :func:`ancestral`: DDPM's sampler (Ho et al. 2020, Algorithm 2), :math:`x_{t-1} = \mu_\theta(x_t, t) +
@@ -49,7 +49,7 @@ def reverse_step(
     noise: torch.Tensor | None = None,
     clip: bool = False,
 ) -> torch.Tensor:
-    r"""One draw from :math:`p(x_{t-1} \mid x_t)` (the chain's :class:`~pyrodiff.reverse.ReverseStep`): for a
+    r"""One draw from :math:`p(x_{t-1} \mid x_t)` (the chain's :class:`~pyrodiff.chain.reverse.ReverseStep`): for a
     network, :math:`\mu_\theta(x_t, t) + \sigma_t z` for t >= 2, and at t = 1 a draw of :math:`x_0` from the decoder.
 
     :param x_t: a batch ``(N, *D)``.
@@ -105,7 +105,7 @@ def ancestral(
     :param return_path: also return the path :math:`x_{1:K}`, shape ``(K, N, *D)``, row k - 1 holding :math:`x_k`.
     :param progress: show a progress bar over the steps.
     :param graph: capture one reverse step as a CUDA graph and replay it at every step (a
-        :class:`~pyrodiff.reverse.DiffusionModel` on a CUDA device): one launch per step instead of one per kernel,
+        :class:`~pyrodiff.chain.reverse.DiffusionModel` on a CUDA device): one launch per step instead of one per kernel,
         the same draws from ``generator`` (drawn outside the graph) and the same samples.
     """
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
@@ -144,8 +144,8 @@ def ddim(
     :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1 - \bar\alpha_t}`,
     :math:`x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1 - \bar\alpha_s - \sigma^2}\,\hat\epsilon + \sigma z`.  The last
     step (to :math:`x_0`) is the decoder's, as in :func:`ancestral`.  This is :math:`q_\sigma(x_s \mid x_t, \hat x_0)`
-    (:class:`~pyrodiff.forward.InferenceFamily`): the ancestral sampler of the Pyro model
-    :meth:`DiffusionModel.ddim(eta) <pyrodiff.reverse.DiffusionModel.ddim>`, whose bound ``bound_terms`` gives for
+    (:class:`~pyrodiff.chain.forward.InferenceFamily`): the ancestral sampler of the Pyro model
+    :meth:`DiffusionModel.ddim(eta) <pyrodiff.chain.reverse.DiffusionModel.ddim>`, whose bound ``bound_terms`` gives for
     eta > 0."""
     family = InferenceFamily(eta)
     chain, x_T = _start(model, x_T, steps, timesteps, last, generator)
@@ -181,8 +181,8 @@ def _timestep(x: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def _graphed(chain, x_T: torch.Tensor, move):
-    """``move`` as a :class:`~pyrodiff.graphed.GraphedStep`, after checking that it can be one."""
-    from .graphed import GraphedStep
+    """``move`` as a :class:`~pyrodiff.cuda_graph.GraphedStep`, after checking that it can be one."""
+    from ..cuda_graph import GraphedStep
     from .reverse import DiffusionModel
 
     if x_T.device.type != "cuda":

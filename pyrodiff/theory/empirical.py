@@ -8,9 +8,9 @@ have produced :math:`x_t`:
 .. math:: q(x_{t-1} \mid x_t) = \sum_{i=1}^N w_i(x_t)\, q(x_{t-1} \mid x_t, x_0^i), \qquad
           w_i(x_t) = q(x_0^i \mid x_t) \propto N(x_t; \sqrt{\bar\alpha_t}\, x_0^i, (1 - \bar\alpha_t) I)
 
-(:meth:`pyrodiff.mixture.IsotropicGaussianMixture.reverse` with variance 0).  :class:`EmpiricalReverse` is
+(:meth:`pyrodiff.theory.mixture.IsotropicGaussianMixture.reverse` with variance 0).  :class:`EmpiricalReverse` is
 this chain written as a Pyro model with the sites and call signature of
-:class:`~pyrodiff.reverse.DiffusionModel`, so that sampling, :func:`~pyrodiff.bound.bound_terms` and the
+:class:`~pyrodiff.chain.reverse.DiffusionModel`, so that sampling, :func:`~pyrodiff.evaluation.bound.bound_terms` and the
 report work on it unchanged.  Each step costs the whole data set (O(N) per example and step, against a
 network's fixed cost), and its samples are copies of training points.
 
@@ -29,11 +29,11 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
-from .decoders import Decoder, parse_decoder
-from .gaussian import normal_log_prob
+from ..chain.decoders import Decoder, parse_decoder
+from ..chain.gaussian import normal_log_prob
+from ..chain.reverse import ReverseChain
+from ..chain.schedule import NoiseSchedule
 from .mixture import IsotropicGaussianMixture, ReverseMixture, draw_components
-from .reverse import ReverseChain
-from .schedule import NoiseSchedule
 
 __all__ = ["EmpiricalReverse", "EmpiricalStep"]
 
@@ -47,7 +47,7 @@ class EmpiricalReverse(ReverseChain):
     :param data: the training set ``(N, *D)``, N >= 1 (on the device and in the dtype the chain runs in).
     :param schedule: the noise schedule (T >= 2).
     :param decoder: the decoder around each training point at t = 1 (``"gaussian"`` or ``"discretized"``
-        with ``levels``), as for :class:`~pyrodiff.reverse.DiffusionModel`.
+        with ``levels``), as for :class:`~pyrodiff.chain.reverse.DiffusionModel`.
     """
 
     def __init__(
@@ -109,7 +109,7 @@ class EmpiricalReverse(ReverseChain):
 
 
 class EmpiricalStep(NamedTuple):
-    r"""One step of :class:`EmpiricalReverse` for a batch of rows (a :class:`~pyrodiff.reverse.ReverseStep`):
+    r"""One step of :class:`EmpiricalReverse` for a batch of rows (a :class:`~pyrodiff.chain.reverse.ReverseStep`):
     the mixture :math:`q(x_{t-1} \mid x_t)` (flat over the rows), the decoder's variance :math:`\sigma_1^2` (a
     scalar tensor), the rows' leading shape and the training points ``(N, *D)``.  Its KL from a Gaussian has no closed form: :meth:`kl_from` is a one-draw Monte Carlo
     estimate, unbiased."""

@@ -3,7 +3,7 @@ r"""The same model and guide written with one Pyro site per timestep: for teachi
 Sites are ``"x_T"`` (written ``f"x_{T}"``), ..., ``"x_1"`` and the observed ``"x_0"``; each reverse
 step calls the network once, so a step of SVI costs T sequential network calls (about 45x the
 vectorised program at T = 1000, MATH.md).  The ELBO is the same as that of
-:class:`~pyrodiff.reverse.DiffusionModel` and :class:`~pyrodiff.forward.DiffusionGuide`, which the
+:class:`~pyrodiff.chain.reverse.DiffusionModel` and :class:`~pyrodiff.chain.forward.DiffusionGuide`, which the
 tests check path by path.  Use it only with small T.
 """
 
@@ -13,8 +13,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .forward import DiffusionGuide, ForwardTransition, q_marginal
-from .reverse import DiffusionModel
+from ..chain.forward import DiffusionGuide, ForwardTransition, q_marginal
+from ..chain.reverse import DiffusionModel
 
 __all__ = ["loop_model", "loop_guide"]
 

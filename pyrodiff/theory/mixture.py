@@ -36,9 +36,9 @@ import pyro.distributions as pyro_dist
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from .forward import q_marginal, q_posterior
-from .gaussian import at_timesteps
-from .schedule import NoiseSchedule
+from ..chain.forward import q_marginal, q_posterior
+from ..chain.gaussian import at_timesteps
+from ..chain.schedule import NoiseSchedule
 
 __all__ = [
     "IsotropicGaussianMixture",
@@ -500,7 +500,7 @@ def moment_matched_bound(
     0), else :meth:`IsotropicGaussianMixture.entropy_estimate`.
 
     :param law: the data law, :math:`s^2 > 0`; computations in its dtype on its device (float64 recommended).
-    :param schedule: the forward chain (e.g. a :meth:`~pyrodiff.schedule.NoiseSchedule.respace` of a longer one).
+    :param schedule: the forward chain (e.g. a :meth:`~pyrodiff.chain.schedule.NoiseSchedule.respace` of a longer one).
     :param num_samples: draws per step (and for the prior and the entropy).
     :param generator: the generator of every draw (on the law's device).
     """

@@ -23,10 +23,10 @@ import pyro.distributions as dist
 import torch
 from tqdm.auto import tqdm
 
-from .decoders import Decoder
-from .forward import q_marginal
-from .gaussian import normal_kl
-from .reverse import ReverseChain
+from ..chain.decoders import Decoder
+from ..chain.forward import q_marginal
+from ..chain.gaussian import normal_kl
+from ..chain.reverse import ReverseChain
 
 __all__ = ["bound_terms", "BoundTerms", "nats_to_bits_per_dim", "DRAWS"]
 
@@ -131,9 +131,9 @@ def bound_terms(
 ) -> BoundTerms:
     r"""Draws of every term :math:`L_0 .. L_T` of the bound for the examples ``x0``: see the module docstring.
 
-    :param model: the reverse chain (a :class:`~pyrodiff.reverse.DiffusionModel`'s network is evaluated in chunks of
+    :param model: the reverse chain (a :class:`~pyrodiff.chain.reverse.DiffusionModel`'s network is evaluated in chunks of
         ``chunk_size`` timesteps; a chain whose steps have no closed-form KL, such as
-        :class:`~pyrodiff.empirical.EmpiricalReverse`, gives a one-draw Monte Carlo estimate of each KL term).
+        :class:`~pyrodiff.theory.empirical.EmpiricalReverse`, gives a one-draw Monte Carlo estimate of each KL term).
     :param x0: data ``(N, *D)`` on the model's device.
     :param num_samples: S, independent draws of the noisy inputs.
     :param draws: ``"independent"`` per timestep, or ``"trajectory"`` (one forward path per draw).

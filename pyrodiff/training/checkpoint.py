@@ -90,7 +90,7 @@ def remove_stale_temporaries(folder: str | Path, name: str = "checkpoint.pt") ->
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint; refuse a corrupt one, and one holding anything but tensors and plain data
     (unpickling that could run code from the file).  Whether it may be resumed with a given specification
-    is the training loop's question (:meth:`pyrodiff.spec.Spec.differences`)."""
+    is the training loop's question (:meth:`pyrodiff.training.spec.Spec.differences`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")

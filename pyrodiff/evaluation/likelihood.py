@@ -11,11 +11,11 @@ and the importance-weighted bound (Burda, Grosse & Salakhutdinov 2016, "IWAE") i
    \mathrm{ELBO}(x_0) = E[\mathrm{IWAE}_1] \le E[\mathrm{IWAE}_K] \le E[\mathrm{IWAE}_{K+1}] \le \log p_\theta(x_0).
 
 :func:`log_likelihood_bound` computes the log weights from the Pyro program itself: the posterior-order
-guide :class:`~pyrodiff.forward.DiffusionGuide` is traced on the data replicated once per particle, the
+guide :class:`~pyrodiff.chain.forward.DiffusionGuide` is traced on the data replicated once per particle, the
 model is replayed on that trace, and :math:`-\log w` is the sum of the single-sample terms that
-:func:`~pyrodiff.traces.trace_terms` reads off the pair (the same numbers ``Trace_ELBO`` scores).  So it
+:func:`~pyrodiff.chain.traces.trace_terms` reads off the pair (the same numbers ``Trace_ELBO`` scores).  So it
 holds for any reverse-chain model with the sites and call signature of
-:class:`~pyrodiff.reverse.DiffusionModel`.  Per example it reports (:class:`LikelihoodBound`, nats):
+:class:`~pyrodiff.chain.reverse.DiffusionModel`.  Per example it reports (:class:`LikelihoodBound`, nats):
 
 - ``estimate``: :math:`\mathrm{IWAE}_K`, and ``stderr``, its delta-method standard error
   :math:`\sqrt{(K\sum_k \tilde w_k^2 - 1)/(K - 1)}` with :math:`\tilde w_k = w_k / \sum_j w_j` (NaN for K = 1);
@@ -37,9 +37,9 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
+from ..chain.forward import DiffusionGuide, check_batch
+from ..chain.traces import trace_terms
 from .bound import nats_to_bits_per_dim
-from .forward import DiffusionGuide, check_batch
-from .traces import trace_terms
 
 __all__ = [
     "log_likelihood_bound",
@@ -209,7 +209,7 @@ def log_likelihood_bound(
     r"""The importance-weighted bound :math:`\mathrm{IWAE}_K(x_0)` of every example, with the forward chain
     :math:`q(x_{1:T} \mid x_0)` as proposal (see the module docstring).
 
-    :param model: a reverse-chain Pyro model with the sites of :class:`~pyrodiff.reverse.DiffusionModel`
+    :param model: a reverse-chain Pyro model with the sites of :class:`~pyrodiff.chain.reverse.DiffusionModel`
         (``"x_{1:T}"`` in the plates ``time`` and ``data``, the observed ``"x_0"``), called as ``model(x0)``,
         and a ``schedule`` attribute.
     :param x0: data ``(N, *D)`` on the model's device.

@@ -178,7 +178,7 @@ class LearnedVariance(ReverseVariance):
 @dataclass(frozen=True)
 class TableVariance(ReverseVariance):
     r"""A fixed :math:`\sigma_t^2` given as a table (entry t - 1 for step t), e.g. the training-free optimal
-    variances of Analytic-DPM estimated for a trained mean (:func:`pyrodiff.analytic.analytic_variance`)."""
+    variances of Analytic-DPM estimated for a trained mean (:func:`pyrodiff.chain.analytic.analytic_variance`)."""
 
     values: tuple[float, ...]
     name: str = "analytic"
@@ -202,7 +202,7 @@ class TableVariance(ReverseVariance):
 @dataclass(frozen=True)
 class DDIMVariance(ReverseVariance):
     r"""The variances of DDIM's generative process (Song et al. 2021, eq. 12), those of its inference family
-    (:class:`~pyrodiff.forward.InferenceFamily`): :math:`\sigma_t^2 = \eta^2 \tilde\beta_t` for t >= 2 (0 when
+    (:class:`~pyrodiff.chain.forward.InferenceFamily`): :math:`\sigma_t^2 = \eta^2 \tilde\beta_t` for t >= 2 (0 when
     :math:`\eta = 0`: the steps are then deterministic and have no density); at t = 1 the decoder keeps the
     ``base`` variance, the model's own, so that DDIM and DDPM share :math:`p_\theta(x_0 \mid x_1)`."""
 
