@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""Planted changes (mutation testing) of pyrodiff's formula modules against the test suite.
 
-Not a test module (pytest does not collect it).  For one module at a time it copies the repository's
+A tool, not a test (it lives in ``tools/``, outside pytest's ``testpaths``).  For one module at a time it copies the repository's
 ``pyrodiff/``, ``tests/``, ``analysis/``, ``pyproject.toml`` (and so ``tests/conftest.py``) into a temporary
 folder, enumerates small changes of the module's code with :mod:`ast`, writes each one into the copy, runs
 
@@ -46,10 +46,10 @@ survived (equivalent ones excepted).
 
 Examples::
 
-    python tests/planted_changes.py --module pyrodiff/chain/parameterization.py
-    python tests/planted_changes.py --module pyrodiff/chain/schedule.py --list
-    python tests/planted_changes.py --module pyrodiff/chain/gaussian.py --only 3,7 --tests tests/test_gaussian.py
-    python tests/planted_changes.py --module all --out /tmp/planted
+    python tools/planted_changes.py --module pyrodiff/chain/parameterization.py
+    python tools/planted_changes.py --module pyrodiff/chain/schedule.py --list
+    python tools/planted_changes.py --module pyrodiff/chain/gaussian.py --only 3,7 --tests tests/test_gaussian.py
+    python tools/planted_changes.py --module all --out /tmp/planted
 
 Writes ``<out>/<module>.json`` (every mutant) and ``<out>/<module>.md`` (summary, survivors, equivalents).
 """
