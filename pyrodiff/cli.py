@@ -7,6 +7,7 @@ as one line, ``pyrodiff: error: ...``, with exit status 2; a training stopped by
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
             change_hyperparameters=args.change_hyperparameters,
         )
     except TrainingInterrupted as e:
-        resume = f"pyrodiff train --config {args.config} --out {out} --resume"
+        resume = _resume_command(args, out)
         if e.checkpoint is not None:
             print(
                 f"pyrodiff: interrupted: step {e.step} saved to {e.checkpoint}; continue with: {resume}",
@@ -83,6 +84,20 @@ def _train(args: argparse.Namespace) -> int:
             f"{b['kl_bound_nats']:.4f} +- {b['kl_bound_stderr']:.4f} nats"
         )
     return 0
+
+
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues an interrupted ``train``: its own options that shape the run (the
+    specification, ``--steps``, ``--seed``, the device, the data) and ``--resume``, quoted for a POSIX shell."""
+    words = ["pyrodiff", "train", "--config", args.config, "--out", str(out)]
+    for option in ("steps", "seed", "data_root"):
+        if getattr(args, option) is not None:
+            words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    if args.device != "cpu":
+        words += ["--device", args.device]
+    if args.no_graph:
+        words.append("--no-graph")
+    return shlex.join([*words, "--resume"])
 
 
 def _sample(args: argparse.Namespace) -> int:

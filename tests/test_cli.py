@@ -3,6 +3,7 @@ Ctrl-C saving a checkpoint; and the comparison script."""
 
 import os
 import runpy
+import shlex
 import signal
 import subprocess
 import sys
@@ -187,6 +188,34 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
         f"continue with: pyrodiff train --config {config} --out {out} --resume"
     )
     assert load_checkpoint(checkpoint)["step"] == 1
+
+
+def test_the_printed_resume_command_continues_the_same_run(tmp_path, monkeypatch, capsys):
+    """After Ctrl-C, the command printed runs as printed (the --seed and --steps given kept) and ends where the
+    uninterrupted run ends, bit for bit."""
+    step = train_module._Run._train_step
+
+    def step_then_ctrl_c(run, batch):
+        loss = step(run, batch)
+        if run.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    options = ["--config", str(tmp_path / "tiny.toml"), "--seed", "5", "--steps", "4"]
+    assert cli.main(["train", *options, "--out", str(tmp_path / "full")]) == 0
+    monkeypatch.setattr(train_module._Run, "_train_step", step_then_ctrl_c)
+    assert cli.main(["train", *options, "--out", str(tmp_path / "split")]) == 130
+    monkeypatch.setattr(train_module._Run, "_train_step", step)
+    printed = capsys.readouterr().err.strip().splitlines()[-1].split("continue with: ")[1]
+    command = shlex.split(printed)
+    assert command[0] == "pyrodiff" and cli.main(command[1:]) == 0
+    full, split = (
+        load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "split" / "checkpoint.pt"),
+    )
+    assert split["step"] == 4 and split["spec"]["training"]["seed"] == 5
+    assert full["losses"] == split["losses"] and all(torch.equal(full["ema"][k], split["ema"][k]) for k in full["ema"])
 
 
 def test_importing_the_package_chooses_no_matplotlib_backend():
