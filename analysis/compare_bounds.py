@@ -21,12 +21,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pyrodiff.evaluation.bound import nats_to_bits_per_dim
-from pyrodiff.evaluation.report import REPORT_FILES, report_checkpoint
+from pyrodiff.evaluation.report import REPORT_FILES
+from pyrodiff.training.trained import report_checkpoint
 
 
 def report_folder(source: Path) -> Path:
     """Where a source's ``bound.json`` is, or will be written: the folder itself, or ``report-test``
-    beside a checkpoint (:func:`~pyrodiff.evaluation.report.report_checkpoint`'s default)."""
+    beside a checkpoint (:func:`~pyrodiff.training.trained.report_checkpoint`'s default)."""
     return source if source.is_dir() else source.parent / "report-test"
 
 

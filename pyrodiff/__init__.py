@@ -18,12 +18,12 @@ from .chain.schedule import NoiseSchedule
 from .data import Dataset, load_dataset
 from .evaluation.bound import BoundTerms, bound_terms
 from .evaluation.likelihood import LikelihoodBound, log_likelihood_bound
-from .evaluation.report import report_checkpoint, write_report
+from .evaluation.report import write_report
 from .networks import MLPDenoiser, UNet
 from .theory.empirical import EmpiricalReverse
 from .training.loop import train
 from .training.spec import load_spec
-from .training.trained import load_trained
+from .training.trained import load_trained, report_checkpoint
 
 __all__ = [
     "BoundTerms",

@@ -130,7 +130,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .evaluation.report import report_checkpoint
+    from .training.trained import report_checkpoint
 
     summary, out = report_checkpoint(
         args.checkpoint,

@@ -20,22 +20,45 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from .theory.mixture import IsotropicGaussianMixture
-
-__all__ = ["Dataset", "load_dataset", "levels_to_unit", "DATASETS", "GAUSSIANS8_ENTROPY"]
+__all__ = ["Dataset", "MixtureParameters", "load_dataset", "levels_to_unit", "DATASETS", "GAUSSIANS8_ENTROPY"]
 
 #: Differential entropy (nats) of the 8-Gaussian mixture: log 8 + log(2 pi e sigma^2), the modes being
 #: far apart relative to sigma = 0.1 (the overlap correction is below 1e-30).
 GAUSSIANS8_ENTROPY = math.log(8) + 1 + math.log(2 * math.pi * 0.1**2)
 
 
+@dataclass(frozen=True, eq=False)
+class MixtureParameters:
+    r"""The parameters of an isotropic Gaussian mixture :math:`q(x_0) = \sum_j \pi_j N(\mu_j, s^2 I)`, as plain data:
+    ``means`` :math:`\mu_j` ``(K, *D)`` and ``weights`` :math:`\pi_j` ``(K,)`` (summing to 1), float64, and
+    ``variance`` :math:`s^2 > 0`.  :meth:`log_prob` is the law's log-density (torch.distributions); the law with its
+    noisy marginals and exact reverse process is ``pyrodiff.theory.mixture.IsotropicGaussianMixture.of(dataset)``."""
+
+    means: torch.Tensor
+    variance: float
+    weights: torch.Tensor
+
+    def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log q(x_0) = \log \sum_j \pi_j N(x_0; \mu_j, s^2 I)` of a batch ``(N, *D)``: shape ``(N,)``, float64,
+        on ``x0``'s device (``MixtureSameFamily`` of ``Independent`` normals)."""
+        shape = tuple(self.means.shape[1:])
+        if not torch.is_tensor(x0) or tuple(x0.shape[1:]) != shape:
+            got = tuple(x0.shape) if torch.is_tensor(x0) else type(x0).__name__
+            raise ValueError(f"log_prob needs a batch of shape (N, {', '.join(map(str, shape))}), got {got}")
+        means, weights = self.means.to(x0.device), self.weights.to(x0.device)
+        components = Independent(Normal(means, math.sqrt(self.variance), validate_args=False), len(shape))
+        law = MixtureSameFamily(Categorical(probs=weights, validate_args=False), components, validate_args=False)
+        return law.log_prob(x0.to(torch.float64))
+
+
 @dataclass
 class Dataset:
     r"""A train/test split. ``levels`` is the number of grid values for integer data (None if continuous);
     ``log_density``, where the data's law :math:`q(x_0)` is known exactly, maps ``(N, *D)`` to
-    :math:`\log q(x_0)`, shape ``(N,)``; ``law``, where that law is a Gaussian mixture (gaussians8), is the law
-    itself (its ``log_prob`` is ``log_density``), with its exact noisy marginals and reverse process.
+    :math:`\log q(x_0)`, shape ``(N,)``; ``mixture``, where that law is an isotropic Gaussian mixture (gaussians8),
+    holds its parameters (its ``log_prob`` is ``log_density``).
     ``train_labels`` / ``test_labels`` are the class of each example where the data have classes (digits)."""
 
     name: str
@@ -43,7 +66,7 @@ class Dataset:
     test: torch.Tensor
     levels: int | None
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None
-    law: IsotropicGaussianMixture | None = None
+    mixture: MixtureParameters | None = None
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
 
@@ -85,10 +108,14 @@ def _gaussians8(num: int, rng: np.random.Generator) -> np.ndarray:
     return _gaussians8_centres()[rng.integers(0, 8, num)] + 0.1 * rng.standard_normal((num, 2))
 
 
-def _gaussians8_law() -> IsotropicGaussianMixture:
+def _gaussians8_law() -> MixtureParameters:
     r"""The law of gaussians8, :math:`q(x) = \tfrac18 \sum_k N(x; \mu_k, 0.1^2 I)`, in float64 (its ``log_prob`` is
     float64 for float32 data)."""
-    return IsotropicGaussianMixture(torch.as_tensor(_gaussians8_centres(), dtype=torch.float64), 0.1**2)
+    return MixtureParameters(
+        torch.as_tensor(_gaussians8_centres(), dtype=torch.float64),
+        0.1**2,
+        torch.full((8,), 1 / 8, dtype=torch.float64),
+    )
 
 
 def _moons(num: int, rng: np.random.Generator) -> np.ndarray:
@@ -107,7 +134,7 @@ def _swissroll(num: int, rng: np.random.Generator) -> np.ndarray:
 
 def _two_d(
     generator,
-    law: Callable[[], IsotropicGaussianMixture] | None = None,
+    law: Callable[[], MixtureParameters] | None = None,
     num_train: int = 20000,
     num_test: int = 5000,
 ):

@@ -9,6 +9,7 @@ import torch
 
 from pyrodiff.chain.decoders import check_levels_grid
 from pyrodiff.data import GAUSSIANS8_ENTROPY, load_dataset
+from pyrodiff.theory.mixture import IsotropicGaussianMixture
 
 
 def test_digits_are_on_the_17_level_grid_with_a_held_out_split():
@@ -46,20 +47,22 @@ def test_gaussians8_log_density_is_normalised_and_its_mean_is_the_entropy():
 
 
 def test_gaussians8_law_is_its_eight_gaussians_and_gives_its_log_density():
-    """The law: 8 means 2 (cos, sin)(2 pi k / 8), variance 0.1^2, equal weights; ``log_density`` is its ``log_prob``,
-    equal to the explicit formula log (1/8) sum_k N(x; mu_k, 0.01 I) in float64; the data follow its moments."""
+    """The law: 8 means 2 (cos, sin)(2 pi k / 8), variance 0.1^2, equal weights; ``log_density`` (torch.distributions)
+    equals the explicit formula log (1/8) sum_k N(x; mu_k, 0.01 I) in float64 and the independent implementation of
+    the theory stage, ``IsotropicGaussianMixture.of(dataset).log_prob``; the data follow the law's moments."""
     d = load_dataset("gaussians8")
-    law = d.law
+    law = IsotropicGaussianMixture.of(d)
     angles = 2 * np.pi * np.arange(8) / 8
     centres = 2 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    assert np.allclose(d.mixture.means.numpy(), centres, rtol=0, atol=1e-15) and d.mixture.means.dtype == torch.float64
     assert np.allclose(law.means.numpy(), centres, rtol=0, atol=1e-15) and law.means.dtype == torch.float64
-    assert law.variance == pytest.approx(0.01, rel=1e-15) and np.allclose(law.weights.numpy(), 1 / 8)
+    assert law.variance == pytest.approx(0.01, rel=1e-15) and np.allclose(law.weights.numpy(), 1 / 8, rtol=1e-15)
     x = d.test[:500]
     sq = ((x.double().numpy()[:, None, :] - centres) ** 2).sum(-1)
     expected = np.log(np.exp(-sq / 0.02).sum(1) / 8) - np.log(2 * np.pi * 0.01)
     got = d.log_density(x)
     assert got.dtype == torch.float64 and np.allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
-    assert torch.equal(got, law.log_prob(x))
+    assert torch.allclose(got, law.log_prob(x), rtol=1e-12, atol=1e-12)
     train = d.train.double().numpy()
     n = len(train)
     assert np.all(np.abs(train.mean(0) - law.mean().numpy()) < 4.5 * train.std(0) / np.sqrt(n))
@@ -69,7 +72,11 @@ def test_gaussians8_law_is_its_eight_gaussians_and_gives_its_log_density():
     h, se = law.entropy_estimate(4000, torch.Generator().manual_seed(0))
     assert abs(h - GAUSSIANS8_ENTROPY) < 4.5 * se
     for name in ("moons", "swissroll", "digits"):
-        assert load_dataset(name).law is None
+        assert load_dataset(name).mixture is None
+        with pytest.raises(ValueError, match=f"dataset '{name}' has no known Gaussian-mixture law"):
+            IsotropicGaussianMixture.of(load_dataset(name))
+    with pytest.raises(ValueError, match=r"batch of shape \(N, 2\), got \(4, 3\)"):
+        d.log_density(torch.zeros(4, 3))
 
 
 def test_missing_local_files_give_a_clear_error(tmp_path):

@@ -131,10 +131,9 @@ def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
     """``pyrodiff report`` end to end: the written bound is the decomposition of the checkpoint's EMA model
     on the first examples of the split, with the model's choices and the split recorded."""
     from pyrodiff.evaluation.bound import bound_terms
-    from pyrodiff.evaluation.report import report_checkpoint
     from pyrodiff.training.loop import train
     from pyrodiff.training.spec import Spec
-    from pyrodiff.training.trained import load_trained
+    from pyrodiff.training.trained import load_trained, report_checkpoint
 
     spec = Spec.from_dict(
         {

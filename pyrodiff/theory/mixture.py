@@ -39,6 +39,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from ..chain.forward import q_marginal, q_posterior
 from ..chain.gaussian import at_timesteps
 from ..chain.schedule import NoiseSchedule
+from ..data import Dataset
 
 __all__ = [
     "IsotropicGaussianMixture",
@@ -168,6 +169,14 @@ class IsotropicGaussianMixture:
         self._means = means.detach().clone()
         self._log_weights = log_weights
         self._cache: dict[tuple[torch.device, torch.dtype], _Components] = {}
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> IsotropicGaussianMixture:
+        """The law of a dataset whose law is a known isotropic Gaussian mixture (``dataset.mixture``, gaussians8)."""
+        if dataset.mixture is None:
+            raise ValueError(f"dataset {dataset.name!r} has no known Gaussian-mixture law (only gaussians8 has one)")
+        p = dataset.mixture
+        return cls(p.means, p.variance, p.weights)
 
     # ------------------------------------------------------------------ description
     @property

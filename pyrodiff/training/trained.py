@@ -1,20 +1,27 @@
-"""A trained model from a checkpoint: the specification's objects with the EMA weights.
+"""A trained model from a checkpoint: the specification's objects with the EMA weights, and its bound report.
 
 Reading a checkpoint comes before everything that uses a trained model (the report, sampling, the
-analysis scripts) and after the specification and the checkpoint format it rests on.
+analysis scripts) and after the specification and the checkpoint format it rests on.  :func:`report_checkpoint`
+joins the two stages: it reads a checkpoint here and scores it with the evaluation stage's
+:func:`~pyrodiff.evaluation.bound.bound_terms` and :func:`~pyrodiff.evaluation.report.write_report`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..chain.analytic import analytic_variance
+from ..chain.forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
 from ..chain.reverse import DiffusionModel
+from ..evaluation.bound import bound_terms
+from ..evaluation.report import REPORT_FILES, write_report
 from .checkpoint import CheckpointError, load_checkpoint
 from .spec import Built, Spec, build
 
-__all__ = ["load_trained"]
+__all__ = ["load_trained", "report_checkpoint"]
 
 
 def load_trained(
@@ -32,3 +39,81 @@ def load_trained(
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not fit its specification's network: {e}") from e
     return built, built.model.with_network(ema.module).to(device).eval()
+
+
+def report_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path | None = None,
+    split: str = "test",
+    num_samples: int = 1,
+    draws: str = "independent",
+    max_examples: int | None = None,
+    device: str = "cpu",
+    data_root: str | Path | None = None,
+    chunk_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    steps: int | None = None,
+    variance: str | None = None,
+    analytic_examples: int = 200,
+    eta: float | None = None,
+) -> tuple[dict, Path]:
+    r"""Decompose the bound of a checkpoint's EMA model on a data split and write the report
+    (default folder: ``report-SPLIT`` beside the checkpoint).  With ``steps`` = K, the bound of the respaced
+    K-step chain (:meth:`~pyrodiff.chain.reverse.DiffusionModel.respaced`).  ``variance`` replaces the model's reverse variance:
+    ``"small"`` or ``"large"``, or ``"analytic"`` for Analytic-DPM's optimal variances for the trained mean
+    (:func:`~pyrodiff.chain.analytic.analytic_variance`, estimated on the first ``analytic_examples`` training examples).
+    ``eta`` in (0, 1] scores DDIM's generative process with that eta (:meth:`~pyrodiff.chain.reverse.DiffusionModel.ddim`)
+    against its inference family :math:`q_\sigma`; eta = 0 has no bound and is refused.
+    Returns the summary and the folder."""
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
+    if eta is not None:
+        if variance is not None:
+            raise ValueError("DDIM's variances are set by eta: give variance or eta, not both")
+        if not InferenceFamily(eta).has_density:
+            raise ValueError(ETA_ZERO_HAS_NO_BOUND)
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"report-{split}"
+    if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
+        raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
+    built, model = load_trained(checkpoint, device, data_root)
+    if variance is not None:
+        if variance not in ("small", "large", "analytic"):
+            raise ValueError(f"variance must be 'small', 'large' or 'analytic', got {variance!r}")
+        fixed = "small" if variance == "analytic" else variance
+        model = DiffusionModel(
+            model.network, model.schedule, model.prediction, fixed, model.decoder, None, model.data_shape
+        )
+    if steps is not None:
+        model = model.respaced(steps)
+    if eta is not None:
+        model = model.ddim(eta)
+    if variance == "analytic":
+        torch.manual_seed(0)
+        model = analytic_variance(model, built.data.train[:analytic_examples].to(device))
+    data = getattr(built.data, split)[:max_examples]
+    if tuple(data.shape[1:]) != model.data_shape:
+        raise ValueError(
+            f"checkpoint's data shape {model.data_shape} does not match the {split} data {tuple(data.shape[1:])}"
+        )
+    torch.manual_seed(0)
+    terms = bound_terms(
+        model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size, progress=progress
+    )
+    meta = {
+        "name": built.spec.name,
+        "checkpoint": str(checkpoint),
+        "split": split,
+        "draws": draws,
+        "steps": steps,
+        "variance": variance,
+        "eta": eta,
+    }
+    log_q = built.data.log_density(data) if built.data.log_density else None
+    return write_report(terms, out, meta, log_q, overwrite=overwrite), out
