@@ -224,17 +224,14 @@ def test_pyros_eager_elbo_reads_the_loss_on_the_host(estimator, reads, host_read
 def test_the_samplers_steps_read_nothing_on_the_host(host_reads, sampler, options):
     """The reverse steps of both samplers (eager, and the function a CUDA graph captures) only queue device work."""
     from pyrodiff import samplers
-    from pyrodiff.chain.forward import InferenceFamily
+    from pyrodiff.chain.reverse import _transition
 
     chain = build(TINY_DIGITS).model.eval().respaced(6)
     x_T = torch.randn((3,) + chain.data_shape)
     fn = getattr(samplers, sampler)
     t = torch.full((3,), 4)
-    if sampler == "ancestral":
-        captured = functools.partial(samplers._ancestral_step, chain, options["clip"], x_T, t, torch.randn_like(x_T))
-    else:
-        family = InferenceFamily(options["eta"])
-        captured = functools.partial(samplers._ddim_step, chain, family, False, x_T, t, torch.randn_like(x_T))
+    stepped = chain if sampler == "ancestral" else chain.ddim(options["eta"])
+    captured = functools.partial(_transition, stepped, options.get("clip", False), x_T, t, torch.randn_like(x_T))
     host_reads.active = True
     with host_reads, pyro.validation_enabled(False), torch.no_grad():
         fn(chain, x_T, generator=torch.Generator().manual_seed(0), **options)

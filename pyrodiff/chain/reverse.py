@@ -16,12 +16,15 @@ mean at the prediction (for :math:`\epsilon` this is Ho et al. 2020, eq. 11).
 
 The model has the sites of :class:`~pyrodiff.chain.forward.DiffusionGuide` plus the observed ``"x_0"``.
 The full chain is scored with one batched network call over all T timesteps; called without data it
-runs DDPM's ancestral sampler (:func:`pyrodiff.samplers.ancestral`), T sequential calls.
+runs the ancestral sampler of the chain (:func:`sample_chain`), T sequential calls.  The single reverse transition
+(:func:`reverse_step`) and that sampler live here, with the chain; :mod:`pyrodiff.samplers` builds its
+samplers on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import pyro
@@ -30,17 +33,27 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..cuda_graph import GraphedStep
 from .decoders import Decoder, parse_decoder
 from .forward import DDPM, ETA_ZERO_HAS_NO_BOUND, SCHEDULE_KEY, InferenceFamily, check_batch, q_marginal
 from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
 from .parameterization import DDIMVariance, ReverseVariance, Target, parse_target, parse_variance
 from .path import PathDistribution, path_timesteps
-from .samplers import ancestral
 from .schedule import NoiseSchedule
 from .timesteps import draw_timesteps, step_scale
 
-__all__ = ["DiffusionModel", "PTheta", "Prediction", "ReverseChain", "ReverseStep"]
+__all__ = [
+    "LAST_STEPS",
+    "DiffusionModel",
+    "PTheta",
+    "Prediction",
+    "ReverseChain",
+    "ReverseStep",
+    "reverse_step",
+    "sample_chain",
+]
 
 
 class ReverseStep(Protocol):
@@ -245,7 +258,6 @@ class ReverseChain(nn.Module):
         if dist.is_validation_enabled():
             self.decoder.check(x0)
 
-    @torch.no_grad()
     def sample(
         self,
         num_samples: int,
@@ -254,9 +266,9 @@ class ReverseChain(nn.Module):
         last: str = "mean",
         progress: bool = False,
     ) -> torch.Tensor:
-        """``num_samples`` samples of :math:`x_0` by ancestral sampling (:func:`pyrodiff.samplers.ancestral`; by
-        default the last step is the decoder's mean, ``last="sample"`` draws from it)."""
-        return ancestral(self, num_samples, generator=generator, last=last, progress=progress)
+        """``num_samples`` samples of :math:`x_0` by ancestral sampling (:func:`sample_chain`; by default the last
+        step is the decoder's mean, ``last="sample"`` draws from it)."""
+        return sample_chain(self, num_samples, generator=generator, last=last, progress=progress)
 
 
 class DiffusionModel(ReverseChain):
@@ -487,7 +499,7 @@ class PTheta(PathDistribution):
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        """A path :math:`x_{1:T}` of the ancestral sampler (:func:`pyrodiff.samplers.ancestral`); the model
+        """A path :math:`x_{1:T}` of the ancestral sampler (:func:`sample_chain`); the model
         then draws :math:`x_0` from the decoder at :math:`x_1`."""
         if sample_shape:
             raise NotImplementedError(
@@ -495,7 +507,7 @@ class PTheta(PathDistribution):
             )
         T, N = self.batch_shape
         x_T = torch.randn((N,) + self.event_shape, device=self.device, dtype=self.dtype)
-        _, path = ancestral(self.model, x_T, return_path=True, last="none")
+        _, path = sample_chain(self.model, x_T, return_path=True, last="none")
         at_one = self.model.predict(path[0], torch.ones(N, device=self.device, dtype=torch.long))
         self._sampled = (path, at_one)  # the decoder at x_1 (log_prob recomputes the rest)
         return path
@@ -516,3 +528,149 @@ class _SameSchedule(Messenger):
                 f"the guide was built on another noise schedule than the model ({theirs!r} against "
                 f"{self.schedule!r}): build both from the same schedule"
             )
+
+
+# ---------------------------------------------------------------------- sampling the chain
+#: what :func:`sample_chain` returns after x_1: a draw of the decoder, its mean, or x_1 itself
+LAST_STEPS = ("sample", "mean", "none")
+
+
+@torch.no_grad()
+def reverse_step(
+    model: ReverseChain,
+    x_t: torch.Tensor,
+    t: int | torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    clip: bool = False,
+) -> torch.Tensor:
+    r"""One draw from :math:`p(x_{t-1} \mid x_t)` (the chain's :class:`ReverseStep`): for a network,
+    :math:`\mu_\theta(x_t, t) + \sigma_t z` for t >= 2, and at t = 1 a draw of :math:`x_0` from the decoder.
+
+    :param x_t: a batch ``(N, *D)``.
+    :param t: the math timestep of every example (an int in 1..T) or of each (a LongTensor ``(N,)``).
+    :param generator: the generator of the standard normal draw ``z`` (not of ``z`` if ``noise`` is given; a
+        mixture step also draws its component with it).
+    :param noise: the standard normal draw ``z`` itself, shaped like ``x_t``.
+    :param clip: clamp :math:`\hat x_0` to [-1, 1] and take the step from it (:meth:`ReverseStep.clipped`, the
+        references' ``clip_denoised``: the clipped sampler is not the model whose bound pyrodiff scores).
+    """
+    T, N = model.schedule.num_steps, x_t.shape[0]
+    if isinstance(t, int) and not 1 <= t <= T:
+        raise ValueError(f"t must lie in 1..T = 1..{T}, got {t}")
+    steps = torch.full((N,), t, device=x_t.device, dtype=torch.long) if isinstance(t, int) else t
+    if steps.shape != (N,):
+        raise ValueError(f"t must be an int or a tensor of shape ({N},), got shape {tuple(steps.shape)}")
+    if noise is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    elif noise.shape != x_t.shape:
+        raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
+    step = _step(model, x_t, steps, clip)
+    if isinstance(t, int):  # no device-side selection (nor a host read) when all examples share t
+        return step.decode(model.decoder, noise, generator) if t == 1 else step.draw(noise, generator)
+    at_one = (steps == 1).reshape((N,) + (1,) * (x_t.dim() - 1))
+    return torch.where(at_one, step.decode(model.decoder, noise, generator), step.draw(noise, generator))
+
+
+@torch.no_grad()
+def sample_chain(
+    chain: ReverseChain,
+    x_T: torch.Tensor | int,
+    *,
+    generator: torch.Generator | None = None,
+    last: str = "mean",
+    clip: bool = False,
+    return_path: bool = False,
+    progress: bool = False,
+    graph: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""Ancestral sampling of ``chain`` (Ho et al. 2020, Algorithm 2, for any reverse chain): from :math:`x_T`, a
+    draw of every :math:`x_{t-1} \sim p(x_{t-1} \mid x_t)` down to :math:`x_1`, then the decoder.  A chain whose
+    steps are deterministic (DDIM with eta = 0, ``family.has_density`` false) takes each step's mean and draws
+    no noise.
+
+    :param x_T: the starting noise ``(N, *D)`` (finite), or a number N of samples: then :math:`x_T \sim N(0, I)` is
+        drawn with ``generator`` on the chain's device (the chain needs a ``data_shape``).
+    :param generator: the generator of every draw (on the device of ``x_T``).
+    :param last: ``"mean"`` (default) returns the decoder's mean :math:`\mu_\theta(x_1, 1)` (Algorithm 2's noiseless
+        last step, as improved-diffusion and diffusers do); ``"sample"`` draws :math:`x_0` from the decoder, so that
+        the samples follow exactly the law :math:`p_\theta(x_0)` whose bound pyrodiff reports; ``"none"`` stops at
+        :math:`x_1`.
+    :param clip: clamp each :math:`\hat x_0` to [-1, 1] (:func:`reverse_step`).
+    :param return_path: also return the path :math:`x_{1:T}`, shape ``(T, N, *D)``, row k - 1 holding :math:`x_k`.
+    :param progress: show a progress bar over the steps.
+    :param graph: capture one reverse step as a CUDA graph and replay it at every step (a :class:`DiffusionModel`
+        on a CUDA device): one launch per step instead of one per kernel, the same draws from ``generator`` (drawn
+        outside the graph) and the same samples.
+    """
+    if last not in LAST_STEPS:
+        raise ValueError(f"last must be one of {LAST_STEPS}, got {last!r}")
+    x_T = _start(chain, x_T, generator)
+    move = functools.partial(_transition, chain, clip)
+    move = _graphed(chain, x_T, move) if graph else functools.partial(move, generator=generator)
+    x, path, noisy = x_T, [x_T] if return_path else None, chain.family.has_density
+    for t in tqdm(
+        range(chain.schedule.num_steps, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False
+    ):
+        z = [torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)] if noisy else []
+        x = move(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), *z)
+        if path is not None:
+            path.append(x)
+    x = _last_step(chain, x, last, clip, generator)
+    return (x, torch.stack(path[::-1])) if return_path else x
+
+
+def _step(chain: ReverseChain, x_t: torch.Tensor, t: torch.Tensor, clip: bool) -> ReverseStep:
+    step = chain.predict(x_t, t)
+    return step.clipped(chain, x_t, t) if clip else step
+
+
+def _transition(
+    chain: ReverseChain,
+    clip: bool,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r""":math:`x_{t-1} \sim p(x_{t-1} \mid x_t)` for t >= 2 (a LongTensor) from the standard normal ``noise``, or the
+    step's mean without it (a deterministic chain): :func:`reverse_step`'s draw without its checks and its decoder
+    rows, the step :func:`sample_chain` repeats (and captures as a graph)."""
+    step = _step(chain, x_t, t, clip)
+    return step.mean if noise is None else step.draw(noise, generator)
+
+
+def _start(chain: ReverseChain, x_T: torch.Tensor | int, generator: torch.Generator | None) -> torch.Tensor:
+    """The starting noise: ``x_T`` checked, or ``x_T`` draws of N(0, I)."""
+    if not torch.is_tensor(x_T):
+        if isinstance(x_T, bool) or not isinstance(x_T, int) or x_T < 1:
+            raise ValueError(f"the number of samples must be a positive integer, got {x_T!r}")
+        if chain.data_shape is None:
+            raise ValueError("to sample, give the DiffusionModel a data_shape (or score one batch of data first)")
+        device, dtype = chain.device_and_dtype()
+        return torch.randn((x_T,) + chain.data_shape, generator=generator, device=device, dtype=dtype)
+    if chain.data_shape is not None and tuple(x_T.shape[1:]) != chain.data_shape:
+        raise ValueError(f"x_T must have shape (N, *{chain.data_shape}), got {tuple(x_T.shape)}")
+    return x_T
+
+
+def _graphed(chain: ReverseChain, x_T: torch.Tensor, move: Callable[..., torch.Tensor]) -> GraphedStep:
+    """``move`` as a :class:`~pyrodiff.cuda_graph.GraphedStep`, after checking that it can be one."""
+    if x_T.device.type != "cuda":
+        raise ValueError(f"graph=True captures a step as a CUDA graph: x_T must be on a CUDA device, not {x_T.device}")
+    if not isinstance(chain, DiffusionModel):
+        raise ValueError(
+            f"graph=True needs a DiffusionModel (its steps draw only the noise given), not {type(chain).__name__}"
+        )
+    return GraphedStep(move)
+
+
+def _last_step(
+    chain: ReverseChain, x_1: torch.Tensor, last: str, clip: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    if last == "sample":
+        return reverse_step(chain, x_1, 1, generator=generator, clip=clip)
+    if last == "mean":
+        return _step(chain, x_1, torch.ones(x_1.shape[0], device=x_1.device, dtype=torch.long), clip).mean
+    return x_1
