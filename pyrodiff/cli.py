@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import checks
 from .training.checkpoint import CheckpointError
 
 DEFAULT_SPEC = "digits"
@@ -24,16 +25,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _integer(minimum: int):
-    """An argument type: an integer >= ``minimum``."""
+    """An argument type: an integer >= ``minimum`` (:func:`pyrodiff.checks.integer`), the text shown as typed."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value: object = int(text)
         except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return value
+            value = text  # not an integer: the check refuses it
+        try:
+            return checks.integer("argument", value, minimum)  # argparse names the option
+        except checks.CheckError as e:
+            raise argparse.ArgumentTypeError(f"must be {e.expected}, got {text!r}") from None
 
     return parse
 

@@ -108,7 +108,7 @@ BAD = [
     ({"training": {"steps": -5}}, ["training.steps", "integer >= 1", "-5"]),
     ({"training": {"grad_clip": -1}}, ["training.grad_clip", "> 0"]),
     ({"training": {"lr": 0}}, ["training.lr", "> 0"]),
-    ({"training": {"ema_decay": 1}}, ["training.ema_decay", ">= 0 and < 1"]),
+    ({"training": {"ema_decay": 1}}, ["training.ema_decay", "a number in [0, 1)", "1 (int)"]),
     ({"training": {"checkpoint_every": 0}}, ["training.checkpoint_every", "integer >= 1"]),
     ({"training": {"compile": 1}}, ["training.compile", "true or false"]),
     ({"training": {"amp": True}}, ["training.amp", 'false, "bf16"', "true (bool)"]),

@@ -18,13 +18,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-import math
 import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -37,6 +37,7 @@ else:  # pragma: no cover
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
+from .. import checks
 from ..chain.decoders import parse_decoder
 from ..chain.forward import DiffusionGuide
 from ..chain.objectives import Objective
@@ -103,76 +104,45 @@ def _describe(value: Any) -> str:
     return f"{_show(value)} ({type(value).__name__})"
 
 
-def _integer(minimum: int) -> Callable[[Any], int]:
-    """The check of an integer >= ``minimum`` (not a bool, not a float with an integer value)."""
-
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}, got {_describe(value)}")
-        return value
-
-    return check
+def _integer(minimum: int) -> Callable[[str, Any], int]:
+    return partial(checks.integer, minimum=minimum)
 
 
-def _number(minimum: float | None = None, maximum: float | None = None, exclusive: bool = False) -> Callable:
-    """The check of a finite number in [minimum, maximum) (minimum excluded too if ``exclusive``), as a float."""
-    bounds = [f"{'>' if exclusive else '>='} {minimum:g}"] if minimum is not None else []
-    bounds += [f"< {maximum:g}"] if maximum is not None else []
-    wanted = "a finite number" + "".join(f" {'and ' if i else ''}{b}" for i, b in enumerate(bounds))
-
-    def check(value: Any) -> float:
-        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-        if ok and minimum is not None:
-            ok = value > minimum if exclusive else value >= minimum
-        if ok and maximum is not None:
-            ok = value < maximum
-        if not ok:
-            raise ValueError(f"must be {wanted}, got {_describe(value)}")
-        return float(value)
-
-    return check
+def _choice(options: tuple | Mapping) -> Callable[[str, Any], Any]:
+    """One of ``options`` (a mapping's keys), compared with its type: TOML's false must not pass for 0."""
+    return partial(checks.one_of, options=tuple(options), show=_show)
 
 
-def _choice(options: tuple | Mapping) -> Callable[[Any], Any]:
-    options = tuple(options)
-
-    def check(value: Any) -> Any:
-        # compare types too: TOML's false must not pass for 0, nor 1 for true
-        if not any(type(value) is type(o) and value == o for o in options):
-            raise ValueError(f"must be one of {', '.join(map(_show, options))}; got {_describe(value)}")
-        return value
-
-    return check
-
-
-def _boolean(value: Any) -> bool:
+def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {_describe(value)}")
+        raise checks.CheckTypeError(name, "true or false", value)
     return value
 
 
-def _string(value: Any) -> str:
+def _string(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {_describe(value)}")
+        raise checks.CheckTypeError(name, "a string", value)
     return value
 
 
-def _sequence(item: Callable[[Any], Any], what: str) -> Callable[[Any], tuple]:
-    def check(value: Any) -> tuple:
+def _sequence(item: Callable[[str, Any], Any], what: str) -> Callable[[str, Any], tuple]:
+    """A list whose entries pass ``item``; the message says what each entry must be."""
+
+    def check(name: str, value: Any) -> tuple:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"must be a list of {what}, got {_describe(value)}")
+            raise checks.CheckTypeError(name, f"a list of {what}", value)
         try:
-            return tuple(item(v) for v in value)
-        except ValueError as e:
-            raise ValueError(f"must be a list of {what}: an entry {e}") from None
+            return tuple(item(name, v) for v in value)
+        except checks.CheckError as e:
+            raise checks.CheckError(name, f"a list of {what}, each {e.expected}", value) from None
 
     return check
 
 
-def _parsed_by(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _parsed_by(parse: Callable[[Any], Any]) -> Callable[[str, Any], Any]:
     """A check that runs one of the library's own parsers (whose message names the allowed values)."""
 
-    def check(value: Any) -> Any:
+    def check(name: str, value: Any) -> Any:
         parse(value)
         return value
 
@@ -182,12 +152,12 @@ def _parsed_by(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _from_annotation(hint: Any) -> Callable[[Any], Any] | None:
     """The check of a constructor argument annotated ``hint``; None for a type a TOML value cannot have."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        checks = [c for c in map(_from_annotation, typing.get_args(hint)) if c is not None]
-        return checks[0] if checks else None
+        found = [c for c in map(_from_annotation, typing.get_args(hint)) if c is not None]
+        return found[0] if found else None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (tuple, list) and args and args[0] in (int, float):
         return _sequence(_from_annotation(args[0]), "integers" if args[0] is int else "numbers")
-    return {int: _integer(0), float: _number(), bool: _boolean, str: _string}.get(hint)
+    return {int: _integer(0), float: checks.number, bool: _boolean, str: _string}.get(hint)
 
 
 def _constructor_checks(fn: Callable, exclude: tuple[str, ...] = ()) -> dict[str, tuple[Callable, Any]]:
@@ -216,8 +186,9 @@ class _Table:
     def error(self, key: str, message: str) -> SpecError:
         return SpecError(f"{self.source}: {self.name}.{key}: {message}")
 
-    def get(self, key: str, check: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
-        """The value of ``key`` passed through ``check``; ``default`` if absent (or None, which TOML cannot write)."""
+    def get(self, key: str, check: Callable[[str, Any], Any], default: Any = _REQUIRED) -> Any:
+        """The value of ``key`` passed through ``check`` (a check of :mod:`pyrodiff.checks`, given the name and
+        the value); ``default`` if absent (or None, which TOML cannot write)."""
         self.read.add(key)
         value = self.values.get(key)
         if value is None:
@@ -225,7 +196,9 @@ class _Table:
                 raise self.error(key, "is required")
             return default
         try:
-            return check(value)
+            return check(f"{self.name}.{key}", value)
+        except checks.CheckError as e:  # the value as the file spells it, with its type
+            raise self.error(key, f"must be {e.expected}, got {_describe(e.value)}") from None
         except ValueError as e:
             raise self.error(key, str(e)) from None
 
@@ -398,15 +371,15 @@ class TrainingSpec:
 
     @classmethod
     def read(cls, t: _Table) -> TrainingSpec:
-        checks = {
+        check = {
             "steps": _integer(1),
             "batch_size": _integer(1),
             "micro_batches": _integer(1),
-            "lr": _number(0, exclusive=True),
-            "weight_decay": _number(0),
+            "lr": partial(checks.number, lo=0, lo_open=True),
+            "weight_decay": partial(checks.number, lo=0),
             "warmup_steps": _integer(0),
-            "grad_clip": _number(0, exclusive=True),
-            "ema_decay": _number(0, 1),
+            "grad_clip": partial(checks.number, lo=0, lo_open=True),
+            "ema_decay": partial(checks.number, lo=0, hi=1, hi_open=True),
             "estimator": _choice(ESTIMATORS),
             "objective": _parsed_by(Objective),
             "subsample_steps": _subsample_steps,
@@ -419,7 +392,7 @@ class TrainingSpec:
             "eval_examples": _integer(1),
             "seed": _integer(0),
         }
-        training = cls(**{f.name: t.get(f.name, checks[f.name], f.default) for f in fields(cls)})
+        training = cls(**{f.name: t.get(f.name, check[f.name], f.default) for f in fields(cls)})
         t.finish()
         if training.batch_size % training.micro_batches:
             raise t.error(
@@ -438,13 +411,11 @@ class TrainingSpec:
         return d | {"subsample_steps": "all" if self.subsample_steps is None else self.subsample_steps}
 
 
-def _subsample_steps(value: Any) -> int | None:
+def _subsample_steps(name: str, value: Any) -> int | None:
     if value == "all":
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"must be an integer >= 1 (timesteps per example) or 'all' (the full chain), got {_describe(value)}"
-        )
+    if not checks.is_integer(value) or value < 1:
+        raise checks.CheckError(name, "an integer >= 1 (timesteps per example) or 'all' (the full chain)", value)
     return value
 
 
