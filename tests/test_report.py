@@ -159,3 +159,41 @@ def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
     assert summary["model"]["schedule"] == {"kind": "cosine", "num_steps": 10, "s": 0.008, "max_beta": 0.999}
     assert "kl_bound_nats" in summary  # gaussians8's density is known
     assert summary["name"] == "tiny" and summary["checkpoint"] == str(result.checkpoint)
+
+
+class _Caught(Exception):
+    """Raised by a stand-in to stop a function where it hands over a value."""
+
+
+def test_report_checkpoint_replaces_only_the_variance(tmp_path, monkeypatch):
+    """``report_checkpoint(variance="small")`` scores the checkpoint's model with that variance and every other part
+    kept, the inference family included: a DDIM model stays DDIM (the model is caught where it would be scored)."""
+    from types import SimpleNamespace
+
+    from pyrodiff import DiffusionModel, NoiseSchedule
+    from pyrodiff.testing import LinearDenoiser
+    from pyrodiff.training import trained
+
+    schedule = NoiseSchedule.linear(10, 0.01, 0.2)
+    loaded = DiffusionModel(LinearDenoiser(10), schedule, "x0", "large", data_shape=(2,)).ddim(0.5)
+    data = torch.zeros(4, 2)
+    built = SimpleNamespace(data=SimpleNamespace(train=data, test=data, log_density=None), spec=SimpleNamespace())
+    monkeypatch.setattr(trained, "load_trained", lambda *args: (built, loaded))
+    scored = []
+
+    def caught(model, *args, **kwargs):
+        scored.append(model)
+        raise _Caught
+
+    monkeypatch.setattr(trained, "bound_terms", caught)
+    with pytest.raises(_Caught):
+        trained.report_checkpoint("checkpoint.pt", tmp_path / "report", variance="small")
+    (model,) = scored
+    assert model.family == loaded.family and not model.family.is_markov and model.variance.name == "small"
+    assert (model.network, model.schedule, model.prediction, model.decoder, model.data_shape) == (
+        loaded.network,
+        schedule,
+        loaded.prediction,
+        loaded.decoder,
+        (2,),
+    )

@@ -62,12 +62,4 @@ def analytic_variance(model: DiffusionModel, data: torch.Tensor, draws: int = 1,
     if not model.family.is_markov:
         raise ValueError("Analytic-DPM's variances here are those of DDPM's chain: give the model before .ddim(eta)")
     sigma2 = optimal_variances(model.schedule, expected_eps_norm(model, data, draws, generator))
-    return DiffusionModel(
-        model.network,
-        model.schedule,
-        model.prediction,
-        TableVariance(tuple(float(v) for v in sigma2)),
-        model.decoder,
-        None,
-        model.data_shape,
-    )
+    return model.with_variance(TableVariance(tuple(float(v) for v in sigma2)))

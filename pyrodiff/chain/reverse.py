@@ -337,6 +337,12 @@ class DiffusionModel(ReverseChain):
         """The same model with another network (e.g. the exponential moving average of the weights)."""
         return self._with(network, self.schedule)
 
+    def with_variance(self, variance: str | ReverseVariance) -> DiffusionModel:
+        """The same model with another reverse variance (``"small"``, ``"large"``, ``"learned"`` or a
+        :class:`~pyrodiff.chain.parameterization.ReverseVariance`, e.g. Analytic-DPM's table); the network, schedule,
+        prediction, decoder, data shape and inference family are kept."""
+        return self._with(self.network, self.schedule, parse_variance(variance))
+
     def _with(self, network: nn.Module, schedule: NoiseSchedule, variance=None, family=None) -> DiffusionModel:
         """A model of the same parts but these (the run-time options, ``autocast_dtype`` and ``register_with_pyro``,
         back to their defaults)."""

@@ -87,9 +87,7 @@ def report_checkpoint(
         if variance not in ("small", "large", "analytic"):
             raise ValueError(f"variance must be 'small', 'large' or 'analytic', got {variance!r}")
         fixed = "small" if variance == "analytic" else variance
-        model = DiffusionModel(
-            model.network, model.schedule, model.prediction, fixed, model.decoder, None, model.data_shape
-        )
+        model = model.with_variance(fixed)
     if steps is not None:
         model = model.respaced(steps)
     if eta is not None:
