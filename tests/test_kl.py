@@ -1,14 +1,16 @@
 """The KL divergences registered for the chains (float64)."""
 
+import math
+
 import numpy as np
 import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.chain.kl import FORWARD_ORDER_MEAN_FIELD_ERROR
 from pyrodiff.testing import linear_case
 
 T = 5
@@ -43,10 +45,16 @@ def test_path_kl_is_the_per_row_kl_along_the_evaluated_path(variance, float64):
     assert np.allclose(kl[-1], prior, rtol=1e-10)
 
 
-def test_forward_order_laws_refuse_the_analytic_kl(float64):
+def test_trace_mean_field_elbo_refuses_the_forward_order_guide(float64):
+    """TraceMeanField_ELBO with the forward-order guide raises, naming the bias and the fix; the same estimator with
+    the posterior-order guide (and Trace_ELBO with the forward order) gives the loss."""
     model, x0, _ = linear_case(SCHEDULE, shape=(2, 2))
-    gt = poutine.trace(DiffusionGuide(SCHEDULE, "forward")).get_trace(x0)
-    mt = poutine.trace(poutine.replay(model, trace=gt)).get_trace(x0)
-    with pytest.raises(ValueError, match="biased"):
-        kl_divergence(gt.nodes["x_{1:T}"]["fn"], mt.nodes["x_{1:T}"]["fn"])
-    assert "order='posterior'" in FORWARD_ORDER_MEAN_FIELD_ERROR
+    pyro.set_rng_seed(0)
+    with pytest.raises(ValueError) as refusal:
+        TraceMeanField_ELBO().loss(model, DiffusionGuide(SCHEDULE, "forward"), x0)
+    message = str(refusal.value)
+    assert message.startswith("TraceMeanField_ELBO is biased with DiffusionGuide(order='forward')")
+    assert "Use DiffusionGuide(order='posterior') with TraceMeanField_ELBO, or Trace_ELBO with either order." in message
+    assert "\n" not in message
+    assert math.isfinite(TraceMeanField_ELBO().loss(model, DiffusionGuide(SCHEDULE, "posterior"), x0))
+    assert math.isfinite(Trace_ELBO().loss(model, DiffusionGuide(SCHEDULE, "forward"), x0))

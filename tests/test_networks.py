@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,18 @@ def test_mlp_denoiser():
         net(torch.randn(5, 3), torch.arange(1, 6))
 
 
-def test_timestep_embedding():
-    e = timestep_embedding(torch.tensor([0, 7]), 8)
-    assert e.shape == (2, 8)
-    assert torch.allclose(e[0], torch.tensor([1.0] * 4 + [0.0] * 4))
+@pytest.mark.parametrize("dim, max_period", [(8, 10000.0), (6, 100.0), (128, 10000.0)])
+def test_timestep_embedding_is_the_sinusoidal_code(dim, max_period):
+    """Column i < d/2 is cos(t w_i) and column d/2 + i is sin(t w_i), with w_i = P^(-i / (d/2)) (the Transformer's
+    frequencies, Vaswani et al. 2017, section 3.5, in improved-diffusion's cos-then-sin order), at t from 0 to
+    T = 1000, computed here in float64; the embedding is float32, so the tolerance is a few float32 roundings of the
+    largest argument t w_0 = t."""
+    t = np.array([0, 1, 2, 7, 100, 537, 999, 1000])
+    half = dim // 2
+    omega = np.array([max_period ** (-i / half) for i in range(half)])
+    args = t[:, None].astype(np.float64) * omega[None, :]
+    expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    e = timestep_embedding(torch.tensor(t), dim, max_period)
+    assert e.shape == (len(t), dim) and e.dtype == torch.float32
+    tolerance = 4 * t.max() * np.finfo(np.float32).eps
+    np.testing.assert_allclose(e.double().numpy(), expected, rtol=0, atol=tolerance)
