@@ -1,5 +1,6 @@
 """Training, checkpoints and resume on tiny specifications."""
 
+import copy
 import csv
 import os
 import signal
@@ -7,7 +8,9 @@ import signal
 import numpy as np
 import pytest
 import torch
+from pyro import poutine
 
+from pyrodiff import DiffusionGuide
 from pyrodiff.training import loop as train_module
 from pyrodiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodiff.training.loop import TrainingError, TrainingInterrupted, train
@@ -108,11 +111,46 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, options):
     assert resumed.test_bound["terms_nats"] == full.test_bound["terms_nats"]
 
 
-def test_the_full_chain_trains(tmp_path):
-    spec = TINY_2D.with_changes({"training": {"subsample_steps": "all", "steps": 2}})
+def _gaussian_log_density(x, mean, var):
+    """log N(x; mean, var I), summed over the last dimension (float64 numpy)."""
+    return (-0.5 * (np.log(2 * np.pi * var) + (x - mean) ** 2 / var)).sum(-1)
+
+
+def test_the_full_chain_trains_on_the_negative_elbo_of_every_step(tmp_path, monkeypatch):
+    """With ``subsample_steps = "all"`` the first logged loss is the batch mean of log q(x_{1:T} | x_0) -
+    log p(x_{0:T}) at the initial weights, recomputed here by hand (MATH.md, "The bound") from the path the guide
+    drew: q's factors N(x_t; sqrt(1 - beta_t) x_{t-1}, beta_t) with the linear betas, p's prior N(0, I), its
+    reverse steps and its Gaussian decoder from the network's predictions."""
+    spec = TINY_2D.with_changes({"training": {"subsample_steps": "all", "steps": 2, "estimator": "trace"}})
     assert spec.training.subsample_steps is None
+    first = {}
+
+    class Recording(train_module.ESTIMATORS["trace"]):
+        def differentiable_loss(self, model, guide, x0, *args):
+            if torch.is_grad_enabled() and not first:
+                first.update(model=copy.deepcopy(model), x0=x0.clone(), args=args, rng=torch.get_rng_state())
+            return super().differentiable_loss(model, guide, x0, *args)
+
+    monkeypatch.setitem(train_module.ESTIMATORS, "trace", Recording)
     result = train(spec, tmp_path, progress=False, num_samples=8)
-    assert np.isfinite(load_checkpoint(result.checkpoint)["losses"]).all()
+    logged = load_checkpoint(result.checkpoint)["losses"][0]
+
+    model, x0, T = first["model"], first["x0"], 20
+    assert first["args"] in ((), (None,)) and x0.shape == (16, 2)
+    torch.set_rng_state(first["rng"])
+    with torch.no_grad():
+        path = poutine.trace(DiffusionGuide(model.schedule)).get_trace(x0).nodes["x_{1:T}"]["value"]  # (T, N, 2)
+        steps = [model.predict(path[t - 1], torch.full((16,), t)) for t in range(1, T + 1)]
+    betas = np.linspace(1e-3, 0.3, T)
+    x = [x0.double().numpy()] + [path[t - 1].double().numpy() for t in range(1, T + 1)]  # x[t] = x_t
+    log_q = sum(
+        _gaussian_log_density(x[t], np.sqrt(1 - betas[t - 1]) * x[t - 1], betas[t - 1]) for t in range(1, T + 1)
+    )
+    log_p = _gaussian_log_density(x[T], 0.0, 1.0)
+    for t in range(1, T + 1):  # p(x_{t-1} | x_t), the decoder at t = 1
+        mean, var = steps[t - 1].mean.double().numpy(), steps[t - 1].variance.double().numpy()
+        log_p = log_p + _gaussian_log_density(x[t - 1], mean, var)
+    assert logged == pytest.approx((log_q - log_p).mean(), rel=1e-5)
 
 
 def test_existing_checkpoint_is_not_overwritten(tmp_path):

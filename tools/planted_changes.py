@@ -805,8 +805,8 @@ def run_module(module: str, args) -> dict:
         make_copy(copy_dir)
         if tests == ["all"]:
             tests = ["tests"]
-        missing = [t for t in tests if not (copy_dir / t).exists()]
-        tests = [t for t in tests if (copy_dir / t).exists()]
+        missing = [t for t in tests if not (copy_dir / t.split("::")[0]).exists()]
+        tests = [t for t in tests if (copy_dir / t.split("::")[0]).exists()]
         if missing:
             print(f"[{module}] not in the copy, skipped: {', '.join(missing)}", flush=True)
         if not tests:
@@ -920,7 +920,12 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="e.g. pyrodiff/chain/schedule.py; repeat, or 'all' (formula modules)",
     )
-    p.add_argument("--tests", nargs="+", help="test files to run (default: the module's mapping); 'all' for tests/")
+    p.add_argument(
+        "--tests",
+        nargs="+",
+        help="test files or pytest node ids (FILE::TEST), run in the order given, fast ones first (the run stops at\n"
+        "the first failure); default: the module's mapping; 'all' for tests/",
+    )
     p.add_argument("--limit", type=int, help="plant at most this many changes")
     p.add_argument("--only", help="comma-separated mutant ids (from --list) to plant")
     p.add_argument("--list", action="store_true", help="only list the changes")
