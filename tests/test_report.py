@@ -129,7 +129,9 @@ def test_an_existing_report_is_never_replaced_silently(tmp_path):
 
 def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
     """``pyrodiff report`` end to end: the written bound is the decomposition of the checkpoint's EMA model
-    on the first examples of the split, with the model's choices and the split recorded."""
+    on the first examples of the split, with the model's choices and the split recorded; its draws come from a
+    generator seeded with ``seed`` (the same report for the same seed, another for another) and torch's global
+    random state is left as it was, the analytic variances' draws included."""
     from pyrodiff.evaluation.bound import bound_terms
     from pyrodiff.training.loop import train
     from pyrodiff.training.spec import Spec
@@ -146,12 +148,14 @@ def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
         }
     )
     result = train(spec, tmp_path / "run", progress=False, num_samples=4)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
     summary, folder = report_checkpoint(result.checkpoint, split="train", num_samples=2, max_examples=6)
+    assert torch.equal(torch.get_rng_state(), before)
     assert folder == tmp_path / "run" / "report-train"
     assert json.loads((folder / "bound.json").read_text()) == json.loads(json.dumps(summary))
     built, model = load_trained(result.checkpoint)
-    torch.manual_seed(0)  # the report's seed
-    terms = bound_terms(model, built.data.train[:6], num_samples=2)
+    terms = bound_terms(model, built.data.train[:6], num_samples=2, generator=torch.Generator().manual_seed(0))
     assert summary["total_nats"] == pytest.approx(terms.total.mean().item(), rel=1e-6)
     assert np.allclose(summary["terms_nats"], terms.mean().numpy(), rtol=1e-5, atol=1e-7)
     assert summary["num_examples"] == 6 and summary["num_samples"] == 2 and summary["split"] == "train"
@@ -159,6 +163,13 @@ def test_report_checkpoint_decomposes_the_ema_model_on_the_split(tmp_path):
     assert summary["model"]["schedule"] == {"kind": "cosine", "num_steps": 10, "s": 0.008, "max_beta": 0.999}
     assert "kl_bound_nats" in summary  # gaussians8's density is known
     assert summary["name"] == "tiny" and summary["checkpoint"] == str(result.checkpoint)
+    assert summary["seed"] == 0
+    analytic = [
+        report_checkpoint(result.checkpoint, tmp_path / f"a{i}", num_samples=2, variance="analytic", seed=seed)[0]
+        for i, seed in enumerate((3, 3, 4))
+    ]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert analytic[0]["terms_nats"] == analytic[1]["terms_nats"] != analytic[2]["terms_nats"]
 
 
 class _Caught(Exception):

@@ -73,8 +73,11 @@ class ReverseStep(Protocol):
     def log_prob(self, value: torch.Tensor, event_dim: int) -> torch.Tensor:
         r""":math:`\log p(x_{t-1} = \text{value} \mid x_t)` for rows with t >= 2."""
 
-    def kl_from(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int) -> torch.Tensor:
-        r""":math:`\mathrm{KL}(N(\text{loc}, \text{variance}\, I) \,\|\, p(x_{t-1} \mid x_t))` for rows with t >= 2."""
+    def kl_from(
+        self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        r""":math:`\mathrm{KL}(N(\text{loc}, \text{variance}\, I) \,\|\, p(x_{t-1} \mid x_t))` for rows with t >= 2
+        (``generator`` draws the Monte Carlo estimate where it is not :attr:`analytic_kl`)."""
 
     def draw(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw of :math:`x_{t-1}` (rows with t >= 2) from standard normal ``noise`` of the data's shape."""
@@ -113,7 +116,9 @@ class Prediction(NamedTuple):
     def log_prob(self, value: torch.Tensor, event_dim: int) -> torch.Tensor:
         return normal_log_prob(value, self.mean, self.variance, event_dim)
 
-    def kl_from(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int) -> torch.Tensor:
+    def kl_from(
+        self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return normal_kl(loc, variance, self.mean, self.variance, event_dim)
 
     def draw(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

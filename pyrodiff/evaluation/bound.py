@@ -128,6 +128,7 @@ def bound_terms(
     draws: str = "independent",
     chunk_size: int | None = None,
     progress: bool = False,
+    generator: torch.Generator | None = None,
 ) -> BoundTerms:
     r"""Draws of every term :math:`L_0 .. L_T` of the bound for the examples ``x0``: see the module docstring.
 
@@ -140,6 +141,8 @@ def bound_terms(
     :param chunk_size: timesteps per network call (memory grows with ``chunk_size * N``, not with T);
         by default as many as keep one call at about 4096 network inputs.
     :param progress: show a progress bar over the chunks.
+    :param generator: draws the noisy inputs (and the Monte Carlo KLs), on ``x0``'s device; torch's global generator
+        if None.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -169,10 +172,10 @@ def bound_terms(
             x0k = x0.expand((K,) + x0.shape)
             if draws == "independent":
                 loc, var = q_marginal(schedule, x0k, tt)
-                xt = loc + var.sqrt() * torch.randn_like(x0k)
+                xt = loc + var.sqrt() * _normal(x0k, generator)
             else:
                 view = (K,) + (1,) * (event_dim + 1)
-                eps = torch.randn_like(x0k) * (c.betas[t - 1] / c.alphas_cumprod[t - 1]).sqrt().reshape(view)
+                eps = _normal(x0k, generator) * (c.betas[t - 1] / c.alphas_cumprod[t - 1]).sqrt().reshape(view)
                 path = scaled_sum + eps.cumsum(0)
                 scaled_sum = path[-1]
                 xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
@@ -184,13 +187,20 @@ def bound_terms(
             kl = slice(1 if start == 1 else 0, K)
             if kl.start < kl.stop:
                 loc_q, var_q = model.posterior(x0k[kl], xt[kl], tt[kl])
-                nats[s, :, start - 1 + kl.start : stop - 1] = step.select(kl).kl_from(loc_q, var_q, event_dim).T
+                nats[s, :, start - 1 + kl.start : stop - 1] = (
+                    step.select(kl).kl_from(loc_q, var_q, event_dim, generator).T
+                )
             if start == 1:  # L_0 from the draw of x_1
                 nats[s, :, 0] = -step.select(0).decoder(model.decoder, event_dim).log_prob(x0)
             bar.update(K)
     bar.close()
     _check_finite(torch.isfinite(nats.reshape(-1, T + 1)).all(0))
     return BoundTerms(nats, sq_error, int(x0[0].numel()), model.decoder, model.describe())
+
+
+def _normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal draws of ``like``'s shape, dtype and device from ``generator`` (the global one if None)."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
 def _check_finite(finite: torch.Tensor, first: int = 0) -> None:

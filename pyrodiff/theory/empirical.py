@@ -141,10 +141,13 @@ class EmpiricalStep(NamedTuple):
     def transition(self, event_dim: int) -> TorchDistribution:
         return _StepLaw(self, event_dim)
 
-    def kl_from(self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int) -> torch.Tensor:
+    def kl_from(
+        self, loc: torch.Tensor, variance: torch.Tensor, event_dim: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         r""":math:`\log N(y; \text{loc}, \text{variance}) - \log q(y \mid x_t)` at one draw
-        :math:`y \sim N(\text{loc}, \text{variance})` (torch's global generator): an unbiased estimate of the KL."""
-        y = loc + variance.sqrt() * torch.randn_like(loc)
+        :math:`y \sim N(\text{loc}, \text{variance})` (``generator``, torch's global one if None): an unbiased
+        estimate of the KL."""
+        y = loc + variance.sqrt() * torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
         return normal_log_prob(y, loc, variance, event_dim) - self.log_prob(y, event_dim)
 
     def draw(self, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -28,10 +28,13 @@ def load_trained(
     checkpoint_path: str | Path, device: str = "cpu", data_root: str | Path | None = None
 ) -> tuple[Built, DiffusionModel]:
     """The specification's objects and the EMA-weighted model of a checkpoint, in evaluation mode.  The
-    checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.training.spec.Spec.from_dict`)."""
+    checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.training.spec.Spec.from_dict`).
+    The network's initial weights, replaced by the checkpoint's, are drawn without changing torch's global random
+    state (the specification's objects are built on the CPU)."""
     state = load_checkpoint(checkpoint_path, map_location=device)
     spec = Spec.from_dict(state["spec"], f"checkpoint {checkpoint_path}")
-    built = build(spec, data_root)
+    with torch.random.fork_rng(devices=[]):
+        built = build(spec, data_root)
     decay = get_ema_multi_avg_fn(spec.training.ema_decay)
     ema = AveragedModel(built.model.network, multi_avg_fn=decay, use_buffers=True)
     try:
@@ -57,6 +60,7 @@ def report_checkpoint(
     variance: str | None = None,
     analytic_examples: int = 200,
     eta: float | None = None,
+    seed: int = 0,
 ) -> tuple[dict, Path]:
     r"""Decompose the bound of a checkpoint's EMA model on a data split and write the report
     (default folder: ``report-SPLIT`` beside the checkpoint).  With ``steps`` = K, the bound of the respaced
@@ -65,6 +69,8 @@ def report_checkpoint(
     (:func:`~pyrodiff.chain.analytic.analytic_variance`, estimated on the first ``analytic_examples`` training examples).
     ``eta`` in (0, 1] scores DDIM's generative process with that eta (:meth:`~pyrodiff.chain.reverse.DiffusionModel.ddim`)
     against its inference family :math:`q_\sigma`; eta = 0 has no bound and is refused.
+    The draws (of the analytic variances' and of the bound's noisy inputs) come from a generator seeded with ``seed``
+    on ``device``: the same report for the same seed, and torch's global random state untouched.
     Returns the summary and the folder."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -74,6 +80,8 @@ def report_checkpoint(
         isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
     ):
         raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if eta is not None:
         if variance is not None:
             raise ValueError("DDIM's variances are set by eta: give variance or eta, not both")
@@ -92,17 +100,24 @@ def report_checkpoint(
         model = model.respaced(steps)
     if eta is not None:
         model = model.ddim(eta)
+    generator = torch.Generator(device=device)
     if variance == "analytic":
-        torch.manual_seed(0)
-        model = analytic_variance(model, built.data.train[:analytic_examples].to(device))
+        generator.manual_seed(seed)
+        model = analytic_variance(model, built.data.train[:analytic_examples].to(device), generator=generator)
     data = getattr(built.data, split)[:max_examples]
     if tuple(data.shape[1:]) != model.data_shape:
         raise ValueError(
             f"checkpoint's data shape {model.data_shape} does not match the {split} data {tuple(data.shape[1:])}"
         )
-    torch.manual_seed(0)
+    generator.manual_seed(seed)
     terms = bound_terms(
-        model, data.to(device), num_samples=num_samples, draws=draws, chunk_size=chunk_size, progress=progress
+        model,
+        data.to(device),
+        num_samples=num_samples,
+        draws=draws,
+        chunk_size=chunk_size,
+        progress=progress,
+        generator=generator,
     )
     meta = {
         "name": built.spec.name,
@@ -112,6 +127,7 @@ def report_checkpoint(
         "steps": steps,
         "variance": variance,
         "eta": eta,
+        "seed": seed,
     }
     log_q = built.data.log_density(data) if built.data.log_density else None
     return write_report(terms, out, meta, log_q, overwrite=overwrite), out
