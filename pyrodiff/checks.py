@@ -48,14 +48,19 @@ def _shown(value: Any) -> str:
 
 
 class CheckError(ValueError):
-    """An argument that is refused: ``name`` must be ``expected`` (a phrase: "an integer >= 1"), got ``value``."""
+    """An argument that is refused: ``name`` must be ``expected`` (a phrase: "an integer >= 1"), got ``value``.
 
-    def __init__(self, name: str, expected: str, value: Any) -> None:
+    Made by :meth:`refuse`.  ``CheckError(message)`` alone, as Pyro rebuilds an error raised inside a model
+    (adding the trace's shapes to the message), leaves the three parts None."""
+
+    def __init__(self, message: str, name: str | None = None, expected: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
         self.name, self.expected, self.value = name, expected, value
-        super().__init__(f"{name} must be {expected}, got {_shown(value)}")
 
-    def __reduce__(self) -> tuple:
-        return type(self), (self.name, self.expected, self.value)
+    @classmethod
+    def refuse(cls, name: str, expected: str, value: Any) -> CheckError:
+        """The error "``name`` must be ``expected``, got ``value``"."""
+        return cls(f"{name} must be {expected}, got {_shown(value)}", name, expected, value)
 
 
 class CheckTypeError(CheckError, TypeError):
@@ -76,9 +81,9 @@ def integer(name: str, value: Any, minimum: int | None = None) -> int:
     """``value``, an integer >= ``minimum`` (any integer if ``minimum`` is None)."""
     expected = "an integer" if minimum is None else f"an integer >= {minimum}"
     if not is_integer(value):
-        raise CheckTypeError(name, expected, value)
+        raise CheckTypeError.refuse(name, expected, value)
     if minimum is not None and value < minimum:
-        raise CheckError(name, expected, value)
+        raise CheckError.refuse(name, expected, value)
     return value
 
 
@@ -93,9 +98,9 @@ def int_in(name: str, value: Any, lo: int, hi: int, hi_name: str | None = None) 
     span = f"{lo}..{hi}" if hi_name is None else f"{lo}..{hi_name} = {lo}..{hi}"
     expected = f"an integer in {span}"
     if not is_integer(value):
-        raise CheckTypeError(name, expected, value)
+        raise CheckTypeError.refuse(name, expected, value)
     if not lo <= value <= hi:
-        raise CheckError(name, expected, value)
+        raise CheckError.refuse(name, expected, value)
     return value
 
 
@@ -117,14 +122,14 @@ def number(
         bounds += [f"{'<' if hi_open else '<='} {hi:g}"] if hi is not None else []
         expected = " ".join(["a finite number", *bounds])
     if not is_number(value):
-        raise CheckTypeError(name, expected, value)
+        raise CheckTypeError.refuse(name, expected, value)
     ok = math.isfinite(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
         ok = value < hi if hi_open else value <= hi
     if not ok:
-        raise CheckError(name, expected, value)
+        raise CheckError.refuse(name, expected, value)
     return float(value)
 
 
@@ -138,5 +143,5 @@ def one_of(name: str, value: T, options: Iterable[Any], show: Callable[[Any], st
     for ``True``); ``show`` writes the options in the message (the specification writes them as TOML does)."""
     options = tuple(options)
     if not any(type(value) is type(o) and value == o for o in options):
-        raise CheckError(name, f"one of {', '.join(map(show, options))}", value)
+        raise CheckError.refuse(name, f"one of {', '.join(map(show, options))}", value)
     return value

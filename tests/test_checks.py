@@ -7,6 +7,7 @@ import math
 import pickle
 
 import numpy as np
+import pyro
 import pytest
 import torch
 
@@ -124,5 +125,18 @@ def test_the_predicates():
 
 def test_a_check_error_survives_pickling():
     """Errors cross process boundaries (the distributed training's workers): they must pickle whole."""
-    e = pickle.loads(pickle.dumps(CheckTypeError("n", "an integer", 2.5)))
+    e = pickle.loads(pickle.dumps(CheckTypeError.refuse("n", "an integer", 2.5)))
     assert type(e) is CheckTypeError and str(e) == "n must be an integer, got 2.5"
+    assert (e.name, e.expected, e.value) == ("n", "an integer", 2.5)
+
+
+def test_a_check_error_raised_inside_a_pyro_model_passes_through_its_trace():
+    """Pyro's trace rebuilds a ValueError from its message alone (adding the sites' shapes): it must still be
+    the check's error, with the check's message."""
+
+    def model():
+        pyro.sample("x", pyro.distributions.Normal(0.0, 1.0))
+        checks.positive_int("num_samples", 0)
+
+    with pytest.raises(CheckError, match="^num_samples must be an integer >= 1, got 0\n"):
+        pyro.poutine.trace(model).get_trace()

@@ -124,7 +124,7 @@ def test_bad_arguments(float64):
         samplers.reverse_step(model, torch.zeros(2, 3), T + 1)
     with pytest.raises(ValueError, match="noise"):
         samplers.reverse_step(model, torch.zeros(2, 3), 2, noise=torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="the number of samples must be an integer >= 1, got 0"):
         samplers.ancestral(model, 0)
     with pytest.raises(ValueError, match="data_shape"):
         samplers.ancestral(DiffusionModel(LinearDenoiser(T), SCHEDULE), 3)
@@ -238,7 +238,7 @@ def test_bad_sampler_arguments(float64):
         ({"eta": 1.5}, "eta"),
         ({"eta": -0.1}, "eta"),
         ({"steps": 1}, "steps"),
-        ({"steps": 31}, "1..T|count"),
+        ({"steps": 31}, r"steps must be an integer in 2\.\.T = 2\.\.30, got 31"),
         ({"timesteps": [1, 5, 5]}, "increasing"),
         ({"timesteps": [0, 5]}, "1..T"),
         ({"steps": 3, "timesteps": [1, 2]}, "not both"),

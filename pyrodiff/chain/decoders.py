@@ -19,6 +19,8 @@ import torch
 from pyro.distributions import Normal, constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
+from .. import checks
+
 __all__ = [
     "Decoder",
     "GaussianDecoder",
@@ -173,7 +175,7 @@ class DiscretizedDecoder(Decoder):
     levels: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 2:
+        if not checks.is_integer(self.levels) or self.levels < 2:
             raise ValueError(
                 "the discretized decoder needs an integer number of levels >= 2 (256 for 8-bit images), "
                 f"got {self.levels!r}"

@@ -22,6 +22,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from .. import checks
 from .gaussian import at_timesteps, expand_event, normal_log_prob
 from .path import PathDistribution, is_last_row, path_timesteps
 from .schedule import NoiseSchedule
@@ -118,10 +119,7 @@ class InferenceFamily:
     eta: float = 1.0
 
     def __post_init__(self) -> None:
-        eta = self.eta
-        if isinstance(eta, bool) or not isinstance(eta, int | float) or not 0 <= eta <= 1:
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-        object.__setattr__(self, "eta", float(eta))
+        object.__setattr__(self, "eta", checks.probability("eta", self.eta))
 
     @property
     def is_markov(self) -> bool:

@@ -35,6 +35,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..cuda_graph import GraphedStep
 from .decoders import Decoder, parse_decoder
 from .forward import DDPM, ETA_ZERO_HAS_NO_BOUND, SCHEDULE_KEY, InferenceFamily, check_batch, q_marginal
@@ -208,10 +209,8 @@ class ReverseChain(nn.Module):
                     raise ValueError(
                         "to sample, give the DiffusionModel a data_shape (or score one batch of data first)"
                     )
-                if batch_size is not None and (
-                    isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-                ):
-                    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+                if batch_size is not None:
+                    checks.positive_int("batch_size", batch_size)
                 return self._full_chain(None, batch_size or 1, self.data_shape)
             self.check_data(x0)
             if subsample_steps is None:
@@ -369,7 +368,7 @@ class DiffusionModel(ReverseChain):
         Its step i is the original step :math:`t_i`: the network always sees the original timestep, and the fixed
         or learned variances follow the respaced schedule.  ``bound_terms``, the samplers and the Pyro program work
         on it unchanged: its bound is the exact bound of the K-step sampler.  K >= 2."""
-        if isinstance(steps, int) and not isinstance(steps, bool):
+        if checks.is_integer(steps):
             timesteps = self.schedule.evenly_spaced_timesteps(steps)
         else:
             timesteps = self.schedule.validated_timesteps(steps)
@@ -655,8 +654,7 @@ def _transition(
 def _start(chain: ReverseChain, x_T: torch.Tensor | int, generator: torch.Generator | None) -> torch.Tensor:
     """The starting noise: ``x_T`` checked, or ``x_T`` draws of N(0, I)."""
     if not torch.is_tensor(x_T):
-        if isinstance(x_T, bool) or not isinstance(x_T, int) or x_T < 1:
-            raise ValueError(f"the number of samples must be a positive integer, got {x_T!r}")
+        checks.positive_int("the number of samples", x_T)
         if chain.data_shape is None:
             raise ValueError("to sample, give the DiffusionModel a data_shape (or score one batch of data first)")
         device, dtype = chain.device_and_dtype()

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import checks
 from .reverse import LAST_STEPS, ReverseChain, reverse_step, sample_chain
 
 __all__ = ["reverse_step", "ancestral", "ddim", "LAST_STEPS"]
@@ -120,6 +121,6 @@ def _respaced(model: ReverseChain, steps: int | None, timesteps: Sequence[int] |
         return model
     if not hasattr(model, "respaced"):
         raise ValueError(f"{type(model).__name__} cannot be respaced: run it over all its steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
-        raise ValueError(f"steps must be an integer in 2..T = 2..{model.schedule.num_steps}, got {steps!r}")
+    if steps is not None:
+        checks.int_in("steps", steps, 2, model.schedule.num_steps, hi_name="T")
     return model.respaced(steps if steps is not None else timesteps)

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .. import checks
+
 __all__ = ["NoiseSchedule"]
 
 
@@ -161,8 +163,7 @@ class NoiseSchedule:
         Returns a LongTensor of length ``count``.
         """
         T = self.num_steps
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= T:
-            raise ValueError(f"count must be an integer in 1..T = 1..{T}, got {count!r}")
+        checks.int_in("count", count, 1, T, hi_name="T")
         if count == 1:
             return torch.tensor([T])
         grid = torch.linspace(1, T, count, dtype=torch.float64)

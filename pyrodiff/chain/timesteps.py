@@ -21,6 +21,8 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample as _PyroSubsample
 
+from .. import checks
+
 __all__ = [
     "TimestepSubsample",
     "draw_timesteps",
@@ -79,12 +81,7 @@ TimestepSubsample = _Subsample
 
 def check_subsample_steps(subsample_steps: int, num_steps: int) -> None:
     """Refuse a number of steps per example outside 1..T."""
-    if (
-        isinstance(subsample_steps, bool)
-        or not isinstance(subsample_steps, int)
-        or not 1 <= subsample_steps <= num_steps
-    ):
-        raise ValueError(f"subsample_steps must be an integer in 1..T = 1..{num_steps}, got {subsample_steps!r}")
+    checks.int_in("subsample_steps", subsample_steps, 1, num_steps, hi_name="T")
 
 
 def draw_timesteps(num_examples: int, subsample_steps: int, num_steps: int, device: torch.device) -> torch.Tensor:

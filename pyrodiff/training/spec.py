@@ -115,13 +115,13 @@ def _choice(options: tuple | Mapping) -> Callable[[str, Any], Any]:
 
 def _boolean(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise checks.CheckTypeError(name, "true or false", value)
+        raise checks.CheckTypeError.refuse(name, "true or false", value)
     return value
 
 
 def _string(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise checks.CheckTypeError(name, "a string", value)
+        raise checks.CheckTypeError.refuse(name, "a string", value)
     return value
 
 
@@ -130,11 +130,11 @@ def _sequence(item: Callable[[str, Any], Any], what: str) -> Callable[[str, Any]
 
     def check(name: str, value: Any) -> tuple:
         if not isinstance(value, list | tuple):
-            raise checks.CheckTypeError(name, f"a list of {what}", value)
+            raise checks.CheckTypeError.refuse(name, f"a list of {what}", value)
         try:
             return tuple(item(name, v) for v in value)
         except checks.CheckError as e:
-            raise checks.CheckError(name, f"a list of {what}, each {e.expected}", value) from None
+            raise checks.CheckError.refuse(name, f"a list of {what}, each {e.expected}", value) from None
 
     return check
 
@@ -415,7 +415,7 @@ def _subsample_steps(name: str, value: Any) -> int | None:
     if value == "all":
         return None
     if not checks.is_integer(value) or value < 1:
-        raise checks.CheckError(name, "an integer >= 1 (timesteps per example) or 'all' (the full chain)", value)
+        raise checks.CheckError.refuse(name, "an integer >= 1 (timesteps per example) or 'all' (the full chain)", value)
     return value
 
 
