@@ -11,7 +11,7 @@ from scipy.stats import norm
 from torch.distributions import MultivariateNormal
 
 from pyrodiff import DiffusionGuide, NoiseSchedule
-from pyrodiff.chain.forward import QForwardOrder, QPosteriorOrder, check_batch, q_marginal, q_posterior
+from pyrodiff.chain.forward import QForwardOrder, QPosteriorOrder, check_batch, q_marginal, q_posterior, q_trajectory
 from pyrodiff.testing import data_batches, schedules
 
 
@@ -137,6 +137,28 @@ def test_rsample_is_the_forward_recursion(data_shape, sample_shape, float64):
         beta = schedule.betas[t]
         x = (1 - beta).sqrt() * x + beta.sqrt() * eps.select(time_dim, t)
         assert torch.allclose(path.select(time_dim, t), x, rtol=1e-10, atol=1e-12), t
+
+
+def test_q_trajectory_continues_from_the_state_it_returns(float64):
+    """Chunks of timesteps, each started from the scaled state the previous one returned (as bound_terms draws a
+    trajectory), give the path of one call over all of them, which is the recursion
+    x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) eps_t."""
+    schedule = NoiseSchedule.linear(6, 0.05, 0.4)
+    x0 = torch.rand(3, 2) * 2 - 1
+    eps = torch.randn(6, 3, 2)
+    whole, end = q_trajectory(schedule, x0, eps, torch.arange(1, 7))
+    start, parts = x0, []
+    for t in ([1, 2], [3, 4, 5], [6]):
+        part, start = q_trajectory(schedule, start, eps[t[0] - 1 : t[-1]], torch.tensor(t))
+        parts.append(part)
+    assert torch.allclose(torch.cat(parts), whole, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(start, end, rtol=1e-12, atol=1e-14)
+    x = x0
+    for t in range(6):
+        beta = schedule.betas[t]
+        x = (1 - beta).sqrt() * x + beta.sqrt() * eps[t]
+        assert torch.allclose(whole[t], x, rtol=1e-10, atol=1e-12), t
+    assert torch.allclose(end, whole[-1] / schedule.alphas_cumprod[-1].sqrt(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("data_shape", [(3, 2), (2, 2, 2, 1)])

@@ -39,6 +39,7 @@ __all__ = [
     "ForwardTransition",
     "q_marginal",
     "q_posterior",
+    "q_trajectory",
     "check_batch",
     "SCHEDULE_KEY",
 ]
@@ -72,6 +73,26 @@ def q_marginal(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor) -> tu
     event_dim = x0.dim() - t.dim()
     abar = at_timesteps(c.alphas_cumprod, t, event_dim)
     return abar.sqrt() * x0, 1.0 - abar
+
+
+def q_trajectory(
+    schedule: NoiseSchedule, start: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, dim: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Consecutive steps of the forward recursion :math:`x_t = \sqrt{\alpha_t} x_{t-1} + \sqrt{\beta_t}\epsilon_t`,
+    vectorised over t (one ``cumsum``; docs/MATH.md, section 2, "Marginal"): with :math:`s_t = x_t/\sqrt{\bar\alpha_t}`,
+
+    .. math:: s_t = s_{t_0 - 1} + \sum_{t_0 \le u \le t} \sqrt{\beta_u / \bar\alpha_u}\,\epsilon_u, \qquad
+        x_t = \sqrt{\bar\alpha_t}\, s_t .
+
+    :param start: :math:`s_{t_0 - 1}`, the scaled state before the first step (:math:`x_0` when :math:`t_0 = 1`).
+    :param eps: the standard normal draws :math:`\epsilon_u`, the timesteps along dimension ``dim``.
+    :param t: the consecutive math timesteps :math:`t_0, t_0 + 1, \dots, t_1` (a LongTensor).
+    :returns: the states :math:`x_t` (the shape of ``eps``) and :math:`s_{t_1}`, the ``start`` of the steps after them.
+    """
+    c = schedule.coefficients(eps.device, eps.dtype)
+    view = (-1,) + (1,) * (eps.dim() - dim - 1)
+    scaled = start + ((c.betas[t - 1] / c.alphas_cumprod[t - 1]).sqrt().reshape(view) * eps).cumsum(dim)
+    return c.alphas_cumprod[t - 1].sqrt().reshape(view) * scaled, scaled.select(dim, -1)
 
 
 def q_posterior(
@@ -180,16 +201,12 @@ class _QPath(PathDistribution):
         super().__init__(batch_shape, x0.shape[1:], validate_args=validate_args)
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        r"""A path from the forward recursion :math:`x_t = \sqrt{\alpha_t} x_{t-1} + \sqrt{\beta_t}\epsilon_t`,
-        vectorised over t: :math:`x_t = \sqrt{\bar\alpha_t}\big(x_0 + \sum_{s \le t}
-        \sqrt{\beta_s / \bar\alpha_s}\,\epsilon_s\big)`.  Both orders describe this same joint."""
-        c = self.schedule.coefficients(self.x0.device, self.x0.dtype)
-        shape = self._extended_shape(sample_shape)
-        eps = torch.randn(shape, dtype=self.x0.dtype, device=self.x0.device)
-        time_dim = len(sample_shape)
-        view = (-1,) + (1,) * (self.event_dim + 1)
-        increments = (c.betas / c.alphas_cumprod).sqrt().reshape(view) * eps
-        return c.alphas_cumprod.sqrt().reshape(view) * (self.x0 + increments.cumsum(time_dim))
+        r"""A path from the forward recursion (:func:`q_trajectory` from :math:`x_0`), vectorised over t: :math:`x_t =
+        \sqrt{\bar\alpha_t}\big(x_0 + \sum_{s \le t} \sqrt{\beta_s / \bar\alpha_s}\,\epsilon_s\big)`.  Both orders
+        describe this same joint."""
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.x0.dtype, device=self.x0.device)
+        t = torch.arange(1, self.schedule.num_steps + 1, device=self.x0.device)
+        return q_trajectory(self.schedule, self.x0, eps, t, dim=len(sample_shape))[0]
 
     def _time_dim(self, value: torch.Tensor) -> int:
         return value.dim() - self.event_dim - 2

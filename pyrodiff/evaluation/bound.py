@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chain.decoders import Decoder
-from ..chain.forward import q_marginal
+from ..chain.forward import q_marginal, q_trajectory
 from ..chain.gaussian import normal_kl
 from ..chain.reverse import ReverseChain
 
@@ -155,7 +155,6 @@ def bound_terms(
     schedule, T, N = model.schedule, model.schedule.num_steps, x0.shape[0]
     chunk_size = chunk_size or max(1, 4096 // N)
     event_dim = x0.dim() - 1
-    c = schedule.coefficients(x0.device, x0.dtype)
     sum_event = tuple(range(-event_dim, 0))
     nats = x0.new_empty(num_samples, N, T + 1)
     sq_error = x0.new_empty(num_samples, N, T)
@@ -163,7 +162,7 @@ def bound_terms(
     nats[:, :, T] = normal_kl(m_T, v_T, torch.zeros_like(x0), torch.ones_like(v_T), event_dim)
     bar = tqdm(total=num_samples * T, desc="bound", unit="step", disable=not progress, mininterval=1.0, leave=False)
     for s in range(num_samples):
-        scaled_sum = x0.clone()  # x_t / sqrt(abar_t) = x_0 + sum_{u <= t} sqrt(beta_u / abar_u) eps_u
+        scaled_sum = x0  # x_t / sqrt(abar_t) before the chunk (q_trajectory's start)
         for start in range(1, T + 1, chunk_size):
             stop = min(start + chunk_size, T + 1)
             t = torch.arange(start, stop, device=x0.device)
@@ -174,11 +173,7 @@ def bound_terms(
                 loc, var = q_marginal(schedule, x0k, tt)
                 xt = loc + var.sqrt() * _normal(x0k, generator)
             else:
-                view = (K,) + (1,) * (event_dim + 1)
-                eps = _normal(x0k, generator) * (c.betas[t - 1] / c.alphas_cumprod[t - 1]).sqrt().reshape(view)
-                path = scaled_sum + eps.cumsum(0)
-                scaled_sum = path[-1]
-                xt = c.alphas_cumprod[t - 1].sqrt().reshape(view) * path
+                xt, scaled_sum = q_trajectory(schedule, scaled_sum, _normal(x0k, generator), t)
             step = model.predict(xt, tt)
             if validate:  # before the laws are built from the step (they would refuse its values less clearly)
                 _check_finite(torch.isfinite(step.mean.reshape(K, -1)).all(1), first=start - 1)
