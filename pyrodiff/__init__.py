@@ -13,7 +13,7 @@ from .chain.decoders import DiscretizedGaussian
 from .chain.forward import DiffusionGuide
 from .chain.importance import ImportanceSampler
 from .chain.objectives import objective_weights, reweight
-from .chain.reverse import DiffusionModel, Prediction
+from .chain.reverse import DiffusionModel, GaussianStep
 from .chain.schedule import NoiseSchedule
 from .data import Dataset, load_dataset
 from .evaluation.bound import BoundTerms, bound_terms
@@ -32,11 +32,11 @@ __all__ = [
     "DiffusionModel",
     "DiscretizedGaussian",
     "EmpiricalReverse",
+    "GaussianStep",
     "ImportanceSampler",
     "LikelihoodBound",
     "MLPDenoiser",
     "NoiseSchedule",
-    "Prediction",
     "UNet",
     "adapters",
     "bound_terms",

@@ -48,8 +48,8 @@ from .timesteps import draw_timesteps, step_scale
 __all__ = [
     "LAST_STEPS",
     "DiffusionModel",
+    "GaussianStep",
     "PTheta",
-    "Prediction",
     "ReverseChain",
     "ReverseStep",
     "reverse_step",
@@ -60,7 +60,7 @@ __all__ = [
 class ReverseStep(Protocol):
     r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of rows, as a reverse chain gives it
     (:meth:`ReverseChain.predict`); at rows with t = 1 the variable is :math:`x_0` and the law is the
-    decoder's.  :class:`Prediction` is the Gaussian step of a network; the exact reverse process of a
+    decoder's.  :class:`GaussianStep` is the Gaussian step of a network; the exact reverse process of a
     data set (:class:`~pyrodiff.theory.empirical.EmpiricalReverse`) gives a mixture.  What every consumer
     (the Pyro program, :func:`~pyrodiff.evaluation.bound.bound_terms`, the samplers) uses:"""
 
@@ -103,7 +103,7 @@ class ReverseStep(Protocol):
         r"""The step of ``chain`` taken from :math:`\hat x_0` clamped to [-1, 1] (the references' ``clip_denoised``)."""
 
 
-class Prediction(NamedTuple):
+class GaussianStep(NamedTuple):
     r"""What one network call gives for :math:`x_t`: the Gaussian reverse step :math:`N(\text{mean}, \text{variance})`
     and the implied :math:`\hat x_0`.  ``variance`` broadcasts against ``mean``: shape ``t.shape + (1, ...)``
     for fixed variances, the data's shape for learned ones.  A :class:`ReverseStep`."""
@@ -135,14 +135,14 @@ class Prediction(NamedTuple):
     def decode(self, decoder: Decoder, noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return decoder.draw(self.mean, self.variance, noise)
 
-    def select(self, index) -> Prediction:
-        return Prediction(self.mean[index], self.variance[index], self.x0[index])
+    def select(self, index) -> GaussianStep:
+        return GaussianStep(self.mean[index], self.variance[index], self.x0[index])
 
-    def clipped(self, chain: ReverseChain, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+    def clipped(self, chain: ReverseChain, x_t: torch.Tensor, t: torch.Tensor) -> GaussianStep:
         r""":math:`\tilde\mu_t(\mathrm{clamp}(\hat x_0, -1, 1), x_t)` (the chain's posterior mean) with the same
         variance."""
         x0 = self.x0.clamp(-1, 1)
-        return Prediction(chain.posterior(x0, x_t, t)[0], self.variance, x0)
+        return GaussianStep(chain.posterior(x0, x_t, t)[0], self.variance, x0)
 
 
 class ReverseChain(nn.Module):
@@ -391,7 +391,7 @@ class DiffusionModel(ReverseChain):
             pyro.module("network", self.network)
 
     # ------------------------------------------------------------------ transitions
-    def predict(self, xt: torch.Tensor, t: torch.Tensor) -> Prediction:
+    def predict(self, xt: torch.Tensor, t: torch.Tensor) -> GaussianStep:
         r"""One network call on a batch of any leading shape ``t.shape``: :math:`\mu_\theta(x_t, t)`,
         :math:`\sigma_t^2` and :math:`\hat x_0`."""
         flat_x = xt.reshape((-1,) + xt.shape[t.dim() :])
@@ -402,7 +402,7 @@ class DiffusionModel(ReverseChain):
         x0_hat = self.prediction.to_x0(out.reshape(xt.shape), xt, abar)
         mean, _ = self.posterior(x0_hat, xt, t)
         variance = self.variance.variance(self.schedule, t, event_dim, xt, None if v is None else v.reshape(xt.shape))
-        return Prediction(mean, variance, x0_hat)
+        return GaussianStep(mean, variance, x0_hat)
 
     def _network_output(self, flat_x: torch.Tensor, flat_t: torch.Tensor) -> torch.Tensor:
         try:
