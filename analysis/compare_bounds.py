@@ -15,14 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-from matplotlib.figure import Figure
+PROG = "compare_bounds"
 
-from pyrodiff.evaluation.bound import nats_to_bits_per_dim
-from pyrodiff.evaluation.report import REPORT_FILES
-from pyrodiff.training.trained import report_checkpoint
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", type=Path)
+    p.add_argument("--labels", nargs="+", help="one label per source (default: from each bound.json)")
+    p.add_argument("--out", default="reports/compare", type=Path)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-examples", type=int)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing reports beside checkpoints and compare.md"
+    )
+    return p
+
+
+if __name__ == "__main__":  # refuse bad arguments before torch and Pyro load (seconds)
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from pyrodiff.evaluation.bound import nats_to_bits_per_dim  # noqa: E402
+from pyrodiff.evaluation.report import REPORT_FILES  # noqa: E402
+from pyrodiff.refusal import run_refusing  # noqa: E402
+from pyrodiff.training.trained import report_checkpoint  # noqa: E402
 
 
 def report_folder(source: Path) -> Path:
@@ -36,14 +57,16 @@ def check_sources(sources: list[Path], out: Path, overwrite: bool) -> None:
     that would be replaced without ``overwrite``: a report beside a checkpoint, ``compare.md``."""
     for source in sources:
         if not source.exists():
-            raise SystemExit(f"{source}: no such checkpoint or report folder")
+            raise FileNotFoundError(f"{source}: no such checkpoint or report folder")
         if source.is_dir() and not (source / "bound.json").exists():
-            raise SystemExit(f"{source} holds no bound.json: run `pyrodiff report` first or pass a checkpoint")
+            raise FileNotFoundError(f"{source} holds no bound.json: run `pyrodiff report` first or pass a checkpoint")
         folder = report_folder(source)
         if source.is_file() and not overwrite and any((folder / f).exists() for f in REPORT_FILES):
-            raise SystemExit(f"{folder} already holds a report: pass that folder instead of {source}, or --overwrite")
+            raise FileExistsError(
+                f"{folder} already holds a report: pass that folder instead of {source}, or --overwrite"
+            )
     if not overwrite and any((out / f).exists() for f in ("compare.md", "compare.png")):
-        raise SystemExit(f"{out} already holds a comparison: choose another --out or pass --overwrite")
+        raise FileExistsError(f"{out} already holds a comparison: choose another --out or pass --overwrite")
 
 
 def load_summary(source: Path, args: argparse.Namespace) -> dict:
@@ -69,19 +92,9 @@ def label(summary: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sources", nargs="+", type=Path)
-    p.add_argument("--labels", nargs="+", help="one label per source (default: from each bound.json)")
-    p.add_argument("--out", default="reports/compare", type=Path)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-examples", type=int)
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace existing reports beside checkpoints and compare.md"
-    )
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.labels is not None and len(args.labels) != len(args.sources):
-        raise SystemExit("give one label per source")
+        raise ValueError("give one label per source")
     check_sources(args.sources, args.out, args.overwrite)
     summaries = [load_summary(s, args) for s in args.sources]
     labels = args.labels or [label(s) for s in summaries]
@@ -116,5 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_refusing(PROG, lambda: run(args))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """The seeds' questions answered with numbers: one report, from bundled data.
 
     python analysis/perspectives.py [--digits runs/digits/checkpoint.pt] [--digits-long runs/digits-long/checkpoint.pt]
-        [--gaussians8 runs/gaussians8/checkpoint.pt] [--vae runs/vae-digits/vae.pt] [--out docs/perspectives]
+        [--gaussians8 runs/gaussians8/checkpoint.pt] [--vae runs/vae-digits/vae.pt] [--out runs/perspectives]
         [--overwrite]
 
 1. "If q(x_{t-1} | x_t, x_0) is tractable, why do we need to learn p_theta at all?"  (section C)
@@ -21,25 +21,48 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pyro
-import torch
-from matplotlib.figure import Figure
-
-import pyrodiff
-from pyrodiff.data import GAUSSIANS8_ENTROPY
-from pyrodiff.evaluation.bound import bound_terms, nats_to_bits_per_dim
-from pyrodiff.evaluation.likelihood import log_likelihood_bound
-from pyrodiff.testing import AffineDenoiser
-from pyrodiff.theory import exact
-from pyrodiff.theory.empirical import EmpiricalReverse
-from pyrodiff.theory.mixture import IsotropicGaussianMixture, moment_matched_bound
-from pyrodiff.theory.vae import load_vae, negative_elbo, save_vae, train_vae
-
+PROG = "perspectives"
 REPORT = "perspectives.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--digits", type=Path, default=Path("runs/digits/checkpoint.pt"))
+    p.add_argument("--digits-long", type=Path, default=Path("runs/digits-long/checkpoint.pt"))
+    p.add_argument("--gaussians8", type=Path, default=Path("runs/gaussians8/checkpoint.pt"))
+    p.add_argument("--vae", type=Path, default=None, help="a VAE trained earlier (else one is trained here)")
+    p.add_argument(
+        "--vae-seconds",
+        type=float,
+        default=None,
+        help="the VAE's training budget (default: the digits run's own training time)",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/perspectives"))
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+if __name__ == "__main__":  # refuse bad arguments before torch and Pyro load (seconds)
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+import pyrodiff  # noqa: E402
+from pyrodiff.data import GAUSSIANS8_ENTROPY  # noqa: E402
+from pyrodiff.evaluation.bound import bound_terms, nats_to_bits_per_dim  # noqa: E402
+from pyrodiff.evaluation.likelihood import log_likelihood_bound  # noqa: E402
+from pyrodiff.refusal import run_refusing  # noqa: E402
+from pyrodiff.theory import exact  # noqa: E402
+from pyrodiff.theory.empirical import EmpiricalReverse  # noqa: E402
+from pyrodiff.theory.mixture import IsotropicGaussianMixture, moment_matched_bound  # noqa: E402
+from pyrodiff.theory.vae import load_vae, negative_elbo, save_vae, train_vae  # noqa: E402
 
 
 # ---------------------------------------------------------------------- helpers
@@ -103,7 +126,7 @@ def exactly_solvable(out: Path, numbers: dict) -> str:
     sample_mean, sample_cov = data.mean(0), torch.cov(data.T, correction=0)
 
     def affine_model() -> pyrodiff.DiffusionModel:
-        net = AffineDenoiser(schedule.num_steps, 2).double()
+        net = exact.AffineDenoiser(schedule.num_steps, 2).double()
         return pyrodiff.DiffusionModel(net, schedule, "epsilon", "small", "gaussian", data_shape=(2,))
 
     untrained, trained = affine_model(), affine_model()
@@ -172,7 +195,7 @@ def exactly_solvable(out: Path, numbers: dict) -> str:
     return f"""## A. The exactly solvable diffusion (perspectives a and b, exact)
 
 Data q(x_0) = N(m, S) with m = {m.tolist()}, S = {S.tolist()} (D = 2, full covariance); the linear T = 1000
-schedule respaced to 100 evenly spaced steps (same endpoints); an affine network (`pyrodiff.testing.AffineDenoiser`,
+schedule respaced to 100 evenly spaced steps (same endpoints); an affine network (`pyrodiff.theory.exact.AffineDenoiser`,
 out = W_t x_t + b_t), epsilon prediction and the Gaussian decoder. Every number is a closed form
 (`pyrodiff.theory.exact`), each computed on its own: E[-log p(x_0)] from the chain's Gaussian marginal, E[-ELBO] term
 by term, KL(q_0:T || p_0:T) as one KL between two 202-dimensional Gaussians, KL(q0 || p0) between the
@@ -656,26 +679,14 @@ expectation.
 
 
 # ---------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--digits", type=Path, default=Path("runs/digits/checkpoint.pt"))
-    p.add_argument("--digits-long", type=Path, default=Path("runs/digits-long/checkpoint.pt"))
-    p.add_argument("--gaussians8", type=Path, default=Path("runs/gaussians8/checkpoint.pt"))
-    p.add_argument("--vae", type=Path, default=None, help="a VAE trained earlier (else one is trained here)")
-    p.add_argument(
-        "--vae-seconds",
-        type=float,
-        default=None,
-        help="the VAE's training budget (default: the digits run's own training time)",
-    )
-    p.add_argument("--out", type=Path, default=Path("docs/perspectives"))
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if (args.out / REPORT).exists() and not args.overwrite:
-        raise SystemExit(f"{args.out / REPORT} exists: choose another --out or pass --overwrite")
+        raise FileExistsError(f"{args.out / REPORT} exists: choose another --out or pass --overwrite")
     for path in (args.digits, args.gaussians8):
         if not path.exists():
-            raise SystemExit(f"{path}: no such checkpoint (train it with `pyrodiff train`, see the README)")
+            raise FileNotFoundError(f"{path}: no such checkpoint (train it with `pyrodiff train`, see the README)")
+    digits_built, digits = pyrodiff.load_trained(args.digits)  # a refused checkpoint stops the run before any work
+    g8_built, g8 = pyrodiff.load_trained(args.gaussians8)
     args.out.mkdir(parents=True, exist_ok=True)
     clock, numbers, parts = Clock(), {}, []
     torch.set_grad_enabled(True)
@@ -684,8 +695,6 @@ def main(argv=None) -> int:
     parts.append(exactly_solvable(args.out, numbers))
     clock.section("A", since)
 
-    digits_built, digits = pyrodiff.load_trained(args.digits)
-    g8_built, g8 = pyrodiff.load_trained(args.gaussians8)
     g8 = g8.double()  # float64 where it is cheap (a small MLP); the U-Net stays in float32
     digits_data, g8_data = digits_built.data, g8_built.data
 
@@ -785,5 +794,10 @@ total {sum(clock.sections.values()):.0f} s). Nats per example unless stated; bit
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_refusing(PROG, lambda: run(args))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

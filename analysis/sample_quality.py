@@ -1,14 +1,14 @@
 """A sample-quality number that needs no download: a digits classifier scores each sampler's samples.
 
     python analysis/sample_quality.py runs/digits/checkpoint.pt [--samplers ancestral ddim] [--steps 10 50 250 1000]
-        [--num 200] [--out docs/sample-quality] [--overwrite]
+        [--num 200] [--out DIR] [--overwrite]
 
 For digits, a logistic-regression classifier (scikit-learn) is trained on the training split's digits and checked on the
 test split.  For each sampler and number of steps K, `--num` samples (seed 0, last step the decoder's mean,
 clamped to [-1, 1] for the classifier) are classified: the fraction classified with probability >= 0.9
 ("confident"), the number of the ten classes that receive a sample, the class histogram's entropy over log 10
-(1 = every class equally often), next to the same numbers for real test digits.  Writes `sample_quality.md` and
-`sample_quality.json`.  For 2-D data (gaussians8), the two-sample statistic is the unbiased MMD^2 between the samples
+(1 = every class equally often), next to the same numbers for real test digits.  Writes `sample_quality.md` (with the exact
+command line) and `sample_quality.json` into `--out` (default: `sample-quality` beside the checkpoint).  For 2-D data (gaussians8), the two-sample statistic is the unbiased MMD^2 between the samples
 and held-out test points, beside that of two disjoint sets of test points.
 """
 
@@ -17,14 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegression
+PROG = "sample_quality"
 
-from pyrodiff import load_trained, samplers
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--samplers", nargs="+", default=["ancestral", "ddim"], choices=["ancestral", "ddim"])
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 50, 250, 1000])
+    p.add_argument("--num", type=int, default=200)
+    p.add_argument("--out", type=Path, help="default: sample-quality beside the checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+if __name__ == "__main__":  # refuse bad arguments before torch, Pyro and scikit-learn load (seconds)
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pyrodiff import load_trained, samplers  # noqa: E402
+from pyrodiff.refusal import run_refusing  # noqa: E402
 
 
 def scores(classifier, images: torch.Tensor) -> dict:
@@ -44,12 +63,18 @@ def scores(classifier, images: torch.Tensor) -> dict:
     }
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that produced the results, as it can be typed again."""
+    return shlex.join(["python", "analysis/sample_quality.py", *argv])
+
+
 def write(args, results: dict, intro: str, header: str, rows: list[str]) -> None:
-    """``sample_quality.json`` (every number) and ``sample_quality.md`` (the table) in ``--out``."""
+    """``sample_quality.json`` (every number) and ``sample_quality.md`` (the table, after the command line that
+    made it) in ``--out``."""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sample_quality.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "sample_quality.md").write_text(
-        f"# Sample quality of {args.checkpoint}\n\n`python analysis/sample_quality.py {args.checkpoint}`: {intro}\n\n"
+        f"# Sample quality of {args.checkpoint}\n\n`{command_line(args.argv)}`: {intro}\n\n"
         + header
         + "\n".join(rows)
         + "\n"
@@ -104,22 +129,21 @@ def two_sample(model, data, args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--samplers", nargs="+", default=["ancestral", "ddim"], choices=["ancestral", "ddim"])
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 50, 250, 1000])
-    p.add_argument("--num", type=int, default=200)
-    p.add_argument("--out", type=Path, default=Path("docs/sample-quality"))
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    from sklearn.linear_model import LogisticRegression
+
+    args.out = args.out or args.checkpoint.parent / "sample-quality"
     if (args.out / "sample_quality.md").exists() and not args.overwrite:
-        raise SystemExit(f"{args.out / 'sample_quality.md'} exists: choose another --out or pass --overwrite")
+        raise FileExistsError(f"{args.out / 'sample_quality.md'} exists: choose another --out or pass --overwrite")
+    if args.num < 2:
+        raise ValueError(f"--num must be at least 2, got {args.num}")
     built, model = load_trained(args.checkpoint)
+    for K in args.steps:  # every K is checked before anything is computed
+        model.respaced(K)
     data = built.data
     if data.train_labels is None:
         if data.train.dim() != 2:
-            raise SystemExit(f"{data.name} has no labels and is not 2-D: no quality number for it")
+            raise ValueError(f"{data.name} has no labels and is not 2-D: no quality number for it")
         return two_sample(model, data, args)
     classifier = LogisticRegression(max_iter=2000).fit(
         data.train.reshape(len(data.train), -1).numpy(), data.train_labels.numpy()
@@ -156,5 +180,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return run_refusing(PROG, lambda: run(args))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

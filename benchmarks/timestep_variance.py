@@ -15,16 +15,33 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
-import pyro
-import torch
-from pyro.infer import TraceMeanField_ELBO
-from pyro.poutine.messenger import Messenger
+PROG = "timestep_variance"
 
-from pyrodiff.chain.importance import ImportanceSampler
-from pyrodiff.chain.timesteps import _Subsample
-from pyrodiff.evaluation.bound import bound_terms
-from pyrodiff.training.trained import load_trained
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warm-examples", type=int, default=64)
+    return p
+
+
+if __name__ == "__main__":  # refuse bad arguments before torch and Pyro load (seconds)
+    build_parser().parse_args()
+
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from pyro.infer import TraceMeanField_ELBO  # noqa: E402
+from pyro.poutine.messenger import Messenger  # noqa: E402
+
+from pyrodiff.chain.importance import ImportanceSampler  # noqa: E402
+from pyrodiff.chain.timesteps import _Subsample  # noqa: E402
+from pyrodiff.evaluation.bound import bound_terms  # noqa: E402
+from pyrodiff.refusal import run_refusing  # noqa: E402
+from pyrodiff.training.trained import load_trained  # noqa: E402
 
 
 class SharedTimesteps(Messenger):
@@ -46,13 +63,9 @@ class _SharedSubsample(_Subsample):
 _SharedSubsample.__name__ = "_Subsample"  # recognised and pruned by Pyro as a subsample site
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--batches", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warm-examples", type=int, default=64)
-    args = p.parse_args()
+def run(args: argparse.Namespace) -> int:
+    if min(args.batches, args.batch_size, args.warm_examples) < 2:
+        raise ValueError("--batches, --batch-size and --warm-examples must be at least 2")
     built, model = load_trained(args.checkpoint)
     guide = built.guide
     torch.manual_seed(0)
@@ -84,7 +97,13 @@ def main():
         print(
             f"  {name:24s} mean {statistics.mean(values):10.3f}   sd {sd:10.3f}   sd ratio to uniform {sd / base:7.3f}"
         )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_refusing(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError(f"pyrodiff.testing needs the testing extra: pip install 'pyrodiff[testing]' ({e})") from e
 
 from .chain.schedule import NoiseSchedule
+from .theory.exact import AffineDenoiser
 
 __all__ = [
     "schedules",
@@ -101,35 +102,6 @@ class LinearDenoiser(nn.Module):
         if self.v is None:
             return out
         return torch.cat([out, self.v[t - 1].reshape(shape).expand_as(x)], dim=1)
-
-
-class AffineDenoiser(nn.Module):
-    r"""``network(x_t, t) = W[t-1] x_t + b[t-1]`` on the flattened :math:`x_t` (D values), with a full matrix
-    ``weight`` :math:`W`, shape ``(T, D, D)``, and ``bias`` :math:`b`, shape ``(T, D)`` (zeros by default): a network
-    affine in :math:`x_t` that couples the dimensions.  With fixed variances and the Gaussian decoder its
-    reverse chain is Gaussian for any prediction (:func:`pyrodiff.theory.exact.reverse_chain`)."""
-
-    def __init__(
-        self, num_steps: int, dim: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        weight = torch.zeros(num_steps, dim, dim) if weight is None else torch.as_tensor(weight).clone()
-        bias = torch.zeros(num_steps, dim) if bias is None else torch.as_tensor(bias).clone()
-        if weight.shape != (num_steps, dim, dim) or bias.shape != (num_steps, dim):
-            raise ValueError(
-                f"AffineDenoiser({num_steps}, {dim}) needs weight ({num_steps}, {dim}, {dim}) and bias "
-                f"({num_steps}, {dim}), got {tuple(weight.shape)} and {tuple(bias.shape)}"
-            )
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"AffineDenoiser(dim={self.dim}) got inputs of {flat.shape[1]} values each")
-        out = torch.einsum("bij,bj->bi", self.weight[t - 1], flat) + self.bias[t - 1]
-        return out.reshape(x.shape)
 
 
 def linear_denoisers(num_steps: int, dtype: torch.dtype = torch.float64) -> st.SearchStrategy[LinearDenoiser]:

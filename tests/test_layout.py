@@ -19,6 +19,7 @@ STAGES = {
     "cuda_graph": 0,
     "networks": 0,
     "data": 0,
+    "refusal": 0,
     "chain": 1,
     "evaluation": 2,
     "training": 3,

@@ -15,7 +15,7 @@ answer in numbers in what sense training a diffusion model is maximum likelihood
 .. math:: H(q_0) + \mathrm{KL}(q_0 \,\|\, p_0) = E_q[-\log p(x_0)] \le E_q[-\mathrm{ELBO}] = H(q_0) + \mathrm{KL}(q_{0:T} \,\|\, p_{0:T}).
 
 A :class:`~pyrodiff.chain.reverse.DiffusionModel` is such a chain when its network is affine in :math:`x_t` (e.g.
-:class:`pyrodiff.testing.LinearDenoiser`, :class:`pyrodiff.testing.AffineDenoiser`), its variances are fixed
+:class:`pyrodiff.testing.LinearDenoiser`, :class:`AffineDenoiser`), its variances are fixed
 ("small" or "large") and its decoder is Gaussian; :func:`reverse_chain` reads it as one (with
 :math:`\mu_p = 0`, :math:`\Sigma_p = I`, :math:`\Sigma_t = \sigma_t^2 I`).  :func:`true_reverse` is the exact reverse
 of :math:`q(x_{0:T})` (every gap closes) and :func:`best_affine` the maximiser of :math:`E_q[\mathrm{ELBO}]` over
@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from ..chain.forward import check_batch
@@ -42,6 +43,7 @@ from ..chain.reverse import DiffusionModel
 from ..chain.schedule import NoiseSchedule
 
 __all__ = [
+    "AffineDenoiser",
     "GaussianReverseChain",
     "reverse_chain",
     "true_reverse",
@@ -62,6 +64,35 @@ __all__ = [
 
 _F64 = torch.float64
 _LOG_2PI = math.log(2 * math.pi)
+
+
+class AffineDenoiser(nn.Module):
+    r"""``network(x_t, t) = W[t-1] x_t + b[t-1]`` on the flattened :math:`x_t` (D values), with a full matrix
+    ``weight`` :math:`W`, shape ``(T, D, D)``, and ``bias`` :math:`b`, shape ``(T, D)`` (zeros by default): a network
+    affine in :math:`x_t` that couples the dimensions.  With fixed variances and the Gaussian decoder its
+    reverse chain is Gaussian for any prediction (:func:`reverse_chain`); also ``pyrodiff.testing.AffineDenoiser``."""
+
+    def __init__(
+        self, num_steps: int, dim: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        weight = torch.zeros(num_steps, dim, dim) if weight is None else torch.as_tensor(weight).clone()
+        bias = torch.zeros(num_steps, dim) if bias is None else torch.as_tensor(bias).clone()
+        if weight.shape != (num_steps, dim, dim) or bias.shape != (num_steps, dim):
+            raise ValueError(
+                f"AffineDenoiser({num_steps}, {dim}) needs weight ({num_steps}, {dim}, {dim}) and bias "
+                f"({num_steps}, {dim}), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.dim:
+            raise ValueError(f"AffineDenoiser(dim={self.dim}) got inputs of {flat.shape[1]} values each")
+        out = torch.einsum("bij,bj->bi", self.weight[t - 1], flat) + self.bias[t - 1]
+        return out.reshape(x.shape)
 
 
 # ---------------------------------------------------------------------- the chain

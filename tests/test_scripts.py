@@ -1,0 +1,156 @@
+"""The analysis and benchmark scripts as a new user meets them: refused input is one line with exit status 2 (as
+the ``pyrodiff`` command's), arguments are checked before torch loads, default outputs go beside the run (never
+into the committed docs/), results record how they were made and survive a later failure."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyrodiff import cli
+
+ROOT = Path(__file__).parents[1]
+SCRIPTS = {
+    "bound_vs_steps": ROOT / "analysis" / "bound_vs_steps.py",
+    "sample_quality": ROOT / "analysis" / "sample_quality.py",
+    "compare_bounds": ROOT / "analysis" / "compare_bounds.py",
+    "perspectives": ROOT / "analysis" / "perspectives.py",
+    "timestep_variance": ROOT / "benchmarks" / "timestep_variance.py",
+}
+TINY = (
+    '[data]\nname = "gaussians8"\n[schedule]\nnum_steps = 10\n[model]\ndecoder = "gaussian"\n'
+    '[network]\nkind = "mlp"\nhidden = 8\ndepth = 1\n'
+    "[training]\nsteps = 2\nbatch_size = 8\neval_examples = 16\n"
+)
+
+
+def _main(name: str):
+    return runpy.run_path(str(SCRIPTS[name]))["main"]
+
+
+def _error(capsys, prog: str) -> str:
+    """The script's stderr, which must be one line ``PROG: error: ...``, no traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A checkpoint of a tiny gaussians8 specification (T = 10), trained by the command."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "tiny.toml").write_text(TINY)
+    assert cli.main(["train", "--config", str(folder / "tiny.toml"), "--out", str(folder / "run")]) == 0
+    return folder / "run" / "checkpoint.pt"
+
+
+@pytest.fixture
+def corrupt(tmp_path) -> Path:
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_a_refused_checkpoint_is_one_line_with_status_2(name, corrupt, tmp_path, capsys):
+    argv = {
+        "perspectives": ["--digits", str(corrupt), "--gaussians8", str(corrupt), "--out", str(tmp_path / "p")],
+        "compare_bounds": [str(corrupt), "--out", str(tmp_path / "c")],
+    }.get(name, [str(corrupt)])
+    assert _main(name)(argv) == 2
+    assert str(corrupt) in _error(capsys, name)
+
+
+def test_arguments_are_checked_before_torch_loads():
+    """A bad argument exits with status 2 from the parser, with neither torch nor Pyro imported."""
+    code = (
+        "import runpy, sys\n"
+        f"for path in {[str(p) for p in SCRIPTS.values()]!r}:\n"
+        "    sys.argv = [path, '--no-such-option']\n"
+        "    try:\n"
+        "        runpy.run_path(path, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 2, (path, e.code)\n"
+        "    else:\n"
+        "        raise AssertionError(path + ' accepted a bad argument')\n"
+        "    assert 'torch' not in sys.modules and 'pyro' not in sys.modules, path + ' imported torch first'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_perspectives_runs_on_the_main_install():
+    """perspectives.py needs nothing from the testing extra (hypothesis, scipy): its affine network is in
+    pyrodiff.theory.exact."""
+    code = (
+        "import sys, runpy\n"
+        "sys.modules['hypothesis'] = None\n"  # as if it were not installed
+        "sys.modules['scipy'] = None\n"
+        f"runpy.run_path({str(SCRIPTS['perspectives'])!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["bound_vs_steps", "sample_quality", "perspectives"])
+def test_default_outputs_are_not_the_committed_docs(name):
+    args = runpy.run_path(str(SCRIPTS[name]))["build_parser"]().parse_args([] if name == "perspectives" else ["x.pt"])
+    assert args.out is None or not str(args.out).startswith("docs"), args.out
+
+
+def test_bound_vs_steps_beside_the_checkpoint_with_eta_zero_and_the_command_line(trained, capsys):
+    argv = [str(trained), "--steps", "2", "5", "--variances", "small", "--etas", "0.5", "0", "--max-examples", "8"]
+    assert _main("bound_vs_steps")(argv) == 0
+    out = trained.parent / "bound-vs-steps"
+    table = (out / "bound_vs_steps.md").read_text()
+    assert "| ddim eta=0 | 2 | no bound |" in table and "| ddim eta=0 | 5 | no bound |" in table
+    assert "python analysis/bound_vs_steps.py " + " ".join(argv) in table
+    assert "Incomplete" not in table
+    results = json.loads((out / "bound_vs_steps.json").read_text())
+    assert results["ddim eta=0"]["5"]["bits_per_dim"] is None
+    assert results["small"]["5"]["bits_per_dim"] > 0 and results["ddim eta=0.5"]["2"]["bits_per_dim"] > 0
+    assert _main("bound_vs_steps")(argv) == 2  # never replaced without --overwrite
+    assert "exists: choose another --out or pass --overwrite" in _error(capsys, "bound_vs_steps")
+
+
+def test_bound_vs_steps_keeps_the_rows_finished_before_a_failure(trained, tmp_path, monkeypatch, capsys):
+    script = runpy.run_path(str(SCRIPTS["bound_vs_steps"]))
+    calls = []
+
+    def fails_the_second_time(model, x0, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("L_3 of the bound is not finite")
+        return real(model, x0, **kwargs)
+
+    real = script["bound_terms"]
+    script["main"].__globals__["bound_terms"] = fails_the_second_time
+    out = tmp_path / "bvs"
+    argv = [str(trained), "--steps", "2", "5", "--variances", "small", "large", "--etas", "--out", str(out)]
+    assert script["main"](argv) == 2
+    assert "L_3 of the bound is not finite" in _error(capsys, "bound_vs_steps")
+    table = (out / "bound_vs_steps.md").read_text()
+    assert "| small | 2 |" in table and "Incomplete: 1 of 4 rows" in table
+    assert list(json.loads((out / "bound_vs_steps.json").read_text())) == ["small"]
+
+
+def test_bound_vs_steps_refuses_an_eta_outside_0_1_before_any_work(trained, tmp_path, capsys):
+    argv = [str(trained), "--etas", "1.5", "--out", str(tmp_path / "b")]
+    assert _main("bound_vs_steps")(argv) == 2
+    assert "--etas must lie in [0, 1], got [1.5]" in _error(capsys, "bound_vs_steps")
+    assert not (tmp_path / "b").exists()
+
+
+def test_sample_quality_beside_the_checkpoint_with_the_command_line(trained, capsys):
+    argv = [str(trained), "--steps", "2", "--num", "20", "--samplers", "ddim"]
+    assert _main("sample_quality")(argv) == 0
+    text = (trained.parent / "sample-quality" / "sample_quality.md").read_text()
+    assert "`python analysis/sample_quality.py " + " ".join(argv) + "`" in text
+    assert "| ddim | 2 |" in text
