@@ -154,3 +154,23 @@ def test_sample_quality_beside_the_checkpoint_with_the_command_line(trained, cap
     text = (trained.parent / "sample-quality" / "sample_quality.md").read_text()
     assert "`python analysis/sample_quality.py " + " ".join(argv) + "`" in text
     assert "| ddim | 2 |" in text
+
+
+def _readme_commands() -> list[str]:
+    """The commands the README prints: inline code and indented blocks that start with ``pyrodiff`` or ``python``
+    (continuation lines joined)."""
+    import re
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    spans = re.findall(r"`((?:pyrodiff|python) [^`]+)`", text)
+    blocks = re.findall(r"^ {4}((?:pyrodiff|python) .+)$", text, flags=re.M)
+    return [" ".join(c.split()) for c in spans + blocks]
+
+
+def test_no_readme_command_writes_into_the_committed_docs():
+    """A fresh clone holds docs/'s reports, so a command writing there would refuse as printed: the README's
+    commands write beside the run, and docs/ is named only with --overwrite."""
+    commands = _readme_commands()
+    assert any(c.startswith("pyrodiff report runs/digits/checkpoint.pt") for c in commands)
+    wrong = [c for c in commands if "--out docs" in c and "--overwrite" not in c]
+    assert not wrong, wrong
