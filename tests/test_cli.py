@@ -5,7 +5,6 @@ import os
 import runpy
 import shlex
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -216,19 +215,6 @@ def test_the_printed_resume_command_continues_the_same_run(tmp_path, monkeypatch
     )
     assert split["step"] == 4 and split["spec"]["training"]["seed"] == 5
     assert full["losses"] == split["losses"] and all(torch.equal(full["ema"][k], split["ema"][k]) for k in full["ema"])
-
-
-def test_importing_the_package_chooses_no_matplotlib_backend():
-    code = (
-        "import sys, runpy, matplotlib\n"
-        "def refuse(*a, **k): raise AssertionError('a backend was chosen')\n"
-        "matplotlib.use = refuse\n"
-        "import pyrodiff.training.loop, pyrodiff.evaluation.plots, pyrodiff.cli, pyrodiff.evaluation.report\n"
-        f"runpy.run_path({str(ROOT / 'analysis' / 'compare_bounds.py')!r})\n"
-        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_compare_labels_from_bound_json_and_never_replaces_results(trained, tmp_path, capsys):

@@ -1,16 +1,20 @@
 """Pictures of samples: a grid of images, or a scatter of 2-D samples over the data.
 
 Figures are made with matplotlib's object-oriented API (:class:`matplotlib.figure.Figure`, no pyplot), so
-importing this module chooses no backend for the process and draws no window.
+drawing chooses no backend for the process and opens no window; matplotlib is imported at the first figure, not
+with this module (``import pyrodiff`` does not load it).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["save_samples_figure"]
 
@@ -32,6 +36,8 @@ def save_samples_figure(
 
 
 def _image_grid(images: torch.Tensor) -> Figure:
+    from matplotlib.figure import Figure
+
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -54,6 +60,8 @@ def _image_grid(images: torch.Tensor) -> Figure:
 
 
 def _scatter(points: torch.Tensor, data: torch.Tensor | None) -> Figure:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
     if data is not None:

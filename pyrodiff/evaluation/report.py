@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from .bound import BoundTerms, nats_to_bits_per_dim
 
@@ -150,6 +149,8 @@ def summary_markdown(s: dict) -> str:
 
 
 def _plots(terms: BoundTerms, s: dict, folder: Path) -> None:
+    from matplotlib.figure import Figure  # here, so that importing pyrodiff does not load matplotlib
+
     k = np.arange(terms.num_steps + 1)
     bpd = np.array(s["terms_bits_per_dim"])
     se = nats_to_bits_per_dim(np.array(s["terms_stderr"]), s["dims"])
