@@ -103,6 +103,8 @@ def _resume_command(args: argparse.Namespace, out: Path) -> str:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    if args.eta is not None and args.sampler != "ddim":
+        raise ValueError("--eta is DDIM's: give --sampler ddim (the ancestral sampler has no eta)")
     import torch
 
     from . import samplers
@@ -115,7 +117,7 @@ def _sample(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     built, model = load_trained(args.checkpoint, args.device, args.data_root)
     sampler = samplers.ddim if args.sampler == "ddim" else samplers.ancestral
-    options = {"eta": args.eta} if args.sampler == "ddim" else {}
+    options = {"eta": args.eta or 0.0} if args.sampler == "ddim" else {}
     samples = sampler(
         model,
         args.num,
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
     s.add_argument("--no-graph", action="store_true", help="on CUDA, run each step eagerly instead of as a CUDA graph")
     s.add_argument("--steps", type=_integer(2), help="sample with K evenly spaced steps (default: all T)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta in [0, 1] (default 0: deterministic)")
+    s.add_argument("--eta", type=float, help="with --sampler ddim: DDIM's eta in [0, 1] (default 0: deterministic)")
     s.add_argument("--last", default="mean", choices=["mean", "sample"], help="last step: the decoder's mean or a draw")
     s.add_argument("--clip", action="store_true", help="clamp each predicted x_0 to [-1, 1] (not the scored model)")
     s.add_argument("--data-root")

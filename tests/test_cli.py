@@ -260,6 +260,15 @@ def test_ddim_samples_and_the_bound_of_a_shorter_chain(trained, tmp_path, capsys
     assert "eta must be a number in [0, 1]" in _error(capsys)
 
 
+def test_eta_is_refused_without_the_ddim_sampler(trained, tmp_path, capsys):
+    """The ancestral sampler has no eta: ``--eta`` with it is refused (exit 2, one line), never ignored."""
+    out = tmp_path / "x.png"
+    capsys.readouterr()
+    assert cli.main(["sample", str(trained), "--eta", "0.5", "--num", "2", "--out", str(out)]) == 2
+    assert _error(capsys) == "pyrodiff: error: --eta is DDIM's: give --sampler ddim (the ancestral sampler has no eta)"
+    assert not out.exists()
+
+
 def test_report_of_a_ddim_chain_is_its_bound_and_eta_zero_is_refused(trained, tmp_path, capsys):
     import json
 
