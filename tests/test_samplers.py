@@ -247,6 +247,12 @@ def test_bad_sampler_arguments(float64):
             samplers.ddim(model, x_T, **kwargs)
     with pytest.raises(ValueError, match="x_T must have shape"):
         samplers.ancestral(model, torch.zeros(2, 4, dtype=torch.float64))
+    for bad in (float("nan"), float("inf")):  # refused, not sampled into NaN samples
+        x_bad = x_T.clone()
+        x_bad[1, 2] = bad
+        for sampler in (samplers.ancestral, samplers.ddim):
+            with pytest.raises(ValueError, match="x_T holds NaN or infinite values"):
+                sampler(model, x_bad)
     for sampler in (samplers.ancestral, samplers.ddim):  # a CUDA graph on the CPU
         with pytest.raises(ValueError, match="CUDA device"):
             sampler(model, x_T, graph=True)

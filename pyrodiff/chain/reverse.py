@@ -652,7 +652,7 @@ def _transition(
 
 
 def _start(chain: ReverseChain, x_T: torch.Tensor | int, generator: torch.Generator | None) -> torch.Tensor:
-    """The starting noise: ``x_T`` checked, or ``x_T`` draws of N(0, I)."""
+    """The starting noise: ``x_T`` checked (its shape, and that it is finite), or ``x_T`` draws of N(0, I)."""
     if not torch.is_tensor(x_T):
         checks.positive_int("the number of samples", x_T)
         if chain.data_shape is None:
@@ -661,6 +661,8 @@ def _start(chain: ReverseChain, x_T: torch.Tensor | int, generator: torch.Genera
         return torch.randn((x_T,) + chain.data_shape, generator=generator, device=device, dtype=dtype)
     if chain.data_shape is not None and tuple(x_T.shape[1:]) != chain.data_shape:
         raise ValueError(f"x_T must have shape (N, *{chain.data_shape}), got {tuple(x_T.shape)}")
+    if not torch.isfinite(x_T).all():  # one host read, before the steps
+        raise ValueError("x_T holds NaN or infinite values: every sample would be NaN; start from finite noise")
     return x_T
 
 
