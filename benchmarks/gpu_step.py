@@ -100,12 +100,12 @@ def _rows(name: str, precision: str, steps: int, repeats: int) -> dict[str, floa
         model = DiffusionModel(network, schedule, decoder="discretized", levels=levels)
         model.register_with_pyro, model.autocast_dtype = False, amp
         weights = objective_weights(schedule, "simple")
-        loss_module = TraceMeanField_ELBO()(reweight(model, weights), reweight(DiffusionGuide(schedule), weights))
+        elbo = elbo_on_device(TraceMeanField_ELBO()) if on_device else TraceMeanField_ELBO()
+        loss_module = elbo(reweight(model, weights), reweight(DiffusionGuide(schedule), weights))
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            with elbo_on_device() if on_device else contextlib.nullcontext():
-                loss = loss_module(x0, 1)
+            loss = loss_module(x0, 1)
             (loss / batch).backward()
             optimizer.step()
             return loss.detach()

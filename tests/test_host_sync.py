@@ -169,7 +169,8 @@ def _loss_and_grads(estimator: str, recorder: HostReads | None = None):
     torch.manual_seed(0)
     built = build(spec)
     built.model.register_with_pyro = False
-    loss_module = train_module.ESTIMATORS[estimator]()(built.model, built.guide)
+    elbo = train_module.ESTIMATORS[estimator]()
+    loss_module = (elbo if recorder is None else elbo_on_device(elbo))(built.model, built.guide)
     x0 = built.data.train[:6]
     pyro.set_rng_seed(5)
     with pyro.validation_enabled(False):  # as in the training loop: validation checks values on the host
@@ -178,7 +179,7 @@ def _loss_and_grads(estimator: str, recorder: HostReads | None = None):
             loss.backward()
         else:
             recorder.active = True
-            with recorder, elbo_on_device():
+            with recorder:
                 loss = loss_module(x0, 2)
                 loss.backward()
             recorder.active = False

@@ -233,7 +233,7 @@ class _Run:
             # record both traces of each step: the drawn terms feed the sampler's statistics
             self.model_fn = poutine.trace(self.sampler(self.model_fn))
             self.guide_fn = poutine.trace(self.sampler(self.guide_fn))
-        self.loss_module = ESTIMATORS[tr.estimator]()(self.model_fn, self.guide_fn)
+        self.loss_module = elbo_on_device(ESTIMATORS[tr.estimator]())(self.model_fn, self.guide_fn)
         self.dims = self.train_data[0].numel()
 
     # ------------------------------------------------------------------ the resumable state
@@ -346,7 +346,7 @@ class _Run:
         total = torch.zeros((), device=world.device)
         drawn = []
         for j, micro in enumerate(self._micro_batches(batch)):
-            with contextlib.nullcontext() if self.graphed else self.streams.stream(j), elbo_on_device():
+            with contextlib.nullcontext() if self.graphed else self.streams.stream(j):
                 loss = self.loss_module(micro, k)
             # DDP averages gradients over ranks: scale so that the sum is d(global loss / B)
             (loss * world.size / (self.B * self.dims)).backward()
