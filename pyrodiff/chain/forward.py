@@ -1,7 +1,7 @@
 r"""The forward (noising) chain :math:`q(x_{1:T} \mid x_0)`: closed forms and the Pyro guide.
 
 The guide has no parameters.  It exposes the same sample sites in both of its orders
-(docs/MATH.md, "The two chains"):
+(docs/MATH.md, section 2, "The forward chain", "Two orderings of one joint"):
 
 - full chain (``subsample_steps=None``): one site ``"x_{1:T}"`` inside the plates
   ``time`` (dim -2, size T) and ``data`` (dim -1, size N); its value has shape ``(T, N, *D)``,

@@ -1,6 +1,6 @@
 """Noise schedules: the variances beta_1..beta_T of the forward chain and every derived quantity.
 
-All quantities are held in float64 (MATH.md, "The two chains") and indexed so that entry
+All quantities are held in float64 (docs/MATH.md, section 1, "Noise schedules") and indexed so that entry
 ``t - 1`` belongs to the math timestep ``t`` in 1..T.  Per-device, per-dtype copies used in
 the hot path are cached by :meth:`NoiseSchedule.coefficients`.
 """

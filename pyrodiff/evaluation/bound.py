@@ -1,4 +1,4 @@
-r"""The bound, term by term: :math:`L_0, \dots, L_T` (MATH.md, "The bound") for every example.
+r"""The bound, term by term: :math:`L_0, \dots, L_T` (docs/MATH.md, section 5, "The bound") for every example.
 
 :func:`bound_terms` computes, for S independent draws of the noisy inputs and N examples,
 

@@ -24,7 +24,8 @@ holds for any reverse-chain model with the sites and call signature of
 - ``elbo``, ``elbo_stderr``: the mean of :math:`\log w_k` over the same draws and its standard error.
 
 The (N, K) log weights are kept, so that :meth:`LikelihoodBound.at` gives :math:`\mathrm{IWAE}_k` for any
-k <= K from the first k of the same draws.  The derivations are in the project's math notes (likelihood).
+k <= K from the first k of the same draws.  The derivations are docs/MATH.md, section 12, "The likelihood behind the
+bound: the importance-weighted bound".
 """
 
 from __future__ import annotations

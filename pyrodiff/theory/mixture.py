@@ -2,7 +2,7 @@ r"""Isotropic Gaussian-mixture data, its noisy marginals and its exact reverse p
 
 The data law is :math:`q(x_0) = \sum_j \pi_j N(\mu_j, s^2 I)` (:class:`IsotropicGaussianMixture`); with
 :math:`s^2 = 0` it is a weighted set of points, e.g. a training set.  Every quantity of the forward chain is then
-known exactly (derivations in the project's math notes, "Gaussian-mixture data"):
+known exactly (derivations in docs/MATH.md, section 13, "Gaussian-mixture data"):
 
 - the marginal :math:`q(x_t) = \sum_j \pi_j N(\sqrt{\bar\alpha_t}\mu_j, P_t I)`, :math:`P_t = \bar\alpha_t s^2 + 1 - \bar\alpha_t`
   (:meth:`IsotropicGaussianMixture.marginal`);

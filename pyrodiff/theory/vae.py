@@ -20,8 +20,8 @@ with T = 1 and :math:`z` in the place of :math:`x_1`, except that :math:`q(z \mi
 :func:`negative_elbo` returns it as :class:`~pyrodiff.evaluation.bound.BoundTerms` (L_1 analytic, L_0 at draws of z), so
 bits/dim, standard errors and :func:`pyrodiff.evaluation.report.summarise` work as for the diffusion bound.
 Training (:func:`train_vae`) is ``pyro.infer.SVI`` for a wall-clock budget, with early stopping on examples held
-out of the training data.  The mathematics (notation of ``docs/MATH.md``; what is exact and what is estimated)
-is in the VAE write-up.
+out of the training data.  The mathematics (what is exact and what is estimated) is docs/MATH.md, section 15,
+"The learned-encoder VAE".
 """
 
 from __future__ import annotations
