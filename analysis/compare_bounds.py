@@ -6,8 +6,9 @@
 Each argument is a checkpoint (decomposed on its test split, and its report written beside it, in
 ``report-test``) or a folder holding a ``bound.json`` written by ``pyrodiff report``.  Writes
 ``compare.png`` (L_1..L_T against k, log scales, one curve per model, with standard-error bands) and
-``compare.md`` (with L_0).  Models are labelled by what ``bound.json`` records (name, prediction,
-variance, schedule) unless ``--labels`` are given.  Neither an existing ``compare.md`` nor an existing
+``compare.md`` (with L_0).  Unless ``--labels`` are given, each model is labelled by its name and what its
+``bound.json`` records that differs from the others' (run, training steps, objective, prediction, variance,
+schedule, T, DDIM eta, split and examples).  Neither an existing ``compare.md`` nor an existing
 report beside a checkpoint is replaced without ``--overwrite`` (pass the report's folder to reuse it).
 """
 
@@ -84,12 +85,36 @@ def load_summary(source: Path, args: argparse.Namespace) -> dict:
     return summary
 
 
-def label(summary: dict) -> str:
-    """A model's label from what its ``bound.json`` records: name, prediction, variance, schedule."""
-    m = summary["model"]
-    return (
-        f"{summary.get('name', 'model')}: {m['prediction']}, {m['variance']} variance, {m['schedule']['kind']} schedule"
-    )
+def facets(summary: dict, source: Path) -> list[str]:
+    """What a ``bound.json`` records about how its numbers were made, as label parts: the run (its folder), the
+    training steps and objective, the model's choices, the chain that was scored and the data."""
+    m, run = summary["model"], summary.get("checkpoint")
+    eta, respaced = summary.get("eta"), summary.get("respaced_steps")
+    return [
+        f"run {Path(run).parent.name if run else source.name}",
+        f"{summary['training_steps']} training steps" if summary.get("training_steps") is not None else "",
+        f"trained on {summary['objective']}" if summary.get("objective") else "",
+        m["prediction"],
+        f"{m['variance']} variance",
+        f"{m['schedule']['kind']} schedule",
+        f"T = {summary['num_steps']}" + (" (respaced)" if respaced is not None else ""),
+        f"DDIM eta = {eta:g}" if eta is not None else "",
+        f"{summary.get('split', 'given')} split, {summary['num_examples']} examples",
+    ]
+
+
+def labels(summaries: list[dict], sources: list[Path]) -> list[str]:
+    """One label per model: its name and what tells it apart from the others (every facet with one model); the
+    source's path where the records do not differ at all."""
+    rows = [facets(s, source) for s, source in zip(summaries, sources, strict=True)]
+    differs = [len({row[i] for row in rows}) > 1 or len(rows) == 1 for i in range(len(rows[0]))]
+    names = []
+    for s, row in zip(summaries, rows, strict=True):
+        parts = [f for f, keep in zip(row, differs, strict=True) if keep and f]
+        names.append(s.get("name", "model") + (": " + ", ".join(parts) if parts else ""))
+    if len(set(names)) < len(names):
+        names = [f"{name} ({source})" for name, source in zip(names, sources, strict=True)]
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give one label per source")
     check_sources(args.sources, args.out, args.overwrite)
     summaries = [load_summary(s, args) for s in args.sources]
-    labels = args.labels or [label(s) for s in summaries]
+    names = args.labels or labels(summaries, args.sources)
     args.out.mkdir(parents=True, exist_ok=True)
 
     fig = Figure(figsize=(7, 4))
@@ -106,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "| model | T | bits/dim | +- | rate | distortion | L_T (prior) | examples |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, s in zip(labels, summaries, strict=True):
+    for name, s in zip(names, summaries, strict=True):
         mean = np.array(s["terms_bits_per_dim"])
         se = nats_to_bits_per_dim(np.array(s["terms_stderr"]), s["dims"])
         k = np.arange(1, len(mean))  # the KL terms L_1..L_T (L_0 may be negative: a density; see the table)

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": args.dataset or str(args.data),
         **({"split": args.split} if args.dataset else {}),
         "draws": args.draws,
-        "steps": args.steps,
+        "respaced_steps": args.steps,
         "variance": args.variance,
         "scheduler": config,
         "sampler_options_not_in_bound": sampler_options(config),

@@ -762,7 +762,7 @@ def run(args: argparse.Namespace) -> int:
                 "bits_per_dim": s["bits_per_dim"],
                 "stderr": s["bits_per_dim_stderr"],
                 "seconds": s["train_seconds_this_run"],
-                "steps": s["steps"],
+                "steps": s["training_steps"],
                 "examples": s["num_examples"],
             }
     if args.vae is not None:

@@ -224,7 +224,9 @@ def test_compare_labels_from_bound_json_and_never_replaces_results(trained, tmp_
     assert compare([str(trained), "--max-examples", "4", "--out", out]) == 0
     assert (report / "bound.json").exists()
     table = (tmp_path / "compare" / "compare.md").read_text()
-    assert "| tiny: epsilon, small variance, linear schedule | 10 |" in table
+    assert (
+        "| tiny: run run, 2 training steps, trained on elbo, epsilon, small variance, linear schedule, T = 10," in table
+    )
     assert compare([str(trained), "--out", str(tmp_path / "other")]) == 2
     assert "already holds a report: pass that folder instead" in capsys.readouterr().err
     assert compare([str(report), "--out", out]) == 2
@@ -254,7 +256,7 @@ def test_ddim_samples_and_the_bound_of_a_shorter_chain(trained, tmp_path, capsys
     assert cli.main(argv) == 0 and out.stat().st_size > 1000
     assert cli.main(["report", str(trained), "--steps", "4", "--max-examples", "5", "--out", str(tmp_path / "r")]) == 0
     bound = json.loads((tmp_path / "r" / "bound.json").read_text())
-    assert bound["num_steps"] == 4 and len(bound["terms_nats"]) == 5 and bound["steps"] == 4
+    assert bound["num_steps"] == 4 and len(bound["terms_nats"]) == 5 and bound["respaced_steps"] == 4
     capsys.readouterr()
     assert cli.main(["sample", str(trained), "--sampler", "ddim", "--eta", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "eta must be a number in [0, 1]" in _error(capsys)

@@ -189,7 +189,7 @@ def test_report_checkpoint_replaces_only_the_variance(tmp_path, monkeypatch):
     loaded = DiffusionModel(LinearDenoiser(10), schedule, "x0", "large", data_shape=(2,)).ddim(0.5)
     data = torch.zeros(4, 2)
     built = SimpleNamespace(data=SimpleNamespace(train=data, test=data, log_density=None), spec=SimpleNamespace())
-    monkeypatch.setattr(trained, "load_trained", lambda *args: (built, loaded))
+    monkeypatch.setattr(trained, "_load_trained", lambda *args: (built, loaded, 0))
     scored = []
 
     def caught(model, *args, **kwargs):

@@ -174,3 +174,44 @@ def test_no_readme_command_writes_into_the_committed_docs():
     assert any(c.startswith("pyrodiff report runs/digits/checkpoint.pt") for c in commands)
     wrong = [c for c in commands if "--out docs" in c and "--overwrite" not in c]
     assert not wrong, wrong
+
+
+def test_compare_labels_say_what_differs(tmp_path, capsys):
+    """Two digits reports that differ only in training steps get labels naming them (they read the same before);
+    records that do not differ at all are told apart by their source."""
+    import torch
+
+    from pyrodiff import bound_terms
+    from pyrodiff.chain.reverse import DiffusionModel
+    from pyrodiff.chain.schedule import NoiseSchedule
+    from pyrodiff.evaluation.report import write_report
+    from pyrodiff.testing import LinearDenoiser
+
+    T = 4
+    model = DiffusionModel(LinearDenoiser(T, torch.full((T,), 0.1), torch.zeros(T)), NoiseSchedule.linear(T, 0.05, 0.3))
+    terms = bound_terms(model.eval(), torch.linspace(-1, 1, 6).reshape(6, 1))
+    for run, steps in (("digits", 1000), ("digits-long", 4000)):
+        meta = {"name": "digits", "checkpoint": f"runs/{run}/checkpoint.pt", "training_steps": steps}
+        write_report(terms, tmp_path / run, {**meta, "objective": "simple", "split": "test"})
+    compare = _main("compare_bounds")
+    assert compare([str(tmp_path / "digits"), str(tmp_path / "digits-long"), "--out", str(tmp_path / "c")]) == 0
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "| digits: run digits, 1000 training steps | 4 |" in table
+    assert "| digits: run digits-long, 4000 training steps | 4 |" in table
+    argv = [str(tmp_path / "digits"), str(tmp_path / "digits"), "--out", str(tmp_path / "d")]
+    assert compare(argv) == 0
+    assert f"| digits ({tmp_path / 'digits'}) | 4 |" in (tmp_path / "d" / "compare.md").read_text()
+
+
+def test_a_report_records_eta_respaced_and_training_steps_one_meaning_per_key(trained, tmp_path, capsys):
+    out = tmp_path / "ddim"
+    argv = ["report", str(trained), "--steps", "5", "--eta", "0.5", "--max-examples", "4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    bound = json.loads((out / "bound.json").read_text())
+    assert bound["respaced_steps"] == 5 and bound["num_steps"] == 5 and bound["training_steps"] == 2
+    assert bound["eta"] == 0.5 and bound["objective"] == "elbo" and "steps" not in bound
+    summary = (out / "summary.md").read_text()
+    assert "respaced to 5 steps; DDIM's generative process with eta = 0.5" in summary
+    assert "trained for 2 steps on elbo" in summary
+    test_bound = json.loads((trained.parent / "test_bound.json").read_text())
+    assert test_bound["training_steps"] == 2 and "steps" not in test_bound and "respaced_steps" not in test_bound

@@ -118,11 +118,21 @@ def summary_markdown(s: dict) -> str:
     mean, se = np.array(s["terms_nats"]), np.array(s["terms_stderr"])
     rate_nats = mean[1:].sum()
     m = s["model"]
+    chain = [f"prediction {m['prediction']}, variance {m['variance']}, {m['schedule']['kind']} schedule, T = {T}"]
+    if s.get("respaced_steps") is not None:
+        chain.append(f"respaced to {s['respaced_steps']} steps")
+    if s.get("eta") is not None:
+        chain.append(f"DDIM's generative process with eta = {s['eta']:g}, scored against its inference family q_sigma")
+    if s.get("training_steps") is not None:
+        chain.append(
+            f"trained for {s['training_steps']} steps" + (f" on {s['objective']}" if s.get("objective") else "")
+        )
     lines = [
         f"# Where the bits go ({s.get('name', 'model')}, {s.get('split', 'given')} split)",
         "",
         f"{s['num_examples']} examples x {s['num_samples']} draws of the noisy inputs; {s['scale']}; "
-        f"prediction {m['prediction']}, variance {m['variance']}, {m['schedule']['kind']} schedule, T = {T}.",
+        + "; ".join(chain)
+        + ".",
         "",
         "| terms | nats/example | +- stderr | bits/dim | share of rate |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -469,7 +469,13 @@ class _Run:
         trained = self.model.with_network(self.ema.module).eval()
         test = data.test[: tr.eval_examples].to(device)
         terms = bound_terms(trained, test, progress=progress)
-        meta = {"name": self.spec.name, "split": "test", "steps": tr.steps, "train_seconds_this_run": seconds}
+        meta = {
+            "name": self.spec.name,
+            "split": "test",
+            "training_steps": tr.steps,
+            "objective": tr.objective,
+            "train_seconds_this_run": seconds,
+        }
         log_q = data.log_density(test) if data.log_density is not None else None
         report = summarise(terms, meta, log_q)
         (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")

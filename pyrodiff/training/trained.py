@@ -31,6 +31,14 @@ def load_trained(
     checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.training.spec.Spec.from_dict`).
     The network's initial weights, replaced by the checkpoint's, are drawn without changing torch's global random
     state (the specification's objects are built on the CPU)."""
+    built, model, _ = _load_trained(checkpoint_path, device, data_root)
+    return built, model
+
+
+def _load_trained(
+    checkpoint_path: str | Path, device: str, data_root: str | Path | None
+) -> tuple[Built, DiffusionModel, int]:
+    """:func:`load_trained`'s objects and model, and the training step the checkpoint was saved at."""
     state = load_checkpoint(checkpoint_path, map_location=device)
     spec = Spec.from_dict(state["spec"], f"checkpoint {checkpoint_path}")
     with torch.random.fork_rng(devices=[]):
@@ -41,7 +49,7 @@ def load_trained(
         ema.load_state_dict(state["ema"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not fit its specification's network: {e}") from e
-    return built, built.model.with_network(ema.module).to(device).eval()
+    return built, built.model.with_network(ema.module).to(device).eval(), int(state["step"])
 
 
 def report_checkpoint(
@@ -90,7 +98,7 @@ def report_checkpoint(
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"report-{split}"
     if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
-    built, model = load_trained(checkpoint, device, data_root)
+    built, model, training_steps = _load_trained(checkpoint, device, data_root)
     if variance is not None:
         if variance not in ("small", "large", "analytic"):
             raise ValueError(f"variance must be 'small', 'large' or 'analytic', got {variance!r}")
@@ -123,8 +131,10 @@ def report_checkpoint(
         "name": built.spec.name,
         "checkpoint": str(checkpoint),
         "split": split,
+        "training_steps": training_steps,
+        "objective": built.spec.training.objective,
         "draws": draws,
-        "steps": steps,
+        "respaced_steps": steps,
         "variance": variance,
         "eta": eta,
         "seed": seed,
