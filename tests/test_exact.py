@@ -20,8 +20,8 @@ from hypothesis.extra.numpy import arrays
 from scipy.stats import multivariate_normal
 
 from pyrodiff import DiffusionGuide, DiffusionModel, MLPDenoiser, NoiseSchedule
-from pyrodiff.theory import exact as E
 from pyrodiff.testing import AffineDenoiser, LinearDenoiser, linear_elbo_terms, linear_reverse_coefficients, schedules
+from pyrodiff.theory import exact as E
 
 PREDICTIONS = ("epsilon", "x0", "v")
 VARIANCES = ("small", "large")

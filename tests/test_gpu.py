@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_train import TINY_2D, TINY_DIGITS
 
-from pyrodiff.training import loop as train_module
 from pyrodiff.cli import main
+from pyrodiff.training import loop as train_module
 from pyrodiff.training.checkpoint import load_checkpoint
 from pyrodiff.training.distributed import World
 from pyrodiff.training.loop import train
