@@ -8,10 +8,12 @@ validate (``SpecError`` is a ``ValueError``), a result that would be overwritten
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["REFUSED", "one_line", "run_refusing"]
+__all__ = ["REFUSED", "one_line", "run_refusing", "objects_refused"]
 
 #: the errors that mean "this input is refused"; anything else is a bug and keeps its traceback
 REFUSED = (ValueError, OSError, RuntimeError, ArithmeticError)
@@ -22,12 +24,25 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
-def run_refusing(prog: str, work: Callable[[], int | None]) -> int:
-    """Run ``work()`` and return its exit status (``None`` is 0); a :data:`REFUSED` error prints
-    ``PROG: error: MESSAGE`` and returns 2, Ctrl-C prints ``PROG: interrupted`` and returns 130."""
+def objects_refused(path: str | Path, error: BaseException) -> str:
+    """What to say of a file that ``torch.load(weights_only=True)`` refused: it holds objects other than tensors and
+    plain data (naming the first such global), so it was not loaded.  Torch's own message advises
+    ``weights_only=False``, which would run the code the file names; it is not repeated."""
+    named = re.search(r"GLOBAL (\S+)", str(error))
+    return (
+        f"{path} holds objects other than tensors and plain data"
+        + (f" ({named.group(1)})" if named else "")
+        + "; it was not loaded, because unpickling it could run code from the file"
+    )
+
+
+def run_refusing(prog: str, work: Callable[[], int | None], refused: tuple[type[BaseException], ...] = REFUSED) -> int:
+    """Run ``work()`` and return its exit status (``None`` is 0); a ``refused`` error (:data:`REFUSED` unless the
+    script names its own) prints ``PROG: error: MESSAGE`` and returns 2, Ctrl-C prints ``PROG: interrupted`` and
+    returns 130."""
     try:
         return work() or 0
-    except REFUSED as e:
+    except refused as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,7 +72,7 @@ def test_arguments_are_checked_before_torch_loads():
     """A bad argument exits with status 2 from the parser, with neither torch nor Pyro imported."""
     code = (
         "import runpy, sys\n"
-        f"for path in {[str(p) for p in SCRIPTS.values()]!r}:\n"
+        f"for path in {[str(p) for p in [*SCRIPTS.values(), ROOT / 'analysis' / 'external_bound.py']]!r}:\n"
         "    sys.argv = [path, '--no-such-option']\n"
         "    try:\n"
         "        runpy.run_path(path, run_name='__main__')\n"
@@ -215,3 +215,87 @@ def test_a_report_records_eta_respaced_and_training_steps_one_meaning_per_key(tr
     assert "trained for 2 steps on elbo" in summary
     test_bound = json.loads((trained.parent / "test_bound.json").read_text())
     assert test_bound["training_steps"] == 2 and "steps" not in test_bound and "respaced_steps" not in test_bound
+
+
+# ---------------------------------------------------------------------- external_bound.py
+EXTERNAL = ROOT / "analysis" / "external_bound.py"
+
+
+def _external(argv):
+    return runpy.run_path(str(EXTERNAL))["main"](argv)
+
+
+@pytest.fixture
+def stand_in(tmp_path) -> list[str]:
+    """external_bound's network arguments for test_adapters' stand-in (12 steps), weights in a .pt file."""
+    import torch
+    from test_adapters import STAND_IN, T, _stand_in
+
+    torch.save(_stand_in().state_dict(), tmp_path / "net.pt")
+    common = ["--network", STAND_IN, "--kwargs", json.dumps({"steps": T}), "--state-dict", str(tmp_path / "net.pt")]
+    return common + ["--beta-schedule", "linear", "--num-train-timesteps", str(T), "--out", str(tmp_path / "r")]
+
+
+def test_external_data_on_the_wrong_scale_is_refused(stand_in, tmp_path, capsys):
+    """Integers without --levels were read as 8-bit (19.40 bits/dim for 0..16 data instead of 17.46), floats
+    outside [-1, 1] were scored (41.7 bits/dim for all 7.0): both are refused, naming what was found."""
+    import numpy as np
+
+    np.save(tmp_path / "ints.npy", np.random.default_rng(0).integers(0, 17, (4, 1, 8, 8)))
+    assert _external([*stand_in, "--data", str(tmp_path / "ints.npy")]) == 2
+    assert "holds integers 0..16: give their number of levels, --levels L" in _error(capsys, "external_bound")
+    np.save(tmp_path / "sevens.npy", np.full((4, 1, 8, 8), 7.0, dtype=np.float32))
+    assert _external([*stand_in, "--data", str(tmp_path / "sevens.npy")]) == 2
+    assert "holds floats in 7..7: data must lie in [-1, 1]" in _error(capsys, "external_bound")
+    assert not (tmp_path / "r").exists()
+    assert _external([*stand_in, "--data", str(tmp_path / "ints.npy"), "--levels", "17", "--max-examples", "2"]) == 0
+    assert json.loads((tmp_path / "r" / "bound.json").read_text())["levels"] == 17
+    assert "bits/dim" in capsys.readouterr().out
+
+
+def test_external_inputs_that_gave_tracebacks_are_one_line(stand_in, tmp_path, capsys):
+    import types
+
+    import numpy as np
+    import torch
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
+    data = ["--data", str(tmp_path / "x.npy")]
+    argv = [*stand_in, *data]
+    assert _external([*argv[:1], "test_adapters:NoSuch", *argv[2:]]) == 2
+    assert "cannot import the network test_adapters:NoSuch" in _error(capsys, "external_bound")
+    assert _external([*argv[:1], "no_such_package.models:Unet", *argv[2:]]) == 2
+    assert "cannot import the network no_such_package.models:Unet" in _error(capsys, "external_bound")
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file({"w": torch.zeros(100)}, tmp_path / "w.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-50])
+    weights = argv.index("--state-dict") + 1
+    assert _external([*argv[:weights], str(tmp_path / "cut.safetensors"), *argv[weights + 1 :]]) == 2
+    assert f"{tmp_path / 'cut.safetensors'} is not a readable safetensors file" in _error(capsys, "external_bound")
+    torch.save({"x": types.SimpleNamespace(a=1)}, tmp_path / "code.pt")
+    assert _external([*stand_in, "--data", str(tmp_path / "code.pt")]) == 2
+    line = _error(capsys, "external_bound")
+    assert f"{tmp_path / 'code.pt'} holds objects other than tensors and plain data (types.SimpleNamespace)" in line
+    assert "weights_only" not in line
+
+
+def test_external_diffusers_configuration_errors_name_the_file(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    folder = tmp_path / "pipeline"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 20}))
+    argv = ["--diffusers", str(folder), "--dataset", "digits", "--out", str(tmp_path / "r")]
+    config = folder / "unet" / "config.json"
+    for content in (b"[1, 2]", b"\x80\x81\xff binary", b"{broken"):
+        config.write_bytes(content)
+        assert _external(argv) == 2
+        assert str(config) in _error(capsys, "external_bound")
+    assert _external([*argv, "--num-train-timesteps", "30"]) == 2  # a network trained for 20 steps
+    assert "records num_train_timesteps = 20, --num-train-timesteps gives 30" in _error(capsys, "external_bound")
+
+
+def test_external_shows_progress_by_default():
+    parse = runpy.run_path(str(EXTERNAL))["build_parser"]().parse_args
+    argv = ["--diffusers", "d", "--dataset", "digits", "--out", "o"]
+    assert parse(argv).progress is True and parse([*argv, "--no-progress"]).progress is False

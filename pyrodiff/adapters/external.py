@@ -61,6 +61,7 @@ from ..chain.decoders import Decoder
 from ..chain.parameterization import ReverseVariance, parse_variance
 from ..chain.reverse import DiffusionModel
 from ..chain.schedule import NoiseSchedule
+from ..refusal import objects_refused
 
 __all__ = [
     "ZeroIndexedNetwork",
@@ -177,7 +178,7 @@ def scheduler_config(source: SchedulerSource) -> dict:
         path = _find_scheduler_config(path) if path.is_dir() else path
         try:
             config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read the scheduler configuration {path}: {e}") from e
         if not isinstance(config, dict):
             raise ValueError(f"{path} does not hold a JSON object")
@@ -334,7 +335,13 @@ def load_diffusers(folder: str | Path, scheduler: str | Path | None = None) -> t
         raise FileNotFoundError(
             f"no diffusers model in {folder}: neither {folder / 'unet' / 'config.json'} nor {config_file}"
         )
-    name = json.loads(config_file.read_text()).get("_class_name")
+    try:
+        model_config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the model configuration {config_file}: {e}") from e
+    if not isinstance(model_config, dict):
+        raise ValueError(f"{config_file} does not hold a JSON object")
+    name = model_config.get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
         raise ValueError(f"{config_file} names {name!r}, which is not a diffusers model class")
@@ -377,25 +384,31 @@ def load_network(
     module_name, sep, attr = import_path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"an import path is 'package.module:Class', got {import_path!r}")
-    factory = importlib.import_module(module_name)
-    for part in attr.split("."):
-        factory = getattr(factory, part)
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import the network {import_path}: {e}") from e
     network = factory(**dict(kwargs or {}))
     if not isinstance(network, nn.Module):
         raise TypeError(f"{import_path} built a {type(network).__name__}, not a torch.nn.Module")
     path = Path(state_dict)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{path} holds objects other than tensors and plain data; it was not loaded, because loading it "
-                f"could run code ({e})"
-            ) from e
+            raise ValueError(objects_refused(path, e)) from e
+        except (RuntimeError, EOFError) as e:
+            raise ValueError(f"cannot read the state dict {path} (truncated or not written by torch.save?): {e}") from e
     try:
         network.load_state_dict(_select(state, key, prefix, path))
     except RuntimeError as e:
