@@ -14,7 +14,7 @@ from .chain.forward import DiffusionGuide
 from .chain.importance import ImportanceSampler
 from .chain.objectives import objective_weights, reweight
 from .chain.reverse import DiffusionModel, GaussianStep
-from .chain.schedule import NoiseSchedule
+from .chain.schedule import NoiseSchedule, Schedule
 from .data import Dataset, load_dataset
 from .evaluation.bound import BoundTerms, bound_terms
 from .evaluation.likelihood import LikelihoodBound, log_likelihood_bound
@@ -37,6 +37,7 @@ __all__ = [
     "LikelihoodBound",
     "MLPDenoiser",
     "NoiseSchedule",
+    "Schedule",
     "UNet",
     "adapters",
     "bound_terms",

@@ -3,6 +3,9 @@ r"""Tools to property-test diffusion code: hypothesis strategies and an exactly 
 Strategies (for ``@hypothesis.given``): :func:`schedules`, :func:`timesteps`, :func:`data_batches`,
 :func:`linear_denoisers`.
 
+:class:`EndpointSchedule` is the smallest schedule with parameters (its two log-SNR endpoints), for tests of what
+trains, checkpoints and validates a schedule's parameters.
+
 :class:`LinearDenoiser` is a network linear in :math:`x_t`, ``out = a_t x_t + b_t``; with it every
 parameterisation gives a reverse mean :math:`\mu_\theta = c_t x_t + d_t`, and
 :func:`linear_elbo_terms` gives every term :math:`L_0 .. L_T` of the bound in closed form (float64),
@@ -25,7 +28,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"pyrodiff.testing needs the testing extra: pip install 'pyrodiff[testing]' ({e})") from e
 
-from .chain.schedule import NoiseSchedule
+from .chain.schedule import NoiseSchedule, Schedule, ScheduleTables
 from .theory.exact import AffineDenoiser
 
 __all__ = [
@@ -38,7 +41,29 @@ __all__ = [
     "linear_reverse_coefficients",
     "linear_elbo_terms",
     "linear_case",
+    "EndpointSchedule",
 ]
+
+
+class EndpointSchedule(Schedule):
+    r"""A schedule whose parameters are its log-SNR endpoints :math:`\lambda_1` (``log_snr_max``) and
+    :math:`\lambda_T` (``log_snr_min``), with a fixed interior, linear in t:
+    :math:`\lambda_t = \lambda_1 + (\lambda_T - \lambda_1)\,\frac{t - 1}{T - 1}`, and the tables of
+    :meth:`~pyrodiff.chain.schedule.ScheduleTables.from_log_snr`.  For tests of the machinery (gradients through the
+    program, training, checkpoints, validation), not a schedule to learn with: its interior cannot move.  T >= 2;
+    parameters in float64."""
+
+    def __init__(self, num_steps: int, log_snr_max: float = 6.0, log_snr_min: float = -6.0) -> None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"an EndpointSchedule needs an integer num_steps >= 2, got {num_steps!r}")
+        super().__init__(num_steps, {"kind": "endpoints", "log_snr_max": log_snr_max, "log_snr_min": log_snr_min})
+        self.log_snr_max = nn.Parameter(torch.tensor(float(log_snr_max), dtype=torch.float64))
+        self.log_snr_min = nn.Parameter(torch.tensor(float(log_snr_min), dtype=torch.float64))
+        self.register_buffer("fraction", torch.linspace(0, 1, num_steps, dtype=torch.float64), persistent=False)
+
+    def tables(self) -> ScheduleTables:
+        log_snr = self.log_snr_max + (self.log_snr_min - self.log_snr_max) * self.fraction
+        return ScheduleTables.from_log_snr(log_snr)
 
 
 @st.composite

@@ -208,13 +208,16 @@ def test_a_refused_call_leaves_no_state_behind():
     assert model.data_shape == (1, 8, 8)
 
 
-def test_a_guide_on_another_schedule_is_refused():
+def test_a_guide_on_another_schedule_object_is_refused():
+    """Model and guide share one schedule object: another one is refused, even with equal tables."""
     model, _ = _model()
     other = DiffusionGuide(NoiseSchedule.linear(5, 0.01, 0.2))  # same length, other betas
-    for estimator, k in ((Trace_ELBO, None), (TraceMeanField_ELBO, None), (Trace_ELBO, 2)):
-        with pytest.raises(ValueError, match="another noise schedule"):
-            estimator().loss(model, other, torch.zeros(3, 2), k)
-    same = DiffusionGuide(NoiseSchedule.linear(5, 0.05, 0.3))  # an equal schedule, another object
+    equal = DiffusionGuide(NoiseSchedule.linear(5, 0.05, 0.3))  # the model's tables, another object
+    for guide in (other, equal):
+        for estimator, k in ((Trace_ELBO, None), (TraceMeanField_ELBO, None), (Trace_ELBO, 2)):
+            with pytest.raises(ValueError, match="another noise schedule object than the model's"):
+                estimator().loss(model, guide, torch.zeros(3, 2), k)
+    same = DiffusionGuide(model.schedule)
     assert torch.isfinite(torch.tensor(Trace_ELBO().loss(model, same, torch.zeros(3, 2))))
 
 

@@ -21,7 +21,7 @@ import torch
 from .forward import q_marginal
 from .parameterization import TableVariance, x0_to_eps
 from .reverse import DiffusionModel
-from .schedule import NoiseSchedule
+from .schedule import Schedule
 
 __all__ = ["analytic_variance", "expected_eps_norm", "optimal_variances"]
 
@@ -39,18 +39,19 @@ def expected_eps_norm(model: DiffusionModel, data: torch.Tensor, draws: int = 1,
         total = 0.0
         for _ in range(draws):
             xt = loc + var.sqrt() * torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
-            abar = model.schedule.alphas_cumprod[t - 1].to(data)
+            abar = model.schedule.coefficients(data.device, data.dtype).alphas_cumprod[t - 1]
             eps = x0_to_eps(model.predict(xt, steps).x0, xt, abar)
             total += eps.double().pow(2).mean().item()
         out[t - 1] = total / draws
     return out
 
 
-def optimal_variances(schedule: NoiseSchedule, gamma: torch.Tensor) -> torch.Tensor:
+def optimal_variances(schedule: Schedule, gamma: torch.Tensor) -> torch.Tensor:
     r""":math:`\sigma_t^{*2}` of the module docstring for t = 1..T (float64), given :math:`\Gamma_t` (length T), clipped to
     :math:`[\tilde\beta_t, \beta_t/\alpha_t]`; entry 0 (the decoder) is :math:`\tilde\beta_2`."""
-    abar, alpha, tilde = schedule.alphas_cumprod, schedule.alphas, schedule.posterior_variance
-    gap = ((1 - abar) / alpha).sqrt() - (1 - schedule.alphas_cumprod_prev - tilde).clamp(min=0).sqrt()
+    c = schedule.tables()
+    abar, alpha, tilde = c.alphas_cumprod, c.alphas, c.posterior_variance
+    gap = ((1 - abar) / alpha).sqrt() - (1 - c.alphas_cumprod_prev - tilde).clamp(min=0).sqrt()
     sigma2 = torch.minimum(torch.maximum(tilde + gap**2 * (1 - gamma.double()), tilde), tilde + gap**2)
     sigma2[0] = tilde[1]  # the decoder keeps the model's convention
     return sigma2

@@ -25,7 +25,7 @@ import torch
 from .. import checks
 from .gaussian import at_timesteps, expand_event, normal_log_prob
 from .path import PathDistribution, is_last_row, path_timesteps
-from .schedule import NoiseSchedule
+from .schedule import Schedule
 from .timesteps import draw_timesteps, step_scale
 
 __all__ = [
@@ -64,7 +64,7 @@ def check_batch(x0) -> None:
         raise ValueError("data contains NaN or infinite values")
 
 
-def q_marginal(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def q_marginal(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mean and variance of :math:`q(x_t \mid x_0) = N(\sqrt{\bar\alpha_t} x_0, (1 - \bar\alpha_t) I)`.
 
     ``t`` holds math timesteps 1..T with shape ``x0.shape[:len(t.shape)]`` or broadcastable to it.
@@ -96,7 +96,7 @@ def q_trajectory(
 
 
 def q_posterior(
-    schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    schedule: Schedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mean and variance of :math:`q(x_{t-1} \mid x_t, x_0) = N(\tilde\mu_t, \tilde\beta_t I)` (Ho et al.
     2020, eq. 7), :math:`\tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\beta_t}{1-\bar\alpha_t} x_0 +
@@ -111,7 +111,7 @@ def q_posterior(
 
 
 def q_sigma_posterior(
-    schedule: NoiseSchedule, eta: float, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+    schedule: Schedule, eta: float, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mean and variance of the non-Markovian :math:`q_\sigma(x_{t-1} \mid x_t, x_0)` (Song et al. 2021, eq. 7),
 
@@ -153,26 +153,27 @@ class InferenceFamily:
         return self.eta > 0
 
     def posterior(
-        self, schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
+        self, schedule: Schedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Mean and variance of :math:`q_\sigma(x_{t-1} \mid x_t, x_0)` at the math timesteps ``t``."""
         if self.is_markov:
             return q_posterior(schedule, x0, xt, t)
         return q_sigma_posterior(schedule, self.eta, x0, xt, t)
 
-    def variances(self, schedule: NoiseSchedule) -> torch.Tensor:
+    def variances(self, schedule: Schedule) -> torch.Tensor:
         r""":math:`\sigma_t^2 = \eta^2 \tilde\beta_t` (float64, entry t - 1; 0 at t = 1)."""
-        return self.eta**2 * schedule.posterior_variance
+        return self.eta**2 * schedule.tables().posterior_variance
 
-    def tables(self, schedule: NoiseSchedule, device: torch.device | str, dtype: torch.dtype) -> SimpleNamespace:
+    def tables(self, schedule: Schedule, device: torch.device | str, dtype: torch.dtype) -> SimpleNamespace:
         r"""The tables of :func:`q_sigma_posterior` on ``device`` in ``dtype``, computed in float64 and cached with
-        the schedule: ``coef_x0`` and ``coef_xt`` of the mean :math:`A_t x_0 + B_t x_t`, and ``variance``
-        :math:`\sigma_t^2`."""
-        return schedule.cached(f"q_sigma_{self.eta!r}", self._tables, device, dtype)
+        the schedule (:meth:`~pyrodiff.chain.schedule.Schedule.derived`): ``coef_x0`` and ``coef_xt`` of the mean
+        :math:`A_t x_0 + B_t x_t`, and ``variance`` :math:`\sigma_t^2`."""
+        return schedule.derived(self._tables, device, dtype)
 
-    def _tables(self, schedule: NoiseSchedule) -> SimpleNamespace:
-        abar, abar_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-        variance = self.variances(schedule)
+    def _tables(self, schedule: Schedule) -> SimpleNamespace:
+        c = schedule.tables()
+        abar, abar_prev = c.alphas_cumprod, c.alphas_cumprod_prev
+        variance = self.eta**2 * c.posterior_variance
         coef_xt = ((1 - abar_prev) - variance).clamp(min=0).sqrt() / (1 - abar).sqrt()
         return SimpleNamespace(coef_x0=abar_prev.sqrt() - coef_xt * abar.sqrt(), coef_xt=coef_xt, variance=variance)
 
@@ -193,7 +194,7 @@ class _QPath(PathDistribution):
 
     has_rsample = True
 
-    def __init__(self, x0: torch.Tensor, schedule: NoiseSchedule, validate_args=None) -> None:
+    def __init__(self, x0: torch.Tensor, schedule: Schedule, validate_args=None) -> None:
         self.x0 = x0
         self.schedule = schedule
         T = schedule.num_steps
@@ -241,7 +242,7 @@ class QPosteriorOrder(_QPath):
     path is drawn backwards from :math:`x_T`, T - 1 sequential steps."""
 
     def __init__(
-        self, x0: torch.Tensor, schedule: NoiseSchedule, family: InferenceFamily = DDPM, validate_args=None
+        self, x0: torch.Tensor, schedule: Schedule, family: InferenceFamily = DDPM, validate_args=None
     ) -> None:
         self.family = family
         super().__init__(x0, schedule, validate_args=validate_args)
@@ -283,9 +284,11 @@ class ForwardTransition(dist.Normal):
 
 
 class DiffusionGuide:
-    r"""The forward chain :math:`q(x_{1:T} \mid x_0)` as a Pyro guide with no parameters.
+    r"""The forward chain :math:`q(x_{1:T} \mid x_0)` as a Pyro guide: its only parameters are its schedule's, if it
+    has any (a fixed :class:`~pyrodiff.chain.schedule.NoiseSchedule` has none).
 
-    :param schedule: the noise schedule.
+    :param schedule: the noise schedule, the very object of the model's (the model refuses a guide built on
+        another); validated here (:meth:`~pyrodiff.chain.schedule.Schedule.check`).
     :param order: ``"posterior"`` (default) samples and scores
         :math:`q(x_T \mid x_0) \prod_t q(x_{t-1} \mid x_t, x_0)`; ``"forward"`` the literal forward
         process :math:`\prod_t q(x_t \mid x_{t-1})`.  Both are the same joint with the same sites, so a
@@ -297,10 +300,17 @@ class DiffusionGuide:
         eta = 0 is refused: that :math:`q_\sigma` is deterministic given :math:`x_0, x_T` and has no density.
 
     Called as ``guide(x0, subsample_steps=None)``, with the same arguments as
-    :class:`~pyrodiff.chain.reverse.DiffusionModel`.
+    :class:`~pyrodiff.chain.reverse.DiffusionModel`.  Each call registers the schedule's parameters, if it has any,
+    with Pyro's param store (``pyro.module("schedule", schedule)``), so that ``pyro.infer.SVI`` optimises them with
+    the model's; a torch optimiser over ``Trace_ELBO()(model, guide)`` does not need it, and ``pyrodiff train`` turns it
+    off (:attr:`register_with_pyro`).
     """
 
-    def __init__(self, schedule: NoiseSchedule, order: str = "posterior", eta: float = 1.0) -> None:
+    def __init__(self, schedule: Schedule, order: str = "posterior", eta: float = 1.0) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a Schedule (e.g. NoiseSchedule.linear(1000)), got {type(schedule).__name__}"
+            )
         if order not in ("posterior", "forward"):
             raise ValueError(f"order must be 'posterior' or 'forward', got {order!r}")
         family = InferenceFamily(eta)
@@ -311,14 +321,18 @@ class DiffusionGuide:
             )
         if order == "forward" and not family.is_markov:
             raise ValueError(f"eta = {eta} gives a non-Markovian q_sigma, which has no forward order: use 'posterior'")
-        self.schedule = schedule
+        self.schedule = schedule.check()
         self.order = order
         self.family = family
+        #: register the schedule's parameters (if any) with Pyro's param store at each call
+        self.register_with_pyro = True
 
     def __call__(self, x0: torch.Tensor, subsample_steps: int | None = None, **kwargs) -> torch.Tensor:
         if x0 is None:
             raise ValueError("the guide q(x_{1:T} | x_0) needs data x0")
         check_batch(x0)
+        if self.register_with_pyro and self.schedule.has_parameters:
+            pyro.module("schedule", self.schedule)
         N = x0.shape[0]
         if subsample_steps is None:
             if self.order == "posterior":

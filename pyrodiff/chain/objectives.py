@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .parameterization import ReverseVariance, parse_variance
-from .schedule import NoiseSchedule
+from .schedule import Schedule
 from .timesteps import TimestepWeighting
 
 __all__ = ["OBJECTIVES", "Objective", "parse_objective", "objective_weights", "reweight"]
@@ -54,19 +54,22 @@ class Objective:
         """The column name of a training loss under this objective, per example."""
         return "negative_elbo_nats" if self.is_bound else f"{self.name}_loss"
 
-    def weights(self, schedule: NoiseSchedule, variance: str | ReverseVariance = "small") -> torch.Tensor:
-        r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1), for reverse variances ``variance``."""
+    def weights(self, schedule: Schedule, variance: str | ReverseVariance = "small") -> torch.Tensor:
+        r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1, on the schedule's device), for reverse variances
+        ``variance``: constants, from the schedule's tables as they are now (a schedule with parameters changes them
+        as it trains; only the ELBO's weights, all 1, do not depend on them)."""
+        c = schedule.tables()
         if self.is_bound:
-            return torch.ones_like(schedule.betas)
+            return torch.ones_like(c.betas).detach()
         variance = parse_variance(variance)
         if variance.learned:
             raise ValueError(f"learned variances are trained by the bound: use objective 'elbo', not {self.name!r}")
         sigma2 = variance.table(schedule)
-        w = schedule.betas**2 / (2 * sigma2 * schedule.alphas * (1 - schedule.alphas_cumprod))
+        w = c.betas**2 / (2 * sigma2 * c.alphas * (1 - c.alphas_cumprod))
         if self.name == "simple":
-            return 1 / w
-        snr = schedule.log_snr.exp()
-        return torch.clamp(snr, max=self.gamma) / snr / w
+            return (1 / w).detach()
+        snr = c.log_snr.exp()
+        return (torch.clamp(snr, max=self.gamma) / snr / w).detach()
 
     def __repr__(self) -> str:
         return f"Objective({self.name!r})"
@@ -78,7 +81,7 @@ def parse_objective(objective: str | Objective) -> Objective:
 
 
 def objective_weights(
-    schedule: NoiseSchedule, objective: str | Objective, variance: str | ReverseVariance = "small", gamma: float = 5.0
+    schedule: Schedule, objective: str | Objective, variance: str | ReverseVariance = "small", gamma: float = 5.0
 ) -> torch.Tensor:
     r""":math:`\lambda_t` for t = 1..T (float64, entry t - 1) of ``objective`` (``"elbo"``, ``"simple"`` or
     ``"min_snr"`` with ``gamma``), for reverse variances ``variance``."""

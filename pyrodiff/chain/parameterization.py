@@ -25,7 +25,7 @@ import torch
 
 from .forward import InferenceFamily
 from .gaussian import at_timesteps, expand_event
-from .schedule import NoiseSchedule
+from .schedule import Schedule
 
 __all__ = [
     "Target",
@@ -116,12 +116,12 @@ class ReverseVariance:
         """Channels the network must return for data with ``data_channels`` channels."""
         return 2 * data_channels if self.learned else data_channels
 
-    def table(self, schedule: NoiseSchedule) -> torch.Tensor:
+    def table(self, schedule: Schedule) -> torch.Tensor:
         raise NotImplementedError(f"the {self.name!r} variance has no fixed table")
 
     def variance(
         self,
-        schedule: NoiseSchedule,
+        schedule: Schedule,
         t: torch.Tensor,
         event_dim: int,
         like: torch.Tensor,
@@ -129,13 +129,13 @@ class ReverseVariance:
     ) -> torch.Tensor:
         r""":math:`\sigma_t^2` at the timesteps ``t`` on the device and in the dtype of ``like``: shape
         ``t.shape + (1,) * event_dim`` for fixed variances, the shape of ``v`` for learned ones."""
-        table = schedule.cached(f"reverse_variance_{self.name}", self.table, like.device, like.dtype)
-        return at_timesteps(table, t, event_dim)
+        return at_timesteps(schedule.derived(self.table, like.device, like.dtype), t, event_dim)
 
 
-def _clipped_posterior_variance(schedule: NoiseSchedule) -> torch.Tensor:
+def _clipped_posterior_variance(schedule: Schedule) -> torch.Tensor:
     r""":math:`\tilde\beta_t` with :math:`\tilde\beta_2` in place of :math:`\tilde\beta_1 = 0` (T >= 2)."""
-    return torch.cat([schedule.posterior_variance[1:2], schedule.posterior_variance[1:]])
+    posterior_variance = schedule.tables().posterior_variance
+    return torch.cat([posterior_variance[1:2], posterior_variance[1:]])
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,8 @@ class LargeVariance(ReverseVariance):
     name = "large"
 
     def table(self, schedule):
-        return torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        c = schedule.tables()
+        return torch.cat([c.posterior_variance[1:2], c.betas[1:]])
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,8 @@ class LearnedVariance(ReverseVariance):
         if v is None:
             raise ValueError("a learned variance needs the network's interpolation output v")
         f = (v + 1) / 2
-        log_small = schedule.cached("log_clipped_posterior_variance", _log_clipped, like.device, like.dtype)
-        log_beta = schedule.cached("log_betas", _log_betas, like.device, like.dtype)
+        log_small = schedule.derived(_log_clipped, like.device, like.dtype)
+        log_beta = schedule.derived(_log_betas, like.device, like.dtype)
         return torch.exp(f * at_timesteps(log_beta, t, event_dim) + (1 - f) * at_timesteps(log_small, t, event_dim))
 
 
@@ -193,10 +194,6 @@ class TableVariance(ReverseVariance):
                 f"the {self.name} variance has {len(self.values)} steps, the schedule {schedule.num_steps}"
             )
         return torch.tensor(self.values, dtype=torch.float64)
-
-    def variance(self, schedule, t, event_dim, like, v=None):
-        key = f"reverse_variance_{self.name}_{hash(self.values)}"
-        return at_timesteps(schedule.cached(key, self.table, like.device, like.dtype), t, event_dim)
 
 
 @dataclass(frozen=True)
@@ -223,12 +220,12 @@ class DDIMVariance(ReverseVariance):
         return torch.where(expand_event(t == 1, event_dim), decoder, sigma2)
 
 
-def _log_clipped(schedule: NoiseSchedule) -> torch.Tensor:
+def _log_clipped(schedule: Schedule) -> torch.Tensor:
     return _clipped_posterior_variance(schedule).log()
 
 
-def _log_betas(schedule: NoiseSchedule) -> torch.Tensor:
-    return schedule.betas.log()
+def _log_betas(schedule: Schedule) -> torch.Tensor:
+    return schedule.tables().betas.log()
 
 
 TARGETS: dict[str, Target] = {c.name: c() for c in (EpsilonTarget, X0Target, VTarget)}

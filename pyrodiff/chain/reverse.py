@@ -42,7 +42,7 @@ from .forward import DDPM, ETA_ZERO_HAS_NO_BOUND, SCHEDULE_KEY, InferenceFamily,
 from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
 from .parameterization import DDIMVariance, ReverseVariance, Target, parse_target, parse_variance
 from .path import PathDistribution, path_timesteps
-from .schedule import NoiseSchedule
+from .schedule import Schedule
 from .timesteps import draw_timesteps, step_scale
 
 __all__ = [
@@ -160,11 +160,16 @@ class ReverseChain(nn.Module):
     #: (:meth:`posterior`): DDPM's forward chain unless the chain is DDIM's (:meth:`DiffusionModel.ddim`)
     family: InferenceFamily = DDPM
 
-    def __init__(self, schedule: NoiseSchedule, decoder: Decoder, data_shape: tuple[int, ...] | None) -> None:
+    def __init__(self, schedule: Schedule, decoder: Decoder, data_shape: tuple[int, ...] | None) -> None:
         super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a Schedule (e.g. NoiseSchedule.linear(1000)), got {type(schedule).__name__}"
+            )
         if schedule.num_steps < 2:
             raise ValueError("a diffusion model needs T >= 2 steps")
-        self.schedule = schedule
+        #: the noise schedule, a submodule (its state moves with the model); the guide must be built on this object
+        self.schedule = schedule.check()
         self.decoder = decoder
         self.data_shape = None if data_shape is None else tuple(data_shape)
 
@@ -303,7 +308,7 @@ class DiffusionModel(ReverseChain):
     def __init__(
         self,
         network: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: Schedule,
         prediction: str | Target = "epsilon",
         variance: str | ReverseVariance = "small",
         decoder: str | Decoder = "gaussian",
@@ -337,9 +342,10 @@ class DiffusionModel(ReverseChain):
         p = next(self.network.parameters(), None)
         return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
 
-    def with_network(self, network: nn.Module) -> DiffusionModel:
-        """The same model with another network (e.g. the exponential moving average of the weights)."""
-        return self._with(network, self.schedule)
+    def with_network(self, network: nn.Module, schedule: Schedule | None = None) -> DiffusionModel:
+        """The same model with another network (e.g. the exponential moving average of the weights), and another
+        schedule if given (e.g. the average of a schedule's parameters; its guide must then be built on it)."""
+        return self._with(network, self.schedule if schedule is None else schedule)
 
     def with_variance(self, variance: str | ReverseVariance) -> DiffusionModel:
         """The same model with another reverse variance (``"small"``, ``"large"``, ``"learned"`` or a
@@ -347,7 +353,7 @@ class DiffusionModel(ReverseChain):
         prediction, decoder, data shape and inference family are kept."""
         return self._with(self.network, self.schedule, parse_variance(variance))
 
-    def _with(self, network: nn.Module, schedule: NoiseSchedule, variance=None, family=None) -> DiffusionModel:
+    def _with(self, network: nn.Module, schedule: Schedule, variance=None, family=None) -> DiffusionModel:
         """A model of the same parts but these (the run-time options, ``autocast_dtype`` and ``register_with_pyro``,
         back to their defaults)."""
         return DiffusionModel(
@@ -364,7 +370,7 @@ class DiffusionModel(ReverseChain):
     def respaced(self, steps: int | Sequence[int] | torch.Tensor) -> DiffusionModel:
         r"""The same network on a shorter chain: the K-step diffusion that visits only the math timesteps
         :math:`t_1 < \dots < t_K` (``steps`` = K gives K evenly spaced ones, first and last included), with the
-        betas of :meth:`NoiseSchedule.respace` (improved-diffusion's respacing; Nichol & Dhariwal 2021, section 4).
+        betas of :meth:`Schedule.respace` (improved-diffusion's respacing; Nichol & Dhariwal 2021, section 4).
         Its step i is the original step :math:`t_i`: the network always sees the original timestep, and the fixed
         or learned variances follow the respaced schedule.  ``bound_terms``, the samplers and the Pyro program work
         on it unchanged: its bound is the exact bound of the K-step sampler.  K >= 2."""
@@ -524,19 +530,21 @@ class PTheta(PathDistribution):
 
 
 class _SameSchedule(Messenger):
-    """Refuses a guide built on another schedule than the model's: the guide's sites carry its schedule in
-    their ``infer`` dict, which ``poutine.replay`` hands to the model's sites."""
+    """Refuses a guide built on another schedule object than the model's, even one with equal tables (a schedule
+    with parameters must be one object, so that both sides see the same parameters and gradients reach them from
+    both): the guide's sites carry its schedule in their ``infer`` dict, which ``poutine.replay`` hands to the
+    model's sites."""
 
-    def __init__(self, schedule: NoiseSchedule) -> None:
+    def __init__(self, schedule: Schedule) -> None:
         super().__init__()
         self.schedule = schedule
 
     def _postprocess_message(self, msg) -> None:
         theirs = (msg.get("infer") or {}).get(SCHEDULE_KEY)
-        if theirs is not None and theirs is not self.schedule and theirs != self.schedule:
+        if theirs is not None and theirs is not self.schedule:
             raise ValueError(
-                f"the guide was built on another noise schedule than the model ({theirs!r} against "
-                f"{self.schedule!r}): build both from the same schedule"
+                "the guide was built on another noise schedule object than the model's: build the guide on the "
+                "model's own, DiffusionGuide(model.schedule)"
             )
 
 

@@ -38,7 +38,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 from ..chain.forward import q_marginal, q_posterior
 from ..chain.gaussian import at_timesteps
-from ..chain.schedule import NoiseSchedule
+from ..chain.schedule import NoiseSchedule, Schedule
 from ..data import Dataset
 
 __all__ = [
@@ -78,13 +78,14 @@ def reverse_coefficients(schedule: NoiseSchedule, variance: float) -> SimpleName
     ``sqrt_alphas_cumprod`` :math:`\sqrt{\bar\alpha_t}` completes the weights' Gaussian.
     """
     variance = _check_variance(variance)
-    abar = schedule.alphas_cumprod
+    c = schedule.tables()
+    abar = c.alphas_cumprod
     one_minus = 1.0 - abar
     marginal_variance = abar * variance + one_minus
     x0_coef_mu = one_minus / marginal_variance
     x0_coef_xt = variance * abar.sqrt() / marginal_variance
     x0_variance = variance * one_minus / marginal_variance
-    p = schedule.posterior_mean_coef_x0
+    p = c.posterior_mean_coef_x0
     return SimpleNamespace(
         sqrt_alphas_cumprod=abar.sqrt(),
         marginal_variance=marginal_variance,
@@ -92,9 +93,20 @@ def reverse_coefficients(schedule: NoiseSchedule, variance: float) -> SimpleName
         x0_coef_xt=x0_coef_xt,
         x0_variance=x0_variance,
         coef_mu=p * x0_coef_mu,
-        coef_xt=p * x0_coef_xt + schedule.posterior_mean_coef_xt,
-        variance=schedule.posterior_variance + p**2 * x0_variance,
+        coef_xt=p * x0_coef_xt + c.posterior_mean_coef_xt,
+        variance=c.posterior_variance + p**2 * x0_variance,
     )
+
+
+@dataclass(frozen=True)
+class _ReverseTables:
+    """:func:`reverse_coefficients` for one component variance, as a value (a cache key of
+    :meth:`~pyrodiff.chain.schedule.Schedule.derived`)."""
+
+    variance: float
+
+    def of(self, schedule: Schedule) -> SimpleNamespace:
+        return reverse_coefficients(schedule, self.variance)
 
 
 def draw_components(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -312,12 +324,7 @@ class IsotropicGaussianMixture:
         c = self._components_for(x)
         x = x.to(c.centred.dtype)
         steps = _check_timesteps(t, x.shape[0], schedule.num_steps, x.device)
-        table = schedule.cached(
-            f"mixture_reverse(variance={self.variance!r})",
-            lambda s: reverse_coefficients(s, self.variance),
-            x.device,
-            x.dtype,
-        )
+        table = schedule.derived(_ReverseTables(self.variance).of, x.device, x.dtype)
         at = lambda values: at_timesteps(values, steps, 0)[:, None]  # noqa: E731
         scale, marginal_variance = at(table.sqrt_alphas_cumprod), at(table.marginal_variance)
         flat = x.flatten(1)

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, checked when read.
 
 A checkpoint is a ``torch.save`` dictionary with the specification, the network, its exponential
-moving average, the optimiser, the step and every random-number state needed to continue exactly.
+moving average, the noise schedule's parameters and their average (``schedule`` and ``schedule_ema``, only for a
+schedule that has parameters), the optimiser, the step and every random-number state needed to continue exactly.
 It is written to a temporary file in the same folder, flushed to disk and renamed over the old one,
 and the folder is flushed too, so a crash never leaves a half-written checkpoint and the previous one
 survives until the new one is complete. A process killed mid-save can leave its temporary file

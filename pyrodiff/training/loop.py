@@ -17,9 +17,14 @@ step, are never saved.  On a CUDA device, with one process, one micro-batch, no 
 after three eager steps, and replayed; the learning-rate schedule writes the rate into a device tensor the
 graph reads.
 
-Checkpoints are atomic and hold every state needed to resume exactly: network, EMA, optimiser,
-scheduler, step, loss history and the random-number states of Pyro (torch's global generator) and of
-the data order.  A checkpoint is written only for weights whose loss is finite, so the one kept after
+A noise schedule with parameters (:class:`~pyrodiff.chain.schedule.Schedule`) is trained with the network: the
+optimiser holds its parameters too (without weight decay, which would pull them toward 0), gradients are clipped
+over both, and it has its own EMA, with the network's decay; the evaluated model is the EMA network on the EMA
+schedule, as VDM (Kingma et al. 2021) evaluates with an EMA of all its parameters.
+
+Checkpoints are atomic and hold every state needed to resume exactly: network, EMA, the schedule's parameters and
+their EMA (when it has any), optimiser, scheduler, step, loss history and the random-number states of Pyro (torch's
+global generator) and of the data order.  A checkpoint is written only for weights whose loss is finite, so the one kept after
 a failure can be resumed.  Ctrl-C (SIGINT) finishes the current step and saves a checkpoint before
 stopping (one process; under ``torchrun`` the last checkpoint is kept as it is).
 """
@@ -194,8 +199,9 @@ class _Run:
         self.built = build(spec, data_root)
         self.model = self.built.model.to(device)
         self.network = self.model.network  # the bare module: its weights are what is saved and averaged
+        self.schedule = self.model.schedule  # the guide's too (moved with the model); trained if it has parameters
         self.model.autocast_dtype = torch.bfloat16 if tr.amp == "bf16" else None
-        self.model.register_with_pyro = False  # the torch optimizer holds the parameters
+        self.model.register_with_pyro = self.built.guide.register_with_pyro = False  # the torch optimizer holds them
         if world.distributed:
             self.model.network = DistributedDataParallel(
                 self.network, device_ids=[device.index] if device.type == "cuda" else None
@@ -209,10 +215,17 @@ class _Run:
         self.graphed = tr.graph and device.type == "cuda" and not world.distributed and self.M == 1 and not tr.compile
         # fused AdamW keeps its step counter on the device; a graph also needs it capturable
         kwargs = {"fused": True, "capturable": self.graphed} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, **kwargs)
+        groups = [{"params": list(self.network.parameters())}]
+        if self.schedule.has_parameters:
+            groups.append({"params": list(self.schedule.parameters()), "weight_decay": 0.0})
+        self.trained_parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=tr.lr, weight_decay=tr.weight_decay, **kwargs)
         warmup = max(1, tr.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.ema = ExponentialMovingAverage(self.network, tr.ema_decay)
+        self.schedule_ema = (
+            ExponentialMovingAverage(self.schedule, tr.ema_decay) if self.schedule.has_parameters else None
+        )
         self.data_generator = torch.Generator().manual_seed(tr.seed)  # the same global batches on every rank
         self.streams = RandomStreams(tr.seed, world, self.M)
         schedule = self.built.schedule
@@ -257,6 +270,8 @@ class _Run:
             "losses": self.losses,
             "timestep_sampler": None if self.sampler is None else self.sampler.state_dict(),
         }
+        if self.schedule_ema is not None:
+            state |= {"schedule": self.schedule.state_dict(), "schedule_ema": self.schedule_ema.state_dict()}
         return state | ({"device_rng": device_rng} if self.streams.on_device else {})
 
     def resume(self, change_hyperparameters: bool) -> None:
@@ -276,6 +291,15 @@ class _Run:
             raise CheckpointError(f"{path} was written by {state['world_size']} processes, not {self.world.size}")
         self.network.load_state_dict(state["network"])
         self.ema.load_state_dict(state["ema"])
+        if self.schedule_ema is not None:
+            if "schedule" not in state:
+                raise CheckpointError(f"{path} holds no schedule parameters, but the specification's schedule has some")
+            self.schedule.load_state_dict(state["schedule"])
+            self.schedule_ema.load_state_dict(state["schedule_ema"])
+            try:
+                self.schedule.check()
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from None
         self.optimizer.load_state_dict(_with_implementation(state["optimizer"], self.optimizer))
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_generator.set_state(state["data_rng"])
@@ -300,7 +324,8 @@ class _Run:
         tr = self.spec.training
         self.scheduler.base_lrs = [tr.lr for _ in self.optimizer.param_groups]
         for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
-            group.update(initial_lr=tr.lr, lr=tr.lr * factor(self.scheduler.last_epoch), weight_decay=tr.weight_decay)
+            group.update(initial_lr=tr.lr, lr=tr.lr * factor(self.scheduler.last_epoch))
+        self.optimizer.param_groups[0]["weight_decay"] = tr.weight_decay  # the network's (never the schedule's)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def save(self, batch: torch.Tensor) -> None:
@@ -374,9 +399,14 @@ class _Run:
         ``batch``, clipping, AdamW, the EMA update; the loss, never read here."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._step_loss(batch)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.spec.training.grad_clip)
+        if self.world.distributed and self.schedule_ema is not None:  # DDP averages the network's gradients only
+            for p in self.schedule.parameters():
+                p.grad = self.world.all_sum(p.grad) / self.world.size
+        torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.spec.training.grad_clip)
         self.optimizer.step()
         self.ema.update(self.network)
+        if self.schedule_ema is not None:
+            self.schedule_ema.update(self.schedule)
         return loss
 
     def _graph_step(self) -> GraphedStep:
@@ -466,7 +496,8 @@ class _Run:
     def evaluate(self, out: Path, seconds: float, num_samples: int | None, progress: bool) -> TrainResult:
         """The EMA model's test-set bound (``test_bound.json``) and samples (``samples.png``)."""
         tr, data, device = self.spec.training, self.built.data, self.world.device
-        trained = self.model.with_network(self.ema.module).eval()
+        schedule = None if self.schedule_ema is None else self.schedule_ema.module
+        trained = self.model.with_network(self.ema.module, schedule).eval()
         test = data.test[: tr.eval_examples].to(device)
         terms = bound_terms(trained, test, progress=progress)
         meta = {

@@ -43,7 +43,7 @@ from ..chain.forward import DiffusionGuide
 from ..chain.objectives import Objective
 from ..chain.parameterization import parse_target, parse_variance
 from ..chain.reverse import DiffusionModel
-from ..chain.schedule import NoiseSchedule
+from ..chain.schedule import NoiseSchedule, Schedule
 from ..chain.timesteps import check_subsample_steps
 from ..data import DATASETS, Dataset, load_dataset
 from ..networks import MLPDenoiser, UNet
@@ -577,7 +577,7 @@ class Built:
 
     spec: Spec
     data: Dataset
-    schedule: NoiseSchedule
+    schedule: Schedule
     model: DiffusionModel
     guide: DiffusionGuide
 

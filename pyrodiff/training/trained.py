@@ -16,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..chain.analytic import analytic_variance
 from ..chain.forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
 from ..chain.reverse import DiffusionModel
+from ..chain.schedule import Schedule
 from ..evaluation.bound import bound_terms
 from ..evaluation.report import REPORT_FILES, write_report
 from .checkpoint import CheckpointError, load_checkpoint
@@ -30,7 +31,9 @@ def load_trained(
     """The specification's objects and the EMA-weighted model of a checkpoint, in evaluation mode.  The
     checkpoint's specification is validated as a file's is (:meth:`~pyrodiff.training.spec.Spec.from_dict`).
     The network's initial weights, replaced by the checkpoint's, are drawn without changing torch's global random
-    state (the specification's objects are built on the CPU)."""
+    state (the specification's objects are built on the CPU).
+    A schedule with parameters gets their EMA, loaded into ``built.schedule`` itself, which the model and
+    ``built.guide`` share, and is validated (:meth:`~pyrodiff.chain.schedule.Schedule.check`)."""
     built, model, _ = _load_trained(checkpoint_path, device, data_root)
     return built, model
 
@@ -49,7 +52,24 @@ def _load_trained(
         ema.load_state_dict(state["ema"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not fit its specification's network: {e}") from e
+    if built.schedule.has_parameters:
+        _load_schedule_average(built.schedule, state, checkpoint_path)
     return built, built.model.with_network(ema.module).to(device).eval(), int(state["step"])
+
+
+def _load_schedule_average(schedule: Schedule, state: dict, path: str | Path) -> None:
+    """Load the EMA of the schedule's parameters (the ``module.*`` entries of ``state["schedule_ema"]``) into
+    ``schedule`` and validate it."""
+    if "schedule_ema" not in state:
+        raise CheckpointError(
+            f"checkpoint {path} holds no schedule parameters, but its specification's schedule has some"
+        )
+    averaged = {k.removeprefix("module."): v for k, v in state["schedule_ema"].items() if k.startswith("module.")}
+    try:
+        schedule.load_state_dict(averaged)
+        schedule.check()
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its schedule does not load: {e}") from None
 
 
 def report_checkpoint(
