@@ -28,6 +28,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError(f"pyrodiff.testing needs the testing extra: pip install 'pyrodiff[testing]' ({e})") from e
 
+from . import checks
 from .chain.schedule import NoiseSchedule, Schedule, ScheduleTables
 from .theory.exact import AffineDenoiser
 
@@ -54,8 +55,7 @@ class EndpointSchedule(Schedule):
     parameters in float64."""
 
     def __init__(self, num_steps: int, log_snr_max: float = 6.0, log_snr_min: float = -6.0) -> None:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-            raise ValueError(f"an EndpointSchedule needs an integer num_steps >= 2, got {num_steps!r}")
+        checks.integer("num_steps", num_steps, minimum=2)
         super().__init__(num_steps, {"kind": "endpoints", "log_snr_max": log_snr_max, "log_snr_min": log_snr_min})
         self.log_snr_max = nn.Parameter(torch.tensor(float(log_snr_max), dtype=torch.float64))
         self.log_snr_min = nn.Parameter(torch.tensor(float(log_snr_min), dtype=torch.float64))

@@ -13,7 +13,10 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from test_train import TINY_2D, TINY_DIGITS
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pyrodiff.testing import EndpointSchedule
 from pyrodiff.training import loop as train_module
+from pyrodiff.training import spec as spec_module
+from pyrodiff.training.checkpoint import load_checkpoint
 from pyrodiff.training.graphed import elbo_on_device
 from pyrodiff.training.spec import build
 
@@ -137,6 +140,16 @@ def test_no_host_read_between_the_loops_reads_of_the_losses(tmp_path, monkeypatc
     steps, intervals = _steps_reads(host_reads, spec, tmp_path, monkeypatch)
     assert steps == [], "host reads in the training step:\n" + "\n".join(steps)
     assert any("Tensor.tolist at pyrodiff/training/loop.py" in r and "_read_losses" in r for r in intervals)
+
+
+def test_a_schedule_with_parameters_adds_no_host_read_to_the_step(tmp_path, monkeypatch, host_reads):
+    """Its tables are recomputed from its parameters at every step, on the device; its EMA and checkpoint too."""
+    monkeypatch.setitem(spec_module.SCHEDULES, "endpoints", EndpointSchedule)
+    changes = {"schedule": {"kind": "endpoints", "num_steps": 20, "log_snr_max": 5.0, "log_snr_min": -5.0}}
+    spec = TINY_2D.with_changes(changes | {"training": {"steps": 6, "log_every": 3, "checkpoint_every": 6}})
+    steps, _ = _steps_reads(host_reads, spec, tmp_path, monkeypatch)
+    assert steps == [], "host reads in the training step:\n" + "\n".join(steps)
+    assert "schedule" in load_checkpoint(tmp_path / "checkpoint.pt")  # it did train a schedule with parameters
 
 
 def test_the_recorder_sees_every_kind_of_host_read(host_reads):

@@ -18,7 +18,7 @@ from pyrodiff.testing import EndpointSchedule
 from pyrodiff.training import spec as spec_module
 from pyrodiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodiff.training.loop import train
-from pyrodiff.training.spec import Spec
+from pyrodiff.training.spec import Spec, SpecError
 from pyrodiff.training.trained import load_trained
 
 
@@ -204,6 +204,11 @@ def endpoints_spec(monkeypatch):
             },
         }
     )
+
+
+def test_a_specification_with_a_bad_schedule_is_refused_when_read(endpoints_spec):
+    with pytest.raises(SpecError, match=r"\[schedule\] invalid schedule: its log-SNR endpoints are out of order"):
+        endpoints_spec.with_changes({"schedule": {"log_snr_max": -1.0, "log_snr_min": 2.0}})
 
 
 def test_training_changes_saves_averages_and_resumes_the_schedule_exactly(tmp_path, endpoints_spec):

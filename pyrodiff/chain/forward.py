@@ -76,7 +76,7 @@ def q_marginal(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor) -> tuple[t
 
 
 def q_trajectory(
-    schedule: NoiseSchedule, start: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, dim: int = 0
+    schedule: Schedule, start: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, dim: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Consecutive steps of the forward recursion :math:`x_t = \sqrt{\alpha_t} x_{t-1} + \sqrt{\beta_t}\epsilon_t`,
     vectorised over t (one ``cumsum``; docs/MATH.md, section 2, "Marginal"): with :math:`s_t = x_t/\sqrt{\bar\alpha_t}`,

@@ -262,7 +262,7 @@ class ScheduleSpec:
         t.finish()
         spec = cls(kind, num_steps, MappingProxyType(params))
         try:
-            spec.build()
+            spec.build().check()  # a schedule with parameters is validated as it starts
         except ValueError as e:
             raise SpecError(f"{t.source}: [schedule] {e}") from None
         return spec
