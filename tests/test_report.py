@@ -125,3 +125,47 @@ def test_an_existing_report_is_never_replaced_silently(tmp_path):
     assert (tmp_path / "r" / "bound.json").read_text() == before
     write_report(_terms(seed=2), tmp_path / "r", {"name": "second"}, overwrite=True)
     assert json.loads((tmp_path / "r" / "bound.json").read_text())["name"] == "second"
+
+
+def _draws(num_draws: int, num_examples: int, scale: torch.Tensor, seed: int = 0) -> BoundTerms:
+    """Independent draws of each term with known spread ``scale`` (T + 1,) around a per-example value."""
+    g = torch.Generator().manual_seed(seed)
+    per_example = torch.rand(1, num_examples, T + 1, generator=g, dtype=torch.float64) * 5
+    noise = torch.randn(num_draws, num_examples, T + 1, generator=g, dtype=torch.float64) * scale
+    return BoundTerms(per_example + noise, torch.zeros(num_draws, num_examples, T), D, GaussianDecoder(), MODEL)
+
+
+def test_independent_examples_get_the_plain_standard_error_and_no_ess(recwarn):
+    """20 examples with one draw each are not a chain: no ESS across them (it read "smallest ESS 3", and 26 > N for
+    some terms), and 3 draws of 2 examples give no ArviZ warning and no NaN: too few draws for diagnostics."""
+    for num_draws, num_examples in ((1, 20), (3, 2)):
+        terms = _draws(num_draws, num_examples, torch.ones(T + 1))
+        s = summarise(terms)
+        assert s["terms_draws_ess"] is None and s["terms_draws_mcse"] is None
+        per_example = terms.nats.mean(0)
+        assert np.allclose(s["terms_stderr"], (per_example.std(0) / math.sqrt(num_examples)).numpy(), rtol=1e-12)
+        text = summary_markdown(s)
+        assert f"+- is the standard error across the {num_examples} independent examples" in text
+        assert "No Monte Carlo diagnostics of the draws: they need at least 4 draws per example" in text
+        assert "nan" not in text.lower()
+    assert not [w for w in recwarn if "arviz" in str(w.filename).lower() or "ess" in str(w.message).lower()]
+
+
+def test_arviz_diagnostics_come_from_each_examples_draws():
+    """With 400 independent draws of each of 3 examples, the draws' MCSE of a term's mean is
+    sqrt(sum_n sd_nk^2 / S) / N and each example's ESS is about S (seeded; the ESS estimate of S independent
+    draws has a relative spread of about sqrt(2 / S) = 7%, so 4 of those bound it)."""
+    num_draws, num_examples = 400, 3
+    scale = torch.linspace(0.1, 3.0, T + 1, dtype=torch.float64)
+    terms = _draws(num_draws, num_examples, scale)
+    s = summarise(terms)
+    sd = terms.nats.std(0)  # (N, T + 1)
+    expected = (sd.pow(2).sum(0) / num_draws).sqrt() / num_examples
+    ess = np.array(s["terms_draws_ess"])
+    assert np.all(np.abs(ess / num_draws - 1) < 4 * math.sqrt(2 / num_draws) + 0.05), ess
+    assert np.allclose(s["terms_draws_mcse"], expected.numpy(), rtol=4 * math.sqrt(2 / num_draws) + 0.05)
+    text = summary_markdown(s)
+    assert "ArviZ, across the 400 draws of each example: smallest effective sample size" in text
+    correlated = _draws(num_draws, num_examples, scale)
+    correlated.nats[1::2] = correlated.nats[::2]  # each draw twice: half as many independent ones
+    assert max(summarise(correlated)["terms_draws_ess"]) < 0.75 * num_draws

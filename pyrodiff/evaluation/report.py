@@ -5,9 +5,11 @@ r"""The bound report: where the bits go, term by term, with uncertainties and pl
 schedule), the total, rate and distortion, and every term with its standard error.
 :func:`write_report` adds ``terms.csv``, ``rate_distortion.csv``, ``summary.md`` and three plots (the
 terms :math:`L_k` on a log scale with error bars; the cumulative rate; the rate-distortion curve of
-progressive decoding, Ho et al. 2020, section 4.3).  Uncertainty: the standard error across examples of
-each term's mean, and ArviZ's Monte Carlo standard error and effective sample size of the per-term draws
-(chains = independent draws of the noisy inputs, draws = examples).  Every file is written to a
+progressive decoding, Ho et al. 2020, section 4.3).  Uncertainty: the examples are independent, so the ``+-``
+of every term and of the total is the plain standard error across examples (:meth:`BoundTerms.stderr`); ArviZ's
+Monte Carlo diagnostics apply only to the repeated draws of the noisy inputs of one example (with at least
+:data:`MIN_DRAWS_FOR_DIAGNOSTICS` draws per example): the Monte Carlo standard error of each term's mean that
+comes from the draws, and the smallest effective sample size of one example's draws.  Every file is written to a
 temporary folder first and moved into place only when all are complete; an existing report is never
 replaced unless asked.
 """
@@ -29,7 +31,7 @@ import torch
 
 from .bound import BoundTerms, nats_to_bits_per_dim
 
-__all__ = ["write_report", "summarise", "progressive_rate_distortion", "REPORT_FILES"]
+__all__ = ["write_report", "summarise", "progressive_rate_distortion", "draws_diagnostics", "REPORT_FILES"]
 
 REPORT_FILES = (
     "bound.json",
@@ -42,15 +44,28 @@ REPORT_FILES = (
 )
 
 
-def _arviz_stats(terms: BoundTerms) -> tuple[np.ndarray, np.ndarray]:
+#: the fewest draws per example on which ArviZ's diagnostics of those draws are computed
+MIN_DRAWS_FOR_DIAGNOSTICS = 4
+
+
+def draws_diagnostics(terms: BoundTerms) -> tuple[np.ndarray, np.ndarray] | None:
+    r"""ArviZ's diagnostics of the repeated draws of the noisy inputs, each example's S draws one chain, for each term
+    :math:`L_k`: the Monte Carlo standard error of the term's mean over draws and examples that comes from the draws
+    alone, :math:`\sqrt{\sum_n \mathrm{MCSE}_{n,k}^2} / N`, and the smallest effective sample size of one example's
+    draws.  ``None`` with fewer than :data:`MIN_DRAWS_FOR_DIAGNOSTICS` draws per example.  The examples themselves
+    are independent and not a chain: their spread is the plain standard error (:meth:`BoundTerms.stderr`)."""
+    num_draws, num_examples = terms.nats.shape[:2]
+    if num_draws < MIN_DRAWS_FOR_DIAGNOSTICS:
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz as az
 
-        data = az.convert_to_dataset({"L": terms.nats.double().cpu().numpy()}, dims={"L": ["k"]})
-        mcse = az.mcse(data, method="mean")["L"].values
+        draws = terms.nats.double().cpu().numpy()[None]  # (chain = 1, draw = S, example = N, k)
+        data = az.convert_to_dataset({"L": draws}, dims={"L": ["example", "k"]})
+        mcse = az.mcse(data, method="mean")["L"].values  # (N, T + 1)
         ess = az.ess(data, method="mean")["L"].values
-    return mcse, ess
+    return np.sqrt((mcse**2).sum(0)) / num_examples, ess.min(0)
 
 
 def progressive_rate_distortion(terms: BoundTerms) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +84,7 @@ def summarise(terms: BoundTerms, meta: dict | None = None, log_q: torch.Tensor |
     the model's choices, and every term; with the exact data log-density ``log_q`` of each example, also the
     bound on :math:`\mathrm{KL}(q(x_0) \,\|\, p_\theta(x_0))` (:meth:`~pyrodiff.evaluation.bound.BoundTerms.kl_bound`)."""
     mean, stderr = terms.mean().double().cpu().numpy(), terms.stderr().double().cpu().numpy()
-    mcse, ess = _arviz_stats(terms)
+    diagnostics = draws_diagnostics(terms)
     total, total_stderr = float(mean.sum()), terms.total_stderr()
     summary = {
         **(meta or {}),
@@ -92,8 +107,8 @@ def summarise(terms: BoundTerms, meta: dict | None = None, log_q: torch.Tensor |
         "terms_nats": mean.tolist(),
         "terms_stderr": stderr.tolist(),
         "terms_bits_per_dim": nats_to_bits_per_dim(mean, terms.dims).tolist(),
-        "terms_mcse": mcse.tolist(),
-        "terms_ess": ess.tolist(),
+        "terms_draws_mcse": None if diagnostics is None else diagnostics[0].tolist(),
+        "terms_draws_ess": None if diagnostics is None else diagnostics[1].tolist(),
     }
     if log_q is not None:
         summary["kl_bound_nats"], summary["kl_bound_stderr"] = terms.kl_bound(log_q)
@@ -151,10 +166,23 @@ def summary_markdown(s: dict) -> str:
             f"Bound on KL(q(x_0) || p_theta(x_0)), negative ELBO + log q(x_0) paired per example: "
             f"{s['kl_bound_nats']:.4f} +- {s['kl_bound_stderr']:.4f} nats."
         )
-    lines += [
-        f"ArviZ: smallest ESS over terms {min(s['terms_ess']):.0f}, largest MCSE {max(s['terms_mcse']):.3g} nats.",
-        "",
-    ]
+    n, draws = s["num_examples"], s["num_samples"]
+    lines.append(
+        f"+- is the standard error across the {n} independent examples (each example's mean over its {draws} "
+        f"draw{'s' if draws > 1 else ''} of the noisy inputs)."
+    )
+    if s["terms_draws_ess"] is None:
+        lines.append(
+            f"No Monte Carlo diagnostics of the draws: they need at least {MIN_DRAWS_FOR_DIAGNOSTICS} draws per "
+            "example (--num-samples)."
+        )
+    else:
+        lines.append(
+            f"ArviZ, across the {draws} draws of each example: smallest effective sample size of one example's draws "
+            f"{min(s['terms_draws_ess']):.1f} (of {draws}); largest Monte Carlo standard error of a term's mean from "
+            f"the draws {max(s['terms_draws_mcse']):.3g} nats."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -216,19 +244,22 @@ def write_report(
         (staging / "bound.json").write_text(json.dumps(summary, indent=2) + "\n")
         with open(staging / "terms.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["k", "nats", "stderr", "bits_per_dim", "mcse", "ess"])
-            for k, row in enumerate(
+            w.writerow(["k", "nats", "stderr", "bits_per_dim", "draws_mcse", "draws_ess"])
+            T = len(summary["terms_nats"])
+            mcse = summary["terms_draws_mcse"] or [None] * T
+            ess = summary["terms_draws_ess"] or [None] * T
+            for k, (m, e, b, mc, es) in enumerate(
                 zip(
                     summary["terms_nats"],
                     summary["terms_stderr"],
                     summary["terms_bits_per_dim"],
-                    summary["terms_mcse"],
-                    summary["terms_ess"],
+                    mcse,
+                    ess,
                     strict=True,
                 )
             ):
-                m, e, b, mc, es = row
-                w.writerow([k, f"{m:.8g}", f"{e:.4g}", f"{b:.8g}", f"{mc:.4g}", f"{es:.1f}"])
+                diagnostics = ["", ""] if mc is None else [f"{mc:.4g}", f"{es:.1f}"]
+                w.writerow([k, f"{m:.8g}", f"{e:.4g}", f"{b:.8g}", *diagnostics])
         rate, rmse = progressive_rate_distortion(terms)
         units = re.sub(r"[^0-9a-z]+", "_", terms.decoder.distortion_units.lower())
         with open(staging / "rate_distortion.csv", "w", newline="") as f:
