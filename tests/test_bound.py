@@ -1,6 +1,7 @@
 """The decomposition of the bound: closed forms, the trace identity, draws, reports."""
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,16 @@ def test_kl_bound_pairs_the_bound_with_the_data_log_density(tmp_path, float64):
     assert "Bound on KL" in (tmp_path / "r" / "summary.md").read_text()
 
 
+def test_by_default_one_independent_draw_per_example(float64):
+    model, x0, _ = _model()
+    torch.manual_seed(4)
+    default = bound_terms(model, x0)
+    torch.manual_seed(4)
+    explicit = bound_terms(model, x0, num_samples=1, draws="independent")
+    assert default.nats.shape == (1, 4, T + 1)
+    assert torch.equal(default.nats, explicit.nats) and torch.equal(default.x0_sq_error, explicit.x0_sq_error)
+
+
 def test_bad_input(float64):
     model, x0, _ = _model()
     with pytest.raises(ValueError, match="num_samples"):
@@ -172,10 +183,15 @@ def test_standard_errors_with_one_example_come_from_the_draws():
     expected = nats[:, 0].std(0) / 3**0.5
     assert torch.allclose(terms.stderr(), expected)
     assert terms.total_stderr() == pytest.approx((nats.sum(-1)[:, 0].std() / 3**0.5).item())
-    assert torch.isnan(BoundTerms(nats[:1], torch.zeros(1, 1, 2), 4, GaussianDecoder(), {}).stderr()).all()
-    two = BoundTerms(torch.cat([nats, nats + 1], 1), torch.zeros(3, 2, 2), 4, GaussianDecoder(), {})
+    single = BoundTerms(nats[:1], torch.zeros(1, 1, 2), 4, GaussianDecoder(), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no estimate attempted: not torch's warning about zero degrees of freedom
+        assert single.stderr().shape == (3,) and torch.isnan(single.stderr()).all()
+        assert math.isnan(single.total_stderr())
+    two = BoundTerms(torch.cat([nats, nats * 2 + 1], 1), torch.zeros(3, 2, 2), 4, GaussianDecoder(), {})
     per_example = two.nats.mean(0)
     assert torch.allclose(two.stderr(), per_example.std(0) / 2**0.5)  # two examples: across examples
+    assert two.total_stderr() == pytest.approx((per_example.sum(-1).std() / 2**0.5).item(), rel=1e-12)
 
 
 def test_views_of_the_terms():

@@ -178,6 +178,9 @@ _SIGMOID_SCALE = (
     "the betas depend on the target alpha_bar(u) only through the ratios alpha_bar(t/T) / alpha_bar((t-1)/T), "
     "so a constant factor of it (here its normaliser sigma(b/tau) - sigma(a/tau)) cancels"
 )
+_ONE_COLUMN = (
+    "the standard errors of one column (the total, K = 1) form a 1-element tensor: [0] and [-1] are its one entry"
+)
 _STEP_SIGN = "_shifted reads only the sign of its step (its callers pass +1 and -1)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "pyrodiff/chain/decoders.py": [
@@ -211,6 +214,24 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "return round_to_grid(self.loc.expand(shape) + self.scale.expand(shape) * noise, self.levels)",
             "`+` -> `-` in `self.loc.expand(shape) + self.scale.expand(shape) * noise`",
             "the noise is drawn inside sample() and is symmetric: loc - scale z has the law of loc + scale z",
+        ),
+    ],
+    "pyrodiff/evaluation/bound.py": [
+        (
+            "return float(_stderr_over_examples(self.total.unsqueeze(-1))[0])",
+            "index `0` -> `-1` in `_stderr_over_examples(self.total.unsqueeze(-1))[0]`",
+            _ONE_COLUMN,
+        ),
+        (
+            "return excess.mean().item(), float(_stderr_over_examples(excess.unsqueeze(-1))[0])",
+            "index `0` -> `-1` in `_stderr_over_examples(excess.unsqueeze(-1))[0]`",
+            _ONE_COLUMN,
+        ),
+        (
+            'return values.double().std(0)[0] / math.sqrt(s) if s > 1 else torch.full(values.shape[2:], float("nan"))',
+            "index `0` -> `-1` in `values.double().std(0)[0]`",
+            "this branch has n < 2 examples: with one, the examples axis has length 1 and [0] is [-1]; with none, "
+            "both raise the same IndexError",
         ),
     ],
     "pyrodiff/chain/reverse.py": [
