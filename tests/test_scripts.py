@@ -299,3 +299,39 @@ def test_external_shows_progress_by_default():
     parse = runpy.run_path(str(EXTERNAL))["build_parser"]().parse_args
     argv = ["--diffusers", "d", "--dataset", "digits", "--out", "o"]
     assert parse(argv).progress is True and parse([*argv, "--no-progress"]).progress is False
+
+
+# ---------------------------------------------------------------------- plots
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_many_easy_problems_labels_stay_in_their_panel_and_say_the_kl_floor():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = runpy.run_path(str(SCRIPTS["perspectives"]))["many_easy_problems_figure"]
+    section = {
+        T: {"bound": 1.0 / T, "bound_stderr": 0.01, "step_kls": [10.0**-i for i in range(T)]} for T in (1, 5, 20)
+    }
+    fig = figure(section)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    left, right = fig.axes
+    assert not _overlap(right.yaxis.label.get_window_extent(renderer), left.get_tightbbox(renderer))
+    assert not _overlap(left.yaxis.label.get_window_extent(renderer), right.get_tightbbox(renderer))
+    assert "below 1e-6 drawn at 1e-6" in right.get_ylabel()
+    assert min(line.get_ydata().min() for line in right.get_lines()) == 1e-6  # the floor the label names
+
+
+def test_exact_copies_are_counted_where_the_histogram_draws_them():
+    import torch
+    from matplotlib.figure import Figure
+
+    histogram = runpy.run_path(str(SCRIPTS["perspectives"]))["distance_histogram"]
+    ax = Figure().add_subplot()
+    histogram(ax, torch.tensor([0.0, 0.0, 0.0, 0.5, 2.0], dtype=torch.float64), "exact reverse")
+    histogram(ax, torch.tensor([0.5, 2.0], dtype=torch.float64), "trained network")
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["exact reverse (3 at distance < 1e-4, drawn at -4)", "trained network"]
+    assert ax.containers[0].datavalues.sum() == 5 and ax.containers[0][0].get_x() == pytest.approx(-4)
