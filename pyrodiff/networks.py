@@ -193,6 +193,12 @@ class MLPDenoiser(nn.Module):
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim or dim))
 
+    @property
+    def data_shape(self) -> tuple[int]:
+        """The shape of one example, ``(dim,)`` (a :class:`~pyrodiff.chain.reverse.DiffusionModel` of this network
+        can sample before it has seen data)."""
+        return (self.dim,)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLPDenoiser(dim={self.dim}) needs input (B, {self.dim}), got {tuple(x.shape)}")

@@ -85,6 +85,22 @@ def test_sampling_plain_call_and_predictive():
     assert pred["x_{1:T}"].shape == (3, 5, 4, 2)
 
 
+def test_a_model_knows_its_data_shape_from_its_network_or_the_argument():
+    """Sampling before any data was scored: an MLPDenoiser's model takes the shape from the network, a UNet's (which
+    fits any image size) from ``data_shape``; a ``data_shape`` that contradicts the network is refused, and a model
+    that knows no shape says how to give it."""
+    schedule = NoiseSchedule.linear(4, 0.1, 0.4)
+    mlp = DiffusionModel(MLPDenoiser(3, hidden=8, depth=1), schedule)
+    assert mlp.data_shape == (3,) and mlp(None, batch_size=5).shape == (5, 3)
+    assert Predictive(mlp, num_samples=2)(None, batch_size=4)["x_0"].shape == (2, 1, 4, 3)
+    unet = UNet(1, channels=8, channel_mult=(1,), num_res_blocks=1)
+    assert DiffusionModel(unet, schedule, data_shape=(1, 8, 8))(None, batch_size=2).shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"data_shape \(4,\) does not fit the network's data shape \(3,\)"):
+        DiffusionModel(MLPDenoiser(3), schedule, data_shape=(4,))
+    with pytest.raises(ValueError, match=r"does not know the shape of one example.*data_shape=D"):
+        DiffusionModel(unet, schedule)(None, batch_size=2)
+
+
 def test_sampling_follows_the_network():
     """A network predicting epsilon = 0 with x0 prediction gives deterministic means; check the sampler
     uses mu_theta: with the 'x0' parameterisation and output 0, x_{t-1} ~ N(coef_xt x_t, sigma_t^2)."""

@@ -57,6 +57,13 @@ __all__ = [
 ]
 
 
+#: why a chain that does not know its data shape cannot sample
+NO_DATA_SHAPE = (
+    "the model does not know the shape of one example, so it cannot sample: give DiffusionModel(..., data_shape=D) "
+    "(a network with a data_shape attribute, such as MLPDenoiser, gives it), or score one batch of data first"
+)
+
+
 class ReverseStep(Protocol):
     r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of rows, as a reverse chain gives it
     (:meth:`ReverseChain.predict`); at rows with t = 1 the variable is :math:`x_0` and the law is the
@@ -211,9 +218,7 @@ class ReverseChain(nn.Module):
                 if subsample_steps is not None:
                     raise ValueError("subsample_steps scores data; sampling (x0=None) always runs the full chain")
                 if self.data_shape is None:
-                    raise ValueError(
-                        "to sample, give the DiffusionModel a data_shape (or score one batch of data first)"
-                    )
+                    raise ValueError(NO_DATA_SHAPE)
                 if batch_size is not None:
                     checks.positive_int("batch_size", batch_size)
                 return self._full_chain(None, batch_size or 1, self.data_shape)
@@ -295,8 +300,9 @@ class DiffusionModel(ReverseChain):
     :param decoder: ``"gaussian"`` (continuous data) or ``"discretized"`` (data on a grid of
         ``levels`` values in [-1, 1]), or a :class:`~pyrodiff.chain.decoders.Decoder`.
     :param levels: number of levels of the discretized decoder (256 for 8-bit images).
-    :param data_shape: shape ``D`` of one example; learnt from the first batch scored without error if
-        omitted; needed to sample.
+    :param data_shape: shape ``D`` of one example, needed to sample; by default the network's ``data_shape``
+        attribute where it has one (:class:`~pyrodiff.networks.MLPDenoiser`: ``(dim,)``), else learnt from the first
+        batch scored without error.  A ``data_shape`` other than the network's is refused.
     :param family: the inference family (:class:`~pyrodiff.chain.forward.InferenceFamily`) whose posterior at
         :math:`\hat x_0` is the mean, :math:`\mu_\theta = E_{q}[x_{t-1} \mid x_t, \hat x_0]`: DDPM's (default) or,
         through :meth:`ddim`, DDIM's.
@@ -319,7 +325,10 @@ class DiffusionModel(ReverseChain):
         prediction, variance = parse_target(prediction), parse_variance(variance)
         if not isinstance(family, InferenceFamily):
             raise TypeError(f"family must be an InferenceFamily, got {type(family).__name__}")
-        super().__init__(schedule, parse_decoder(decoder, levels), data_shape)
+        declared = getattr(network, "data_shape", None)
+        if declared is not None and data_shape is not None and tuple(declared) != tuple(data_shape):
+            raise ValueError(f"data_shape {tuple(data_shape)} does not fit the network's data shape {tuple(declared)}")
+        super().__init__(schedule, parse_decoder(decoder, levels), declared if data_shape is None else data_shape)
         self.prediction = prediction
         self.variance = variance
         self.family = family
@@ -664,7 +673,7 @@ def _start(chain: ReverseChain, x_T: torch.Tensor | int, generator: torch.Genera
     if not torch.is_tensor(x_T):
         checks.positive_int("the number of samples", x_T)
         if chain.data_shape is None:
-            raise ValueError("to sample, give the DiffusionModel a data_shape (or score one batch of data first)")
+            raise ValueError(NO_DATA_SHAPE)
         device, dtype = chain.device_and_dtype()
         return torch.randn((x_T,) + chain.data_shape, generator=generator, device=device, dtype=dtype)
     if chain.data_shape is not None and tuple(x_T.shape[1:]) != chain.data_shape:
