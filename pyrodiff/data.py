@@ -160,8 +160,9 @@ def _find(root: Path, names: list[str], what: str) -> Path:
             if candidate.exists():
                 return candidate
     raise FileNotFoundError(
-        f"{what}: none of {names} (optionally .gz) found in {root}; pyrodiff never downloads data, "
-        f"put the files there or pass --data-root"
+        f"{what}: none of {names} (optionally .gz) found in {root}; pyrodiff never downloads data: put the files "
+        "there or name their folder (load_dataset's root argument; data.root in a specification; --data-root of "
+        "the command and scripts)"
     )
 
 

@@ -225,3 +225,14 @@ def test_digits_labels_follow_their_images():
         for image, label in zip(levels[:50], labels[:50].numpy(), strict=True):
             matches = np.nonzero((raw.images.astype(np.int64) == image).all((1, 2)))[0]
             assert label in raw.target[matches]
+
+
+def test_missing_local_files_name_the_argument_of_each_caller(tmp_path, monkeypatch):
+    """A Python caller of load_dataset is told of its root argument, not only of the command's --data-root."""
+    monkeypatch.chdir(tmp_path)
+    for name, folder in (("mnist", "data/mnist"), ("cifar10", "data/cifar-10-batches-py")):
+        with pytest.raises(FileNotFoundError) as caught:
+            load_dataset(name)
+        message = str(caught.value)
+        assert f"found in {folder}; pyrodiff never downloads data" in message
+        assert "load_dataset's root argument" in message and "--data-root" in message
