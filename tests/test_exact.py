@@ -543,7 +543,7 @@ def test_refuses_what_is_not_a_gaussian_affine_chain():
         E.reverse_chain(_model().ddim(0.5), (2,))
     with pytest.raises(ValueError, match="data shape"):
         E.reverse_chain(_model())
-    with pytest.raises(ValueError, match="check_points must be a positive integer"):
+    with pytest.raises(ValueError, match="check_points must be an integer >= 1, got 0"):
         E.reverse_chain(_model(), (2,), check_points=0)
     assert E.reverse_chain(_model(), (2,), check_points=1).dim == 2
     with pytest.raises(TypeError, match="DiffusionModel or a GaussianReverseChain"):

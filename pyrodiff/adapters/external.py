@@ -57,6 +57,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .. import checks
 from ..chain.decoders import Decoder
 from ..chain.parameterization import ReverseVariance, parse_variance
 from ..chain.reverse import DiffusionModel
@@ -140,10 +141,10 @@ class ZeroIndexedNetwork(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"the network must be a torch.nn.Module, got {type(net).__name__}")
-        if timestep_scale is not None and not (isinstance(timestep_scale, int | float) and timestep_scale > 0):
-            raise ValueError(f"timestep_scale must be a positive number or None, got {timestep_scale!r}")
         self.net = net
-        self.timestep_scale = timestep_scale
+        self.timestep_scale = (
+            None if timestep_scale is None else checks.number("timestep_scale", timestep_scale, 0, lo_open=True)
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         step = t - 1
@@ -199,8 +200,7 @@ def schedule_from_config(scheduler: SchedulerSource) -> NoiseSchedule:
     (module docstring)."""
     config = scheduler_config(scheduler)
     T = _setting(config, "num_train_timesteps")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 2:
-        raise ValueError(f"num_train_timesteps must be an integer >= 2, got {T!r}")
+    checks.integer("num_train_timesteps", T, 2)
     if _setting(config, "rescale_betas_zero_snr"):
         raise ValueError(
             "rescale_betas_zero_snr=True sets beta_T = 1 (zero terminal SNR): a schedule of the bound needs every beta "

@@ -23,6 +23,7 @@ import pyro.distributions as dist
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..chain.decoders import Decoder
 from ..chain.forward import q_marginal, q_trajectory
 from ..chain.gaussian import normal_kl
@@ -144,12 +145,11 @@ def bound_terms(
     :param generator: draws the noisy inputs (and the Monte Carlo KLs), on ``x0``'s device; torch's global generator
         if None.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    checks.positive_int("num_samples", num_samples)
     if draws not in DRAWS:
         raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is not None:
+        checks.positive_int("chunk_size", chunk_size)
     model.check_data(x0)
     validate = dist.is_validation_enabled()
     schedule, T, N = model.schedule, model.schedule.num_steps, x0.shape[0]

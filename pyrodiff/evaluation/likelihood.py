@@ -38,6 +38,7 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..chain.forward import DiffusionGuide, check_batch
 from ..chain.traces import trace_terms
 from .bound import nats_to_bits_per_dim
@@ -51,11 +52,9 @@ __all__ = [
     "DEFAULT_BUDGET",
 ]
 
-#: network inputs per particle chunk by default: a chunk of P particles for N examples makes one network
-#: call over P * N * T inputs.  On a CPU larger calls are slower per input (the digits U-Net at T = 1000, one
-#: thread on a shared machine: 0.58 s per particle and example with 4000 inputs per call, 1.3 s with 32000,
-#: 3.8 GB resident), so the default is the
-#: bound's 4096; the full chain needs N * T inputs per call whatever the budget (P >= 1)
+#: network inputs per particle chunk by default, the bound's 4096: a chunk of P particles for N examples makes one
+#: network call over P * N * T inputs, and on a CPU larger calls are slower per input; the full chain needs N * T
+#: inputs per call whatever the budget (P >= 1)
 DEFAULT_BUDGET = 2**12
 
 #: ArviZ's PSIS fits the generalized Pareto to the M = ceil(min(K / 5, 3 sqrt(K))) largest weights and
@@ -127,8 +126,7 @@ class LikelihoodBound:
         """
         if not torch.is_tensor(log_weights) or log_weights.dim() != 2 or log_weights.shape[1] < 1:
             raise ValueError("log_weights must be a tensor of shape (N, K) with K >= 1")
-        if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
-            raise ValueError(f"dims must be a positive integer, got {dims!r}")
+        checks.positive_int("dims", dims)
         K = log_weights.shape[1]
         estimate = torch.logsumexp(log_weights, dim=1) - math.log(K)
         elbo = log_weights.mean(1)
@@ -155,18 +153,14 @@ class LikelihoodBound:
     def at(self, k: int) -> LikelihoodBound:
         r"""The bound :math:`\mathrm{IWAE}_k` from the first ``k`` draws of the same log weights (1 <= k <= K):
         nested estimates for k = 1, 2, .., K, increasing in k in expectation."""
-        _check_count(k, "k")
-        if k > self.num_particles:
-            raise ValueError(f"k must be at most the number of particles K = {self.num_particles}, got {k}")
+        checks.int_in("k", k, 1, self.num_particles, hi_name="K")
         return LikelihoodBound.from_log_weights(self.log_weights[:, :k], self.dims)
 
     def expected_at(self, k: int) -> torch.Tensor:
         r""":math:`E[\mathrm{IWAE}_k]` of each example, estimated from all K draws: the mean of :math:`\mathrm{IWAE}_k`
         over the :math:`\lfloor K / k \rfloor` disjoint blocks of k draws (unbiased for :math:`E[\mathrm{IWAE}_k]`,
         with less variance than one block; k = 1 gives the ELBO of the draws).  Shape ``(N,)``."""
-        _check_count(k, "k")
-        if k > self.num_particles:
-            raise ValueError(f"k must be at most the number of particles K = {self.num_particles}, got {k}")
+        checks.int_in("k", k, 1, self.num_particles, hi_name="K")
         n = self.num_examples
         blocks = self.log_weights[:, : self.num_particles // k * k].reshape(n, -1, k)
         return (torch.logsumexp(blocks, -1) - math.log(k)).mean(-1)
@@ -184,13 +178,6 @@ class LikelihoodBound:
     @property
     def stderr_bits_per_dim(self) -> torch.Tensor:
         return self.to_bits_per_dim(self.stderr)
-
-
-def _check_count(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
 
 
 def default_chunk_size(num_examples: int, num_steps: int, budget: int = DEFAULT_BUDGET) -> int:
@@ -220,9 +207,9 @@ def log_likelihood_bound(
         ``(N, K)`` log weights are kept between chunks.
     :param progress: show a progress bar over the chunks.
     """
-    _check_count(num_particles, "num_particles")
+    checks.positive_int("num_particles", num_particles)
     if chunk_size is not None:
-        _check_count(chunk_size, "chunk_size")
+        checks.positive_int("chunk_size", chunk_size)
     check_batch(x0)
     schedule = getattr(model, "schedule", None)
     if schedule is None:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
+from .. import checks
 from ..chain.forward import check_batch
 from ..chain.parameterization import parse_variance
 from ..chain.reverse import DiffusionModel
@@ -236,8 +237,7 @@ def reverse_chain(
             "the exact Gaussian account needs a fixed reverse variance ('small' or 'large'); a learned variance "
             "depends on the network's output and is refused"
         )
-    if isinstance(check_points, bool) or not isinstance(check_points, int) or check_points < 1:
-        raise ValueError(f"check_points must be a positive integer, got {check_points!r}")
+    checks.positive_int("check_points", check_points)
     shape = _data_shape(model, data_shape)
     schedule, T, D = model.schedule, model.schedule.num_steps, math.prod(shape)
     device = model.device_and_dtype()[0]

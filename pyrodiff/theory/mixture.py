@@ -36,6 +36,7 @@ import pyro.distributions as pyro_dist
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
+from .. import checks
 from ..chain.forward import q_marginal, q_posterior
 from ..chain.gaussian import at_timesteps
 from ..chain.schedule import NoiseSchedule, Schedule
@@ -77,7 +78,7 @@ def reverse_coefficients(schedule: NoiseSchedule, variance: float) -> SimpleName
     :math:`P'_t, Q_t, \tilde\beta_t`; at t = 1, :math:`v_1 = s^2\beta_1/P_1` (zero for points).
     ``sqrt_alphas_cumprod`` :math:`\sqrt{\bar\alpha_t}` completes the weights' Gaussian.
     """
-    variance = _check_variance(variance)
+    variance = checks.number("variance", variance, 0)
     c = schedule.tables()
     abar = c.alphas_cumprod
     one_minus = 1.0 - abar
@@ -165,7 +166,7 @@ class IsotropicGaussianMixture:
             raise ValueError(f"means must have shape (K, *data_shape) with K >= 1, got {tuple(means.shape)}")
         if not torch.isfinite(means).all():
             raise ValueError("means contain NaN or infinite values")
-        self._variance = _check_variance(variance)
+        self._variance = checks.number("variance", variance, 0)
         K = means.shape[0]
         if weights is None:
             log_weights = torch.full((K,), -math.log(K), dtype=means.dtype, device=means.device)
@@ -279,7 +280,7 @@ class IsotropicGaussianMixture:
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         r"""``num_samples`` draws, ``(n, *D)``: a component :math:`j \sim \pi` then :math:`\mu_j + s z`,
         :math:`z \sim N(0, I)`, on the means' device with ``generator``."""
-        n = _check_count(num_samples, "num_samples")
+        n = checks.positive_int("num_samples", num_samples)
         j = torch.multinomial(self._log_weights.exp(), n, replacement=True, generator=generator)
         x = self._means.index_select(0, j)
         if self.variance > 0:
@@ -304,8 +305,7 @@ class IsotropicGaussianMixture:
         :math:`P_t = \bar\alpha_t s^2 + 1 - \bar\alpha_t` (the convolution of each component with
         :math:`q(x_t \mid x_0)`); ``t`` an int in ``0..T``, 0 giving this law."""
         T = schedule.num_steps
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= T:
-            raise ValueError(f"t must be an integer in 0..T = 0..{T}, got {t!r}")
+        checks.int_in("t", t, 0, T, hi_name="T")
         if t == 0:
             return self
         steps = torch.full((self.num_components,), t, dtype=torch.long, device=self._means.device)
@@ -433,7 +433,7 @@ class ReverseMixture:
 
     def select(self, index) -> ReverseMixture:
         """The rows ``index`` (a slice, a boolean mask or integer indices of the batch dim; an int keeps the dim)."""
-        if isinstance(index, int) and not isinstance(index, bool):
+        if checks.is_integer(index):
             index = slice(index, index + 1 if index != -1 else None)
         return ReverseMixture(
             log_weights=self.log_weights[index],
@@ -526,7 +526,7 @@ def moment_matched_bound(
         raise ValueError(
             "the law has variance 0 (a set of points): its entropy is -infinity and no Gaussian chain has a finite bound"
         )
-    n = _check_count(num_samples, "num_samples", 2)  # a standard error needs 2 draws
+    n = checks.integer("num_samples", num_samples, 2)  # a standard error needs 2 draws
     T = schedule.num_steps
     device, dtype = law.means.device, law.means.dtype
     c = law._components(device, dtype)
@@ -563,7 +563,7 @@ def _kl_to_moment_matched(
     law: IsotropicGaussianMixture, num_samples: int, generator: torch.Generator | None
 ) -> tuple[float, float]:
     r"""Monte Carlo :math:`\mathrm{KL}(q \,\|\, G) = E_q[\log q - \log G]` with its standard error, G moment-matched."""
-    n = _check_count(num_samples, "num_samples", 2)
+    n = checks.integer("num_samples", num_samples, 2)
     x = law.sample(n, generator)
     diff = (law.log_prob(x) - law.moment_matched().log_prob(x.flatten(1))).double()
     return diff.mean().item(), _standard_error(diff[None])[0].item()
@@ -572,21 +572,6 @@ def _kl_to_moment_matched(
 def _standard_error(values: torch.Tensor) -> torch.Tensor:
     """Standard error of the mean of each row (at least 2 draws)."""
     return values.std(1) / math.sqrt(values.shape[1])
-
-
-def _check_variance(variance: float) -> float:
-    if isinstance(variance, bool) or not isinstance(variance, (int, float)):
-        raise TypeError(f"variance must be a number, got {type(variance).__name__}")
-    variance = float(variance)
-    if not math.isfinite(variance) or variance < 0:
-        raise ValueError(f"variance must be finite and >= 0, got {variance!r}")
-    return variance
-
-
-def _check_count(n: int, name: str, minimum: int = 1) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {n!r}")
-    return n
 
 
 def _check_batch(x: torch.Tensor, name: str, event_shape: torch.Size) -> torch.Tensor:
@@ -607,9 +592,8 @@ def _check_batch(x: torch.Tensor, name: str, event_shape: torch.Size) -> torch.T
 def _check_timesteps(t: int | torch.Tensor, batch: int, num_steps: int, device: torch.device) -> torch.Tensor:
     """``t`` as a LongTensor ``(batch,)`` on ``device``; values are checked for an int, and for a tensor under Pyro's
     validation (the default: reading them is a device synchronisation)."""
-    if isinstance(t, int) and not isinstance(t, bool):
-        if not 1 <= t <= num_steps:
-            raise ValueError(f"t must lie in 1..T = 1..{num_steps}, got {t}")
+    if checks.is_integer(t):
+        checks.int_in("t", t, 1, num_steps, hi_name="T")
         return torch.full((batch,), t, dtype=torch.long, device=device)
     if not torch.is_tensor(t) or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"t must be an int or an integer tensor of shape ({batch},), got {t!r}")

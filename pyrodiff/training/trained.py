@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .. import checks
 from ..chain.analytic import analytic_variance
 from ..chain.forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
 from ..chain.reverse import DiffusionModel
@@ -102,14 +103,10 @@ def report_checkpoint(
     Returns the summary and the folder."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if max_examples is not None and (
-        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
-    ):
-        raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    checks.positive_int("num_samples", num_samples)
+    if max_examples is not None:
+        checks.positive_int("max_examples", max_examples)
+    checks.integer("seed", seed, 0)
     if eta is not None:
         if variance is not None:
             raise ValueError("DDIM's variances are set by eta: give variance or eta, not both")
