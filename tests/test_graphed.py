@@ -15,7 +15,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from test_train import TINY_2D, TINY_DIGITS
 
 from pyrodiff.chain.forward import DiffusionGuide
-from pyrodiff.training import loop as train_module
+from pyrodiff.chain.objectives import parse_estimator
 from pyrodiff.training.graphed import elbo_on_device
 from pyrodiff.training.loop import train
 from pyrodiff.training.spec import build
@@ -73,7 +73,7 @@ def _loss_and_grads(estimator: str, on_device: bool):
     torch.manual_seed(0)
     built = build(TINY_DIGITS.with_changes({"training": {"estimator": estimator}}))
     built.model.register_with_pyro = False
-    elbo = train_module.ESTIMATORS[estimator]()
+    elbo = parse_estimator(estimator)()
     loss_module = (elbo_on_device(elbo) if on_device else elbo)(built.model, built.guide)
     pyro.set_rng_seed(5)
     with pyro.validation_enabled(False):  # as in the training loop

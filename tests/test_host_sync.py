@@ -13,6 +13,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from test_train import TINY_2D, TINY_DIGITS
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pyrodiff.chain.objectives import parse_estimator
 from pyrodiff.testing import EndpointSchedule
 from pyrodiff.training import loop as train_module
 from pyrodiff.training import spec as spec_module
@@ -181,7 +182,7 @@ def test_the_elbo_on_the_device_reads_nothing_on_the_host(estimator, host_reads)
     work only (that it is Pyro's loss with Pyro's gradient: tests/test_graphed.py)."""
     built = build(TINY_DIGITS.with_changes({"training": {"estimator": estimator}}))
     built.model.register_with_pyro = False
-    loss_module = elbo_on_device(train_module.ESTIMATORS[estimator]())(built.model, built.guide)
+    loss_module = elbo_on_device(parse_estimator(estimator)())(built.model, built.guide)
     host_reads.active = True
     with host_reads, pyro.validation_enabled(False):  # as in the training loop: validation reads values
         loss_module(built.data.train[:6], 2).backward()

@@ -6,7 +6,15 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, objective_weights, reweight
-from pyrodiff.chain.objectives import Objective, parse_objective
+from pyrodiff.chain.objectives import (
+    ESTIMATORS,
+    ELBOObjective,
+    MinSNRObjective,
+    Objective,
+    SimpleObjective,
+    parse_estimator,
+    parse_objective,
+)
 from pyrodiff.testing import LinearDenoiser
 
 
@@ -113,16 +121,34 @@ def test_noise_weights_follow_their_definition(variance):
     ):
         assert np.allclose(weights.numpy(), np.minimum(snr, gamma) / snr / w, rtol=1e-12)
     assert (snr > 5).any() and (snr < 5).any() and (snr < 0.5).any()
-    assert Objective("min_snr").gamma == 5.0
+    assert parse_objective("min_snr").gamma == 5.0
 
 
 def test_objective_objects():
-    assert Objective("elbo").is_bound and not Objective("simple").is_bound and not Objective("min_snr").is_bound
-    assert Objective("elbo").loss_name == "negative_elbo_nats" and Objective("simple").loss_name == "simple_loss"
-    objective = Objective("min_snr", 0.5)
-    assert parse_objective(objective) is objective and parse_objective("simple").name == "simple"
-    for gamma in (0.0, -1.0):
+    """One class per kind, parsed once from its name; an object passes through parse_objective."""
+    assert parse_objective("elbo") == ELBOObjective() and parse_objective("simple") == SimpleObjective()
+    assert parse_objective("min_snr", 0.5) == MinSNRObjective(0.5) != MinSNRObjective()
+    assert all(isinstance(parse_objective(name), Objective) for name in ("elbo", "simple", "min_snr"))
+    assert ELBOObjective().is_bound and not SimpleObjective().is_bound and not MinSNRObjective().is_bound
+    assert ELBOObjective().loss_name == "negative_elbo_nats" and SimpleObjective().loss_name == "simple_loss"
+    assert MinSNRObjective().loss_name == "min_snr_loss"
+    objective = MinSNRObjective(0.5)
+    assert parse_objective(objective) is objective and parse_objective(objective, gamma=2.0).gamma == 0.5
+    s = NoiseSchedule.linear(12, 0.01, 0.3)
+    assert torch.equal(objective.weights(s, "large"), objective_weights(s, "min_snr", "large", gamma=0.5))
+    for gamma in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="the min-SNR gamma must be a finite number > 0"):
+            MinSNRObjective(gamma)
         with pytest.raises(ValueError, match="gamma"):
-            Objective("min_snr", gamma)
-    with pytest.raises(ValueError, match="objective"):
-        Objective(3)
+            objective_weights(s, "min_snr", gamma=gamma)
+    for name in (3, "perceptual", "ELBO"):
+        with pytest.raises(ValueError, match="^objective must be one of 'elbo', 'simple', 'min_snr', got "):
+            parse_objective(name)
+
+
+def test_estimators_are_pyros_elbo_classes_by_name():
+    assert parse_estimator("mean_field") is TraceMeanField_ELBO and parse_estimator("trace") is Trace_ELBO
+    assert set(ESTIMATORS) == {"mean_field", "trace"}
+    for name in ("iwae", "Trace", None):
+        with pytest.raises(ValueError, match="^estimator must be one of 'mean_field', 'trace', got "):
+            parse_estimator(name)

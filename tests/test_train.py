@@ -11,6 +11,7 @@ import torch
 from pyro import poutine
 
 from pyrodiff import DiffusionGuide
+from pyrodiff.chain.objectives import ESTIMATORS
 from pyrodiff.training import loop as train_module
 from pyrodiff.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyrodiff.training.loop import TrainingError, TrainingInterrupted, train
@@ -54,7 +55,7 @@ def _same_run(a, b):
     return a["losses"] == b["losses"] and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
-class _EstimatorHook(train_module.ESTIMATORS["trace"]):
+class _EstimatorHook(ESTIMATORS["trace"]):
     """``Trace_ELBO`` calling ``hook(n)`` at its n-th training (gradient-recording) loss; the hook may change the loss."""
 
     hook = staticmethod(lambda n, loss: loss)
@@ -75,7 +76,7 @@ def hooked(monkeypatch):
     class Hooked(_EstimatorHook):
         calls = 0
 
-    monkeypatch.setitem(train_module.ESTIMATORS, "trace", Hooked)
+    monkeypatch.setitem(ESTIMATORS, "trace", Hooked)
     return Hooked
 
 
@@ -125,13 +126,13 @@ def test_the_full_chain_trains_on_the_negative_elbo_of_every_step(tmp_path, monk
     assert spec.training.subsample_steps is None
     first = {}
 
-    class Recording(train_module.ESTIMATORS["trace"]):
+    class Recording(ESTIMATORS["trace"]):
         def differentiable_loss(self, model, guide, x0, *args):
             if torch.is_grad_enabled() and not first:
                 first.update(model=copy.deepcopy(model), x0=x0.clone(), args=args, rng=torch.get_rng_state())
             return super().differentiable_loss(model, guide, x0, *args)
 
-    monkeypatch.setitem(train_module.ESTIMATORS, "trace", Recording)
+    monkeypatch.setitem(ESTIMATORS, "trace", Recording)
     result = train(spec, tmp_path, progress=False, num_samples=8)
     logged = load_checkpoint(result.checkpoint)["losses"][0]
 

@@ -39,12 +39,13 @@ from pyro.infer import SVI
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import checks
 from ..chain.decoders import DiscretizedDecoder, DiscretizedGaussian, parse_decoder
 from ..chain.forward import check_batch
 from ..chain.gaussian import normal_kl
+from ..chain.objectives import parse_estimator
 from ..evaluation.bound import BoundTerms
 from ..training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..training.spec import ESTIMATORS
 
 __all__ = [
     "VAE",
@@ -65,12 +66,6 @@ ENCODER_MIN_SCALE = 1e-4
 DECODER_MIN_SCALE = 1e-3
 #: ``spec["kind"]`` of a VAE checkpoint (a diffusion checkpoint's specification has no ``kind``).
 CHECKPOINT_KIND = "vae"
-
-
-def _positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _mlp(widths: Sequence[int]) -> nn.Sequential:
@@ -127,10 +122,10 @@ class VAE(nn.Module):
         super().__init__()
         if not isinstance(data_shape, Sequence) or len(data_shape) == 0:
             raise TypeError(f"data_shape must be a non-empty sequence of positive integers, got {data_shape!r}")
-        self.data_shape = tuple(_positive_int(n, "every entry of data_shape") for n in data_shape)
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
-        self.hidden = _positive_int(hidden, "hidden")
-        self.depth = _positive_int(depth, "depth", minimum=0)
+        self.data_shape = tuple(checks.positive_int("every entry of data_shape", n) for n in data_shape)
+        self.latent_dim = checks.positive_int("latent_dim", latent_dim)
+        self.hidden = checks.positive_int("hidden", hidden)
+        self.depth = checks.integer("depth", depth, 0)
         #: the law of x given the decoder's outputs: its grid check, reconstructions and units
         self.observation: DiscretizedDecoder = parse_decoder("discretized", levels)
         D = math.prod(self.data_shape)
@@ -240,7 +235,7 @@ def negative_elbo(
     examples, ``.bits_per_dim`` divides by :math:`D \ln 2`; ``x0_sq_error`` holds the squared error of the
     decoder's mean (clipped to [-1, 1]) at :math:`z_s`.  ``generator`` draws the :math:`z_s` (default: torch's).
     """
-    _positive_int(num_samples, "num_samples")
+    checks.positive_int("num_samples", num_samples)
     vae.check_data(x)
     N, event = x.shape[0], tuple(range(1, x.dim()))
     loc_q, scale_q = vae.encode(x)
@@ -309,19 +304,14 @@ def train_vae(
     seconds = float(seconds)
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds!r}")
-    _positive_int(batch_size, "batch_size")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    _positive_int(warmup_steps, "warmup_steps", minimum=0)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {estimator!r}")
-    if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, int | float):
-        raise ValueError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
-    if not 0 <= validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
-    _positive_int(eval_every, "eval_every")
+    checks.positive_int("batch_size", batch_size)
+    checks.number("lr", lr, 0, lo_open=True)
+    checks.integer("warmup_steps", warmup_steps, 0)
+    elbo = parse_estimator(estimator)
+    checks.number("validation_fraction", validation_fraction, 0, 1, hi_open=True)
+    checks.positive_int("eval_every", eval_every)
     if max_steps is not None:
-        _positive_int(max_steps, "max_steps")
+        checks.positive_int("max_steps", max_steps)
     if math.isinf(seconds) and max_steps is None:
         raise ValueError("an unlimited time budget needs max_steps")
     check_batch(data)
@@ -366,7 +356,7 @@ def train_vae(
     vae.train()
     bar = tqdm(desc="train vae", unit="step", disable=not progress, mininterval=1.0, leave=False)
     with pyro.get_param_store().scope(), pyro.validation_enabled(False), bar:
-        svi = SVI(vae.model, vae.guide, optimizer, loss=ESTIMATORS[estimator]())
+        svi = SVI(vae.model, vae.guide, optimizer, loss=elbo())
         began = time.perf_counter()
         while True:
             if position + batch_size > len(order):  # a new epoch (the remainder of the last is dropped)

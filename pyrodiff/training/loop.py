@@ -54,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..chain.importance import ImportanceSampler
-from ..chain.objectives import objective_weights, reweight
+from ..chain.objectives import objective_weights, parse_estimator, reweight
 from ..chain.traces import drawn_terms
 from ..cuda_graph import GraphedStep
 from ..evaluation.bound import bound_terms
@@ -64,7 +64,7 @@ from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporari
 from .distributed import RandomStreams, World, init_world
 from .ema import ExponentialMovingAverage
 from .graphed import elbo_on_device
-from .spec import ESTIMATORS, Spec, as_spec, build
+from .spec import Spec, as_spec, build
 
 __all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_KEYS", "HYPERPARAMETERS"]
 
@@ -246,7 +246,7 @@ class _Run:
             # record both traces of each step: the drawn terms feed the sampler's statistics
             self.model_fn = poutine.trace(self.sampler(self.model_fn))
             self.guide_fn = poutine.trace(self.sampler(self.guide_fn))
-        self.loss_module = elbo_on_device(ESTIMATORS[tr.estimator]())(self.model_fn, self.guide_fn)
+        self.loss_module = elbo_on_device(parse_estimator(tr.estimator)())(self.model_fn, self.guide_fn)
         self.dims = self.train_data[0].numel()
 
     # ------------------------------------------------------------------ the resumable state

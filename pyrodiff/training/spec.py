@@ -34,13 +34,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from .. import checks
 from ..chain.decoders import parse_decoder
 from ..chain.forward import DiffusionGuide
-from ..chain.objectives import Objective
+from ..chain.objectives import ESTIMATORS, parse_objective
 from ..chain.parameterization import parse_target, parse_variance
 from ..chain.reverse import DiffusionModel
 from ..chain.schedule import NoiseSchedule, Schedule
@@ -62,13 +61,9 @@ __all__ = [
     "as_spec",
     "build",
     "Built",
-    "ESTIMATORS",
     "TIMESTEP_SAMPLERS",
 ]
 
-#: The ELBO estimators a specification may name: ``TraceMeanField_ELBO`` (analytic per-timestep KLs) or
-#: ``Trace_ELBO`` (single-sample log-density ratios).
-ESTIMATORS = {"mean_field": TraceMeanField_ELBO, "trace": Trace_ELBO}
 #: How training draws timesteps: uniformly, or by Nichol & Dhariwal's importance sampler.
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 #: ``amp``: full precision, or bf16 autocast around the network.
@@ -381,7 +376,7 @@ class TrainingSpec:
             "grad_clip": partial(checks.number, lo=0, lo_open=True),
             "ema_decay": partial(checks.number, lo=0, hi=1, hi_open=True),
             "estimator": _choice(ESTIMATORS),
-            "objective": _parsed_by(Objective),
+            "objective": _parsed_by(parse_objective),
             "subsample_steps": _subsample_steps,
             "timestep_sampler": _choice(TIMESTEP_SAMPLERS),
             "amp": _choice(AMP),
@@ -404,7 +399,7 @@ class TrainingSpec:
     @property
     def loss_name(self) -> str:
         """What a training loss under this objective holds, per example (the column of ``losses.csv``)."""
-        return Objective(self.objective).loss_name
+        return parse_objective(self.objective).loss_name
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -485,7 +480,7 @@ class Spec:
             except ValueError as e:
                 raise training.error("subsample_steps", str(e)) from None
         try:
-            Objective(tr.objective).weights(self.schedule.build(), self.model.variance)
+            parse_objective(tr.objective).weights(self.schedule.build(), self.model.variance)
         except ValueError as e:
             raise training.error("objective", f"{e} (model.variance = {self.model.variance!r})") from None
 
