@@ -188,13 +188,25 @@ def _mnist(root: Path | None) -> Dataset:
     return Dataset("mnist", as_tensor(train), as_tensor(test), levels=256)
 
 
+def _latin1_bytes(text: object, encoding: object = None, errors: object = None) -> bytes:
+    """``_codecs.encode`` as Python 3's pickles of bytes call it for protocols 0-2 (``encode(text, "latin1")``),
+    and nothing else: another codec is no part of a CIFAR-10 batch."""
+    if not isinstance(text, str) or encoding != "latin1" or errors is not None:
+        raise pickle.UnpicklingError(
+            f"_codecs.encode with the encoding {encoding!r}, where a pickle of bytes has 'latin1'"
+        )
+    return text.encode("latin1")
+
+
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles a CIFAR-10 batch, refusing every global but those its numpy arrays need.
 
     A batch is a dict of bytes keys holding lists, bytes and uint8 arrays. An array pickles as
     ``_reconstruct(ndarray, ...)`` with a ``dtype`` (the official Python 2 files and protocols up to 4,
-    ``numpy.core`` before numpy 2, ``numpy._core`` since), or with protocol 5 as ``_frombuffer``. Any
-    other global (``os.system``, say) is what a crafted file would call, so it is refused."""
+    ``numpy.core`` before numpy 2, ``numpy._core`` since), or with protocol 5 as ``_frombuffer``. Python 3
+    pickles bytes for protocols 0-2 as ``_codecs.encode(text, "latin1")``: that global is read as
+    :func:`_latin1_bytes`, which does only that. Any other global (``os.system``, say) is what a crafted
+    file would call, so it is refused."""
 
     ALLOWED = frozenset(
         {
@@ -212,6 +224,8 @@ class _BatchUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str) -> object:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) not in self.ALLOWED:
             raise ValueError(
                 f"{self.path} refers to {module}.{name}, which a CIFAR-10 batch never holds; "

@@ -127,8 +127,10 @@ def _write_cifar(root):
             pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8)}, f)
 
 
-@pytest.mark.parametrize("form", ["python2", 4, 5])
+@pytest.mark.parametrize("form", ["python2", 0, 1, 2, 3, 4, 5])
 def test_cifar_batches_in_every_numpy_pickle_form_are_read(tmp_path, form):
+    """The official (Python 2) files, and the batches Python 3 writes with every protocol: below 3 those hold
+    their bytes as ``_codecs.encode(text, "latin1")``."""
     images = np.random.default_rng(0).integers(0, 256, (2, 3072), dtype=np.uint8)
     for name in _CIFAR_FILES:
         batch = {b"data": images, b"labels": [0, 1], b"batch_label": b"dummy"}
@@ -158,11 +160,13 @@ class _RunsCode:
         return os.system, (self.command,)
 
 
-def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+@pytest.mark.parametrize("protocol", [0, 2, pickle.DEFAULT_PROTOCOL])
+def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path, protocol):
     marker = tmp_path / "MARKER"
     _write_cifar(tmp_path)
     with open(tmp_path / "data_batch_1", "wb") as f:
-        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"hook": _RunsCode(f"touch '{marker}'")}, f)
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"hook": _RunsCode(f"touch '{marker}'")}
+        pickle.dump(batch, f, protocol=protocol)
     with pytest.raises(ValueError) as caught:
         load_dataset("cifar10", tmp_path)
     assert not marker.exists()
@@ -172,6 +176,26 @@ def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_pat
     with open(tmp_path / "data_batch_1", "rb") as f:
         pickle.load(f)  # the payload is live: an unrestricted load runs it
     assert marker.exists()
+
+
+def _encoded_key_batch(encoding: str) -> bytes:
+    """A protocol-2 pickle of ``{_codecs.encode("\\x00\\xff", encoding): 1}``; with "latin1" it is Python 3's pickle
+    of ``{b"\\x00\\xff": 1}`` (bytes become that call for protocols 0-2)."""
+    blob, name = pickle.dumps({b"\x00\xff": 1}, protocol=2), encoding.encode()
+    assert blob.count(b"X\x06\x00\x00\x00latin1") == 1
+    return blob.replace(b"X\x06\x00\x00\x00latin1", b"X" + struct.pack("<I", len(name)) + name)
+
+
+@pytest.mark.parametrize("encoding", ["zlib", "hex", "rot13", "utf-8"])
+def test_codecs_encode_is_allowed_only_as_protocol_2_writes_bytes(tmp_path, encoding):
+    """``_codecs.encode`` is let through only as Python 3 pickles bytes for protocols 0-2: latin-1 text to
+    bytes; any other codec (zlib's, hex's, ...) is no part of a CIFAR-10 batch and is refused."""
+    assert pickle.loads(_encoded_key_batch("latin1")) == {b"\x00\xff": 1}
+    _write_cifar(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(_encoded_key_batch(encoding))
+    with pytest.raises(ValueError, match=f"_codecs.encode with the encoding {encoding!r}") as caught:
+        load_dataset("cifar10", tmp_path)
+    assert str(tmp_path / "data_batch_2") in str(caught.value)
 
 
 @pytest.mark.parametrize(
