@@ -6,50 +6,56 @@ evidence lower bound as a hierarchical VAE with a fixed encoder.  ``docs/MATH.md
 ``docs/API.md`` the public interface.
 """
 
-from . import adapters
-from .chain import kl as _kl  # noqa: F401  (registers the KL divergences of the chains)
-from .chain import samplers
-from .chain.decoders import DiscretizedGaussian
-from .chain.forward import DiffusionGuide
-from .chain.importance import ImportanceSampler
-from .chain.objectives import objective_weights, reweight
-from .chain.reverse import DiffusionModel, GaussianStep
-from .chain.schedule import NoiseSchedule, Schedule
-from .data import Dataset, load_dataset
-from .evaluation.bound import BoundTerms, bound_terms
-from .evaluation.likelihood import LikelihoodBound, log_likelihood_bound
-from .evaluation.report import write_report
-from .networks import MLPDenoiser, UNet
-from .theory.empirical import EmpiricalReverse
-from .training.loop import train
-from .training.spec import load_spec
-from .training.trained import load_trained, report_checkpoint
+from importlib import import_module
+from importlib.util import find_spec
 
-__all__ = [
-    "BoundTerms",
-    "Dataset",
-    "DiffusionGuide",
-    "DiffusionModel",
-    "DiscretizedGaussian",
-    "EmpiricalReverse",
-    "GaussianStep",
-    "ImportanceSampler",
-    "LikelihoodBound",
-    "MLPDenoiser",
-    "NoiseSchedule",
-    "Schedule",
-    "UNet",
-    "adapters",
-    "bound_terms",
-    "load_dataset",
-    "load_spec",
-    "load_trained",
-    "log_likelihood_bound",
-    "objective_weights",
-    "report_checkpoint",
-    "reweight",
-    "samplers",
-    "train",
-    "write_report",
-]
 __version__ = "0.1.0"
+
+#: Each public name and the module that defines it (or that is it: ``adapters``, ``samplers``).  They are imported on
+#: first use, so that ``import pyrodiff`` is instant and the ``pyrodiff`` command reads its arguments (and
+#: answers an argument error, ``--version``, or Ctrl-C) before torch and Pyro load.
+_EXPORTS = {
+    "BoundTerms": "evaluation.bound",
+    "Dataset": "data",
+    "DiffusionGuide": "chain.forward",
+    "DiffusionModel": "chain.reverse",
+    "DiscretizedGaussian": "chain.decoders",
+    "EmpiricalReverse": "theory.empirical",
+    "GaussianStep": "chain.reverse",
+    "ImportanceSampler": "chain.importance",
+    "LikelihoodBound": "evaluation.likelihood",
+    "MLPDenoiser": "networks",
+    "NoiseSchedule": "chain.schedule",
+    "Schedule": "chain.schedule",
+    "UNet": "networks",
+    "adapters": "adapters",
+    "bound_terms": "evaluation.bound",
+    "load_dataset": "data",
+    "load_spec": "training.spec",
+    "load_trained": "training.trained",
+    "log_likelihood_bound": "evaluation.likelihood",
+    "objective_weights": "chain.objectives",
+    "report_checkpoint": "training.trained",
+    "reweight": "chain.objectives",
+    "samplers": "chain.samplers",
+    "train": "training.loop",
+    "write_report": "evaluation.report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    """A public name (imported from its module on first use), or a subpackage such as ``pyrodiff.chain``."""
+    if name in _EXPORTS:
+        module = import_module(f".{_EXPORTS[name]}", __name__)
+        value = module if module.__name__.endswith(f".{name}") else getattr(module, name)
+    elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

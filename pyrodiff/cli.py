@@ -1,18 +1,23 @@
 """The ``pyrodiff`` command: ``train`` a specification, ``sample`` a checkpoint, ``report`` its bound.
 
 Every error (a bad specification, checkpoint or argument, a result that would be overwritten) is printed
-as one line, ``pyrodiff: error: ...``, with exit status 2; a training stopped by Ctrl-C exits with 130.
+as one line, ``pyrodiff: error: ...``, with exit status 2; Ctrl-C exits with status 130 after one line (a
+training saves a checkpoint first).  The arguments are read before torch and Pyro are imported, so an
+argument error and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from . import checks
-from .training.checkpoint import CheckpointError
+from . import __version__, checks
 
 DEFAULT_SPEC = "digits"
 
@@ -158,6 +163,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyrodiff", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model specification (default: bundled digits)")
     t.add_argument(
@@ -225,15 +231,40 @@ def _one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+@contextlib.contextmanager
+def _exit_on_interrupt():
+    """While torch and Pyro load (seconds), Ctrl-C ends the process at once, with one line and status 130:
+    nothing has been written yet, and a ``KeyboardInterrupt`` raised inside a half-finished import would
+    leave the modules half-initialised for whatever runs next (torch's interpreter-exit hooks included)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        sys.stderr.write("pyrodiff: interrupted while starting; nothing was written\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; the exit status (argument errors exit with status 2 from the parser)."""
     args = build_parser().parse_args(argv)
     try:
-        from .training.loop import check_device
+        with _exit_on_interrupt():
+            from .training.loop import check_device  # imports torch, Pyro and the package's modules
+
+            if args.command == "train":  # AdamW imports it when first built, where an interrupt is lost
+                import torch._dynamo  # noqa: F401
 
         check_device(args.device)
         return args.run(args)
-    except (ValueError, OSError, CheckpointError, RuntimeError, ArithmeticError) as e:
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:  # CheckpointError is a RuntimeError
         print(f"pyrodiff: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

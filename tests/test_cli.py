@@ -5,6 +5,7 @@ import os
 import runpy
 import shlex
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -215,6 +216,57 @@ def test_the_printed_resume_command_continues_the_same_run(tmp_path, monkeypatch
     )
     assert split["step"] == 4 and split["spec"]["training"]["seed"] == 5
     assert full["losses"] == split["losses"] and all(torch.equal(full["ema"][k], split["ema"][k]) for k in full["ema"])
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+HEAVY = ("torch", "pyro", "numpy", "matplotlib")
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "out"),
+    [
+        (["sample"], 2, "pyrodiff: error: the following arguments are required: checkpoint"),
+        (["train", "--steps", "0"], 2, "pyrodiff: error: argument --steps: must be an integer >= 1"),
+        (["--version"], 0, "pyrodiff 0.1.0"),
+    ],
+)
+def test_arguments_are_read_before_torch_and_pyro_are_imported(argv, code, out):
+    """An argument error or ``--version`` answers at once: nothing heavy is imported to parse the arguments."""
+    result = _python(
+        "import sys\n"
+        "from pyrodiff import cli\n"
+        f"try:\n    cli.main({argv!r})\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        f"print('heavy', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out in result.stdout + result.stderr
+    assert f"exit {code}" in result.stdout and "heavy []" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("module", ["torch", "pyro", "torch._dynamo", "torch._dynamo.eval_frame"])
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130(module, tmp_path):
+    """SIGINT arriving while ``module`` is being imported (the entry point's start-up) ends the command with one
+    line and status 130: not a KeyboardInterrupt traceback (status -2), nor an interrupt lost inside torch's import
+    of ``torch._dynamo`` (which AdamW makes when built), after which training ran on with that module half-imported."""
+    result = _python(
+        "import os, signal, sys\n"
+        "class InterruptOnImport:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {module!r}:\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, InterruptOnImport())\n"
+        "sys.argv = ['pyrodiff', 'train', '--steps', '1', '--out', " + repr(str(tmp_path / "run")) + "]\n"
+        "import runpy\n"
+        "runpy.run_module('pyrodiff', run_name='__main__')\n"
+    )
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == ["pyrodiff: interrupted while starting; nothing was written"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_compare_labels_from_bound_json_and_never_replaces_results(trained, tmp_path, capsys):

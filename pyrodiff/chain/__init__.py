@@ -5,3 +5,5 @@ parameterisations and decoders, the KL registrations, timestep subsampling, obje
 Imports nothing from pyrodiff but the foundation modules (``pyrodiff.checks``, ``pyrodiff.cuda_graph``).
 docs/MATH.md sections 1-9.
 """
+
+from . import kl as _kl  # noqa: F401  (registers the KL divergences of the chains, wherever the chain is used)
