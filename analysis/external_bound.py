@@ -97,6 +97,7 @@ from pyrodiff.adapters import (  # noqa: E402
     load_network,
     model_from_diffusers,
     sampler_options,
+    schedule_from_config,
     scheduler_config,
 )
 from pyrodiff.data import levels_to_unit, load_dataset  # noqa: E402
@@ -186,11 +187,13 @@ def run(args: argparse.Namespace) -> dict:
         check_trained_steps(args)
         network, config = load_diffusers(args.diffusers, args.scheduler)
     else:
-        network = load_network(args.network, args.state_dict, args.kwargs, args.state_key, args.prefix)
         config = scheduler_config(args.scheduler) if args.scheduler else {}
     config.update({k: getattr(args, k) for k in SCHEDULER_KEYS if getattr(args, k) is not None})
     if args.beta_schedule is not None:  # a schedule given here replaces the file's explicit betas
         config.pop("trained_betas", None)
+    if not args.diffusers:  # refused if the state dict records the steps it was trained on and they differ
+        T = schedule_from_config(config).num_steps
+        network = load_network(args.network, args.state_dict, args.kwargs, args.state_key, args.prefix, T)
     model = model_from_diffusers(
         network,
         config,

@@ -335,3 +335,24 @@ def test_exact_copies_are_counted_where_the_histogram_draws_them():
     labels = ax.get_legend_handles_labels()[1]
     assert labels == ["exact reverse (3 at distance < 1e-4, drawn at -4)", "trained network"]
     assert ax.containers[0].datavalues.sum() == 5 and ax.containers[0][0].get_x() == pytest.approx(-4)
+
+
+def test_external_refuses_a_scheduler_with_other_steps_than_the_weights_record(tmp_path, capsys):
+    """A training checkpoint that keeps the schedule's betas beside the network (denoising-diffusion-pytorch's
+    GaussianDiffusion) tells its T: a scheduler of 30 steps on weights trained for 20 is refused."""
+    import numpy as np
+    import torch
+    from test_adapters import STAND_IN, _stand_in
+
+    net = _stand_in()  # 12 timesteps in its table, scored on T = 12 below
+    state = {"model." + k: v for k, v in net.state_dict().items()} | {"betas": torch.linspace(1e-4, 0.02, 20)}
+    torch.save({"ema": state}, tmp_path / "ckpt.pt")
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), dtype=np.float32))
+    argv = ["--network", STAND_IN, "--kwargs", '{"steps": 12}', "--state-dict", str(tmp_path / "ckpt.pt")]
+    argv += ["--state-key", "ema", "--prefix", "model.", "--beta-schedule", "linear", "--data", str(tmp_path / "x.npy")]
+    assert _external([*argv, "--num-train-timesteps", "30", "--out", str(tmp_path / "a")]) == 2
+    message = _error(capsys, "external_bound")
+    assert "ckpt.pt records betas of 20 steps: the network was trained on 20 steps, the scheduler has 30" in message
+    state["betas"] = torch.linspace(1e-4, 0.02, 12)
+    torch.save({"ema": state}, tmp_path / "ckpt.pt")
+    assert _external([*argv, "--num-train-timesteps", "12", "--out", str(tmp_path / "b")]) == 0

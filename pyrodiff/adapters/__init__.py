@@ -1,6 +1,6 @@
 """Stage 3 (beside training), adapters: models trained elsewhere (diffusers, improved-diffusion,
 denoising-diffusion-pytorch) as pyrodiff chains, so that the bound and the report apply to them.
-Imports only the chain.
+Imports only the chain (and stage 0).
 """
 
 from .external import (
@@ -12,6 +12,7 @@ from .external import (
     load_diffusers,
     load_network,
     model_from_diffusers,
+    recorded_num_steps,
     sampler_options,
     schedule_from_config,
     scheduler_config,
@@ -29,4 +30,5 @@ __all__ = [
     "model_from_diffusers",
     "load_diffusers",
     "load_network",
+    "recorded_num_steps",
 ]

@@ -76,6 +76,7 @@ __all__ = [
     "model_from_diffusers",
     "load_diffusers",
     "load_network",
+    "recorded_num_steps",
 ]
 
 #: diffusers' ``prediction_type`` -> pyrodiff's ``prediction``
@@ -363,12 +364,25 @@ def _select(state: object, key: str | None, prefix: str | None, path: Path) -> d
     return dict(state)
 
 
+def recorded_num_steps(state: Mapping) -> int | None:
+    """The number of noising steps a state dict records, where its training code saved the schedule with the weights
+    (denoising-diffusion-pytorch's ``GaussianDiffusion`` keeps its ``betas`` as a buffer): the length of its 1-D
+    ``betas`` entry (at any prefix), or None."""
+    lengths = {
+        v.numel()
+        for k, v in state.items()
+        if k.rsplit(".", 1)[-1] == "betas" and isinstance(v, torch.Tensor) and v.dim() == 1
+    }
+    return lengths.pop() if len(lengths) == 1 else None
+
+
 def load_network(
     import_path: str,
     state_dict: str | Path,
     kwargs: Mapping | None = None,
     key: str | None = None,
     prefix: str | None = None,
+    num_steps: int | None = None,
 ) -> nn.Module:
     """A network built from its class and loaded with a state dict, in evaluation mode.
 
@@ -380,6 +394,7 @@ def load_network(
     :param key: dotted path of the state dict inside the file (``"ema"`` or ``"model"`` of a training checkpoint).
     :param prefix: keep only the entries whose names start with it, without it (``"model."`` for the network inside
         denoising-diffusion-pytorch's ``GaussianDiffusion``).
+    :param num_steps: the scheduler's T; refused if the state dict records another (:func:`recorded_num_steps`).
     """
     module_name, sep, attr = import_path.partition(":")
     if not sep or not module_name or not attr:
@@ -409,6 +424,12 @@ def load_network(
             raise ValueError(objects_refused(path, e)) from e
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"cannot read the state dict {path} (truncated or not written by torch.save?): {e}") from e
+    recorded = recorded_num_steps(_select(state, key, None, path))
+    if num_steps is not None and recorded is not None and recorded != num_steps:
+        raise ValueError(
+            f"{path} records betas of {recorded} steps: the network was trained on {recorded} steps, the scheduler "
+            f"has {num_steps}"
+        )
     try:
         network.load_state_dict(_select(state, key, prefix, path))
     except RuntimeError as e:
