@@ -122,6 +122,9 @@ def test_bad_arguments(float64):
     model, _, _ = _model()
     with pytest.raises(ValueError, match="1..T"):
         samplers.reverse_step(model, torch.zeros(2, 3), T + 1)
+    for t in (True, 2.0, "2"):  # not an integer (True is no t = 1), nor a tensor
+        with pytest.raises(TypeError, match=f"^t must be an integer in 1..T = 1..{T} or a tensor of shape"):
+            samplers.reverse_step(model, torch.zeros(2, 3), t)
     with pytest.raises(ValueError, match="noise"):
         samplers.reverse_step(model, torch.zeros(2, 3), 2, noise=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="the number of samples must be an integer >= 1, got 0"):

@@ -88,8 +88,11 @@ def test_log_snr_underflow_is_refused():
 
 
 def test_bad_num_steps():
-    with pytest.raises(ValueError, match="num_steps"):
-        NoiseSchedule.linear(0)
+    for make in (NoiseSchedule.linear, NoiseSchedule.cosine, NoiseSchedule.sigmoid):
+        with pytest.raises(ValueError, match="^num_steps must be an integer >= 1, got 0$"):
+            make(0)
+        with pytest.raises(TypeError, match="^num_steps must be an integer >= 1, got True$"):
+            make(True)
 
 
 def test_coefficients_are_cached_per_device_and_dtype():

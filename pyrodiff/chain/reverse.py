@@ -584,9 +584,12 @@ def reverse_step(
         references' ``clip_denoised``: the clipped sampler is not the model whose bound pyrodiff scores).
     """
     T, N = model.schedule.num_steps, x_t.shape[0]
-    if isinstance(t, int) and not 1 <= t <= T:
-        raise ValueError(f"t must lie in 1..T = 1..{T}, got {t}")
-    steps = torch.full((N,), t, device=x_t.device, dtype=torch.long) if isinstance(t, int) else t
+    if checks.is_integer(t):
+        steps = torch.full((N,), checks.int_in("t", t, 1, T, hi_name="T"), device=x_t.device, dtype=torch.long)
+    elif torch.is_tensor(t):
+        steps = t
+    else:
+        raise checks.CheckTypeError.refuse("t", f"an integer in 1..T = 1..{T} or a tensor of shape ({N},)", t)
     if steps.shape != (N,):
         raise ValueError(f"t must be an int or a tensor of shape ({N},), got shape {tuple(steps.shape)}")
     if noise is None:
@@ -594,7 +597,7 @@ def reverse_step(
     elif noise.shape != x_t.shape:
         raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
     step = _step(model, x_t, steps, clip)
-    if isinstance(t, int):  # no device-side selection (nor a host read) when all examples share t
+    if checks.is_integer(t):  # no device-side selection (nor a host read) when all examples share t
         return step.decode(model.decoder, noise, generator) if t == 1 else step.draw(noise, generator)
     at_one = (steps == 1).reshape((N,) + (1,) * (x_t.dim() - 1))
     return torch.where(at_one, step.decode(model.decoder, noise, generator), step.draw(noise, generator))

@@ -310,7 +310,7 @@ class NoiseSchedule(Schedule):
 
         The endpoints are the paper's for ``T = 1000``; they are used as given for any ``T``.
         """
-        _check_num_steps(num_steps)
+        checks.positive_int("num_steps", num_steps)
         betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         return cls(betas, {"kind": "linear", "beta_start": beta_start, "beta_end": beta_end})
 
@@ -320,7 +320,7 @@ class NoiseSchedule(Schedule):
         :math:`f(t) = \cos^2\!\big(\tfrac{t/T + s}{1 + s}\tfrac{\pi}{2}\big)`, and
         :math:`\beta_t = \min(1 - \bar\alpha_t / \bar\alpha_{t-1}, \text{max\_beta})`.
         """
-        _check_num_steps(num_steps)
+        checks.positive_int("num_steps", num_steps)
         t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
         return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta), {"kind": "cosine", "s": s, "max_beta": max_beta})
@@ -334,7 +334,7 @@ class NoiseSchedule(Schedule):
         {\sigma(e/\tau) - \sigma(s/\tau)}` for :math:`u = t/T`, and
         :math:`\beta_t = \min(1 - \bar\alpha_t / \bar\alpha_{t-1}, \text{max\_beta})`.
         """
-        _check_num_steps(num_steps)
+        checks.positive_int("num_steps", num_steps)
         if not end > start or not tau > 0:
             raise ValueError(f"invalid schedule: sigmoid needs end > start and tau > 0, got {start}, {end}, {tau}")
         u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
@@ -434,8 +434,3 @@ def _refuse_invalid_log_snr(log_snr: torch.Tensor) -> None:
             "invalid schedule: the log-SNR log(alpha_bar_t / (1 - alpha_bar_t)) must be finite and "
             "strictly decreasing in t (alpha_bar_t underflows or stalls in float64)"
         )
-
-
-def _check_num_steps(num_steps: int) -> None:
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"invalid schedule: num_steps must be a positive integer, got {num_steps!r}")
