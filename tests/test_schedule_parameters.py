@@ -42,10 +42,12 @@ def test_tables_are_recomputed_from_the_parameters_at_every_call():
     assert schedule.coefficients("cpu", torch.float32).log_snr.tolist() == pytest.approx([4.5, 2.0, -0.5, -3.0])
 
 
-def test_a_fixed_schedule_keeps_its_copies_and_the_buffers_are_no_state():
+def test_a_fixed_schedules_tables_are_no_state():
+    """Its buffers are remade from its description: a model's state (and a fixed run's checkpoint) holds none."""
     schedule = NoiseSchedule.linear(10)
-    assert schedule.coefficients("cpu", torch.float32) is schedule.coefficients(torch.device("cpu"), torch.float32)
     assert not schedule.has_parameters and dict(schedule.state_dict()) == {}
+    model = DiffusionModel(MLPDenoiser(2, hidden=4, depth=1), schedule)
+    assert not any(k.startswith("schedule") for k in model.state_dict())
 
 
 def test_a_module_cast_moves_a_schedule_but_keeps_its_dtype():

@@ -259,6 +259,9 @@ class Schedule(nn.Module):
         return t
 
     # ------------------------------------------------------------------ module
+    def extra_repr(self) -> str:
+        return f"num_steps={self.num_steps}, kind={self.description['kind']!r}"
+
     def _apply(self, fn, recurse: bool = True):
         """Apply ``fn`` (a move or a cast of every tensor) but keep each tensor's dtype (class docstring)."""
 
