@@ -11,6 +11,7 @@ import torch
 from pyrodiff.chain.decoders import DiscretizedDecoder, GaussianDecoder
 from pyrodiff.evaluation.bound import BoundTerms
 from pyrodiff.evaluation.report import (
+    MIN_DRAWS_FOR_DIAGNOSTICS,
     REPORT_FILES,
     progressive_rate_distortion,
     summarise,
@@ -169,3 +170,18 @@ def test_arviz_diagnostics_come_from_each_examples_draws():
     correlated = _draws(num_draws, num_examples, scale)
     correlated.nats[1::2] = correlated.nats[::2]  # each draw twice: half as many independent ones
     assert max(summarise(correlated)["terms_draws_ess"]) < 0.75 * num_draws
+
+
+def test_diagnostics_from_four_draws_on_are_per_term_and_the_smallest_ess_over_the_examples():
+    """MIN_DRAWS_FOR_DIAGNOSTICS = 4 draws are enough; the ESS is one number per term L_k, the smallest over the
+    examples: duplicating the draws of L_0 in one example only (half as many independent draws there) lowers
+    L_0's ESS and no other term's."""
+    assert MIN_DRAWS_FOR_DIAGNOSTICS == 4
+    four = summarise(_draws(4, 2, torch.ones(T + 1)))
+    assert len(four["terms_draws_ess"]) == len(four["terms_draws_mcse"]) == T + 1
+    num_draws = 400
+    terms = _draws(num_draws, 3, torch.ones(T + 1), seed=1)
+    terms.nats[1::2, 1, 0] = terms.nats[::2, 1, 0]  # example 1, term L_0: each draw twice
+    ess = np.array(summarise(terms)["terms_draws_ess"])
+    assert ess.shape == (T + 1,)
+    assert ess[0] < 0.75 * num_draws and np.all(ess[1:] > 0.75 * num_draws), ess
