@@ -49,7 +49,7 @@ if __name__ == "__main__":  # refuse bad arguments before torch and Pyro load (s
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pyrodiff import DiffusionModel, bound_terms, load_trained  # noqa: E402
+from pyrodiff import bound_terms, load_trained  # noqa: E402
 from pyrodiff.chain.analytic import analytic_variance  # noqa: E402
 from pyrodiff.refusal import run_refusing  # noqa: E402
 
@@ -113,9 +113,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     for variance, choice in chains:
         fixed = choice if choice in ("small", "large") else "small"
-        model = DiffusionModel(
-            trained.network, trained.schedule, trained.prediction, fixed, trained.decoder, None, trained.data_shape
-        )
+        model = trained.with_variance(fixed)
         for K in args.steps:
             if choice == 0:  # DDIM with eta = 0 is deterministic: no density, no bound
                 results.setdefault(variance, {})[K] = {"bits_per_dim": None, "note": "no bound"}
