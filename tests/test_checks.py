@@ -11,8 +11,11 @@ import pyro
 import pytest
 import torch
 
-from pyrodiff import checks
+from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, bound_terms, checks, samplers
+from pyrodiff.chain.decoders import parse_decoder
+from pyrodiff.chain.parameterization import parse_target, parse_variance
 from pyrodiff.checks import CheckError, CheckTypeError
+from pyrodiff.testing import LinearDenoiser
 
 
 def _refused(check, *args, **kwargs) -> CheckError:
@@ -140,3 +143,32 @@ def test_a_check_error_raised_inside_a_pyro_model_passes_through_its_trace():
 
     with pytest.raises(CheckError, match="^num_samples must be an integer >= 1, got 0\n"):
         pyro.poutine.trace(model).get_trace()
+
+
+def _tiny_model() -> DiffusionModel:
+    return DiffusionModel(LinearDenoiser(4), NoiseSchedule.linear(4, 0.05, 0.3), data_shape=(3,))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: parse_target("eps"), "prediction must be one of 'epsilon', 'x0', 'v', got 'eps'"),
+        (lambda: parse_variance(1), "variance must be one of 'small', 'large', 'learned', got 1"),
+        (lambda: parse_decoder(None), "decoder must be one of 'gaussian', 'discretized', got None"),
+        (
+            lambda: DiffusionGuide(NoiseSchedule.linear(4), order="backward"),
+            "order must be one of 'posterior', 'forward', got 'backward'",
+        ),
+        (lambda: samplers.ancestral(_tiny_model(), 2, last="all"), "last must be one of 'sample', 'mean', 'none'"),
+        (
+            lambda: bound_terms(_tiny_model(), torch.zeros(2, 3), draws="joint"),
+            "draws must be one of 'trajectory', 'independent', got 'joint'",
+        ),
+        (lambda: samplers.ancestral(_tiny_model(), True), "the number of samples must be an integer >= 1, got True"),
+    ],
+)
+def test_the_package_refuses_bad_choices_through_these_checks(call, message):
+    """A sample of the package's entry points: each refusal is a CheckError with the checks' wording."""
+    with pytest.raises(CheckError) as info:
+        call()
+    assert str(info.value).startswith(message)

@@ -216,8 +216,7 @@ def parse_decoder(decoder: str | Decoder, levels: int | None = None) -> Decoder:
     """The :class:`Decoder` named ``decoder`` (``"gaussian"``, or ``"discretized"`` with ``levels``)."""
     if isinstance(decoder, Decoder):
         return decoder
-    if not isinstance(decoder, str) or decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    checks.one_of("decoder", decoder, DECODERS)
     if decoder == "gaussian":
         if levels is not None:
             raise ValueError("levels belong to the discretized decoder; the gaussian decoder takes none")

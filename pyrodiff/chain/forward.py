@@ -311,8 +311,7 @@ class DiffusionGuide:
             raise TypeError(
                 f"schedule must be a Schedule (e.g. NoiseSchedule.linear(1000)), got {type(schedule).__name__}"
             )
-        if order not in ("posterior", "forward"):
-            raise ValueError(f"order must be 'posterior' or 'forward', got {order!r}")
+        checks.one_of("order", order, ("posterior", "forward"))
         family = InferenceFamily(eta)
         if not family.has_density:
             raise ValueError(

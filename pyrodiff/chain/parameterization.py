@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import checks
 from .forward import InferenceFamily
 from .gaussian import at_timesteps, expand_event
 from .schedule import Schedule
@@ -236,15 +237,11 @@ def parse_target(target: str | Target) -> Target:
     """The :class:`Target` named ``target`` (``"epsilon"``, ``"x0"`` or ``"v"``); an object passes through."""
     if isinstance(target, Target):
         return target
-    if not isinstance(target, str) or target not in TARGETS:
-        raise ValueError(f"prediction must be one of {tuple(TARGETS)}, got {target!r}")
-    return TARGETS[target]
+    return TARGETS[checks.one_of("prediction", target, TARGETS)]
 
 
 def parse_variance(variance: str | ReverseVariance) -> ReverseVariance:
     """The :class:`ReverseVariance` named ``variance`` (``"small"``, ``"large"`` or ``"learned"``)."""
     if isinstance(variance, ReverseVariance):
         return variance
-    if not isinstance(variance, str) or variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {tuple(VARIANCES)}, got {variance!r}")
-    return VARIANCES[variance]
+    return VARIANCES[checks.one_of("variance", variance, VARIANCES)]

@@ -634,8 +634,7 @@ def sample_chain(
         on a CUDA device): one launch per step instead of one per kernel, the same draws from ``generator`` (drawn
         outside the graph) and the same samples.
     """
-    if last not in LAST_STEPS:
-        raise ValueError(f"last must be one of {LAST_STEPS}, got {last!r}")
+    checks.one_of("last", last, LAST_STEPS)
     x_T = _start(chain, x_T, generator)
     move = functools.partial(_transition, chain, clip)
     move = _graphed(chain, x_T, move) if graph else functools.partial(move, generator=generator)

@@ -146,8 +146,7 @@ def bound_terms(
         if None.
     """
     checks.positive_int("num_samples", num_samples)
-    if draws not in DRAWS:
-        raise ValueError(f"draws must be one of {DRAWS}, got {draws!r}")
+    checks.one_of("draws", draws, DRAWS)
     if chunk_size is not None:
         checks.positive_int("chunk_size", chunk_size)
     model.check_data(x0)

@@ -101,8 +101,7 @@ def report_checkpoint(
     The draws (of the analytic variances' and of the bound's noisy inputs) come from a generator seeded with ``seed``
     on ``device``: the same report for the same seed, and torch's global random state untouched.
     Returns the summary and the folder."""
-    if split not in ("test", "train"):
-        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    checks.one_of("split", split, ("test", "train"))
     checks.positive_int("num_samples", num_samples)
     if max_examples is not None:
         checks.positive_int("max_examples", max_examples)
@@ -117,8 +116,7 @@ def report_checkpoint(
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
     built, model, training_steps = _load_trained(checkpoint, device, data_root)
     if variance is not None:
-        if variance not in ("small", "large", "analytic"):
-            raise ValueError(f"variance must be 'small', 'large' or 'analytic', got {variance!r}")
+        checks.one_of("variance", variance, ("small", "large", "analytic"))
         fixed = "small" if variance == "analytic" else variance
         model = model.with_variance(fixed)
     if steps is not None:
