@@ -176,6 +176,8 @@ def test_missing_keys_take_ddpm_scheduler_defaults():
         ({"variance_type": "learned"}, "variance itself"),
         ({"variance_type": "fixed_large_log"}, "square root of log"),
         ({"variance_type": "other"}, "variance_type must be one of"),
+        ({"variance_type": ["fixed_small"]}, r"variance_type must be one of .*, got \['fixed_small'\]"),
+        ({"prediction_type": {"kind": "epsilon"}}, r"prediction_type must be one of .*, got \{'kind': 'epsilon'\}"),
         ({"rescale_betas_zero_snr": True}, "zero terminal SNR"),
         ({"beta_schedule": None}, "neither beta_schedule nor trained_betas"),
         ({"beta_schedule": "sigmoid"}, "not one of the closed forms"),

@@ -238,13 +238,11 @@ def schedule_from_config(scheduler: SchedulerSource) -> NoiseSchedule:
 
 def _choice(config: Mapping, key: str, table: Mapping[str, str], refused: Mapping[str, str]) -> str:
     value = _setting(config, key)
-    if value in refused:
+    if isinstance(value, str) and value in refused:
         raise ValueError(
             f"{key} {value!r} {refused[value]}: pyrodiff has no such reverse step; use one of {tuple(table)}"
         )
-    if value not in table:
-        raise ValueError(f"{key} must be one of {tuple(table)}, got {value!r}")
-    return table[value]
+    return table[checks.one_of(key, value, table)]
 
 
 def sampler_options(scheduler: SchedulerSource) -> dict:
