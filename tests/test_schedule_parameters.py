@@ -50,6 +50,25 @@ def test_a_fixed_schedules_tables_are_no_state():
     assert not any(k.startswith("schedule") for k in model.state_dict())
 
 
+def test_derived_tables_are_keyed_by_value_and_closures_are_refused():
+    """Equal derivations made anew share one entry (no cache growth per call); a lambda or closure, which would not,
+    is refused."""
+    from pyrodiff.chain.forward import InferenceFamily
+
+    schedule = NoiseSchedule.linear(10)
+    first = InferenceFamily(0.5).tables(schedule, "cpu", torch.float32)
+    assert InferenceFamily(0.5).tables(schedule, "cpu", torch.float32) is first
+    assert InferenceFamily(0.25).tables(schedule, "cpu", torch.float32) is not first
+    scale = 2.0
+
+    def scaled(s):
+        return scale * s.tables().betas
+
+    for derivation in (lambda s: s.tables().betas, scaled):
+        with pytest.raises(TypeError, match="named by value"):
+            schedule.derived(derivation, "cpu", torch.float32)
+
+
 def test_a_module_cast_moves_a_schedule_but_keeps_its_dtype():
     """model.float() must not round the float64 tables (nor a schedule's float64 parameters)."""
     fixed, learned = NoiseSchedule.cosine(50), EndpointSchedule(5)

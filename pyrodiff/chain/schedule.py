@@ -175,6 +175,11 @@ class Schedule(nn.Module):
         key = (_derivation_key(derivation), torch.device(device), dtype)
         value = self._derived.get(key)  # only a schedule without parameters keeps any
         if value is None:
+            if derivation.__name__ == "<lambda>" or getattr(derivation, "__closure__", None) is not None:
+                raise TypeError(
+                    f"a schedule's derivation must be named by value (a module-level function or a method of a frozen "
+                    f"dataclass), not a lambda or closure: {derivation.__qualname__} would be a new cache entry per call"
+                )
             value = _cast(derivation(self), key[1], dtype)
             if not self.has_parameters:
                 self._derived[key] = value
