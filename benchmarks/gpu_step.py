@@ -143,7 +143,7 @@ def _train_steps_per_second(steps: int, repeats: int) -> tuple[float, float]:
             run = _Run(spec, World(device=torch.device("cuda")), None, Path(folder) / "checkpoint.pt")
 
             def step(run=run, log_every=spec.training.log_every):
-                run._train_step(run._next_batch())
+                run.train_step(run._next_batch())
                 if len(run.pending) >= log_every:  # the loop's read of the losses
                     torch.stack(run.pending).tolist()
                     run.pending.clear()

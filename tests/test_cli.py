@@ -169,7 +169,7 @@ def test_unusable_output_and_rewinding_resume_are_one_line(trained, tmp_path, ca
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
-    step = train_module._Run._train_step
+    step = train_module._Run.train_step
 
     def step_then_ctrl_c(run, batch):
         loss = step(run, batch)
@@ -177,7 +177,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
             os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    monkeypatch.setattr(train_module._Run, "_train_step", step_then_ctrl_c)
+    monkeypatch.setattr(train_module._Run, "train_step", step_then_ctrl_c)
     (tmp_path / "tiny.toml").write_text(TINY)
     config, out = str(tmp_path / "tiny.toml"), str(tmp_path / "run")
     assert cli.main(["train", "--config", config, "--out", out]) == 130
@@ -193,7 +193,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, monkeypatch, capsys):
 def test_the_printed_resume_command_continues_the_same_run(tmp_path, monkeypatch, capsys):
     """After Ctrl-C, the command printed runs as printed (the --seed and --steps given kept) and ends where the
     uninterrupted run ends, bit for bit."""
-    step = train_module._Run._train_step
+    step = train_module._Run.train_step
 
     def step_then_ctrl_c(run, batch):
         loss = step(run, batch)
@@ -204,9 +204,9 @@ def test_the_printed_resume_command_continues_the_same_run(tmp_path, monkeypatch
     (tmp_path / "tiny.toml").write_text(TINY)
     options = ["--config", str(tmp_path / "tiny.toml"), "--seed", "5", "--steps", "4"]
     assert cli.main(["train", *options, "--out", str(tmp_path / "full")]) == 0
-    monkeypatch.setattr(train_module._Run, "_train_step", step_then_ctrl_c)
+    monkeypatch.setattr(train_module._Run, "train_step", step_then_ctrl_c)
     assert cli.main(["train", *options, "--out", str(tmp_path / "split")]) == 130
-    monkeypatch.setattr(train_module._Run, "_train_step", step)
+    monkeypatch.setattr(train_module._Run, "train_step", step)
     printed = capsys.readouterr().err.strip().splitlines()[-1].split("continue with: ")[1]
     command = shlex.split(printed)
     assert command[0] == "pyrodiff" and cli.main(command[1:]) == 0

@@ -55,7 +55,7 @@ def test_the_graphed_step_equals_the_eager_step(tmp_path, options):
         for _ in range(6):
             batch = graphed._next_batch()
             assert torch.equal(batch, eager._next_batch())
-            graphed._train_step(batch), eager._train_step(batch)
+            graphed.train_step(batch), eager.train_step(batch)
     assert graphed.graph.captured
     torch.testing.assert_close(torch.stack(graphed.pending), torch.stack(eager.pending), rtol=1e-5, atol=1e-6)
     for a, b in zip(graphed.network.parameters(), eager.network.parameters(), strict=True):
@@ -72,13 +72,13 @@ def test_the_step_does_not_synchronise_with_the_host(tmp_path, graph):
     run = _run(DIGITS.with_changes({"training": {"timestep_sampler": "importance"}}), tmp_path, graph)
     with pyro.validation_enabled(False):
         for _ in range(4):  # the eager warm-up and the capture (which synchronises once, by design)
-            run._train_step(run._next_batch())
+            run.train_step(run._next_batch())
         batches = [run._next_batch() for _ in range(3)]
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for batch in batches:
-                run._train_step(batch)
+                run.train_step(batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack(run.pending)).all()

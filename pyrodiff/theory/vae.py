@@ -19,8 +19,9 @@ The negative ELBO of one example is :math:`L_0 + L_1` with :math:`L_0 = -E_{q_\p
 with T = 1 and :math:`z` in the place of :math:`x_1`, except that :math:`q(z \mid x)` is learned instead of fixed.
 :func:`negative_elbo` returns it as :class:`~pyrodiff.evaluation.bound.BoundTerms` (L_1 analytic, L_0 at draws of z), so
 bits/dim, standard errors and :func:`pyrodiff.evaluation.report.summarise` work as for the diffusion bound.
-Training (:func:`train_vae`) is ``pyro.infer.SVI`` for a wall-clock budget, with early stopping on examples held
-out of the training data.  The mathematics (what is exact and what is estimated) is docs/MATH.md, section 15,
+Training (:func:`train_vae`) runs the training stage's optimisation loop
+(:class:`~pyrodiff.training.optimisation.OptimisationLoop`, the diffusion model's too) on Pyro's ELBO for a
+wall-clock budget, with early stopping on examples held out of the training data.  The mathematics (what is exact and what is estimated) is docs/MATH.md, section 15,
 "The learned-encoder VAE".
 """
 
@@ -35,7 +36,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,6 +46,8 @@ from ..chain.gaussian import normal_kl
 from ..chain.objectives import parse_estimator
 from ..evaluation.bound import BoundTerms
 from ..training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..training.graphed import elbo_on_device
+from ..training.optimisation import OptimisationLoop
 
 __all__ = [
     "VAE",
@@ -57,6 +59,7 @@ __all__ = [
     "ENCODER_MIN_SCALE",
     "DECODER_MIN_SCALE",
     "CHECKPOINT_KIND",
+    "LOG_EVERY",
 ]
 
 #: Floor of the encoder's scale :math:`s_\phi = \mathrm{softplus}(\cdot) + 10^{-4}` (keeps :math:`\log s` finite).
@@ -66,6 +69,8 @@ ENCODER_MIN_SCALE = 1e-4
 DECODER_MIN_SCALE = 1e-3
 #: ``spec["kind"]`` of a VAE checkpoint (a diffusion checkpoint's specification has no ``kind``).
 CHECKPOINT_KIND = "vae"
+#: :func:`train_vae` reads its losses on the host every this many steps (and at each evaluation and at the end).
+LOG_EVERY = 50
 
 
 def _mlp(widths: Sequence[int]) -> nn.Sequential:
@@ -259,6 +264,22 @@ def _noise_device(generator: torch.Generator | None, x: torch.Tensor) -> torch.d
 
 
 # ---------------------------------------------------------------------- training
+class _VAETraining(OptimisationLoop):
+    """The training stage's optimisation of a VAE's ELBO (``elbo``, made to keep its loss on the device by
+    :func:`~pyrodiff.training.graphed.elbo_on_device`): Adam, the linear warm-up, no clipping and no EMA."""
+
+    def __init__(self, vae: VAE, elbo: pyro.infer.ELBO, lr: float, warmup_steps: int) -> None:
+        parameters = list(vae.parameters())
+        super().__init__([{"params": parameters}], lr=lr, warmup_steps=warmup_steps, device=parameters[0].device)
+        self.loss_module = elbo_on_device(elbo)(vae.model, vae.guide)
+
+    def step_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Back-propagate the batch's negative ELBO (summed over examples, as ``SVI`` does); record it per example."""
+        loss = self.loss_module(batch)
+        loss.backward()
+        return loss.detach() / batch.shape[0]
+
+
 def train_vae(
     data: torch.Tensor,
     seconds: float,
@@ -274,14 +295,17 @@ def train_vae(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[VAE, dict]:
-    r"""Train a VAE on ``data`` ``(N, *data_shape)`` with ``pyro.infer.SVI`` for ``seconds`` of wall clock (the
-    clock is read once per step; also stop after ``max_steps`` steps if given), keeping the weights that are
-    best on held-out training data.
+    r"""Train a VAE on ``data`` ``(N, *data_shape)`` on Pyro's ELBO for ``seconds`` of wall clock (the clock is
+    read once per step; also stop after ``max_steps`` steps if given), keeping the weights that are best on held-out
+    training data.
 
     ``vae``: the VAE to train in place (on the data's device and dtype); by default ``VAE(data_shape)``,
-    initialised from ``seed``.  Each step is one ``svi.step`` on a batch of ``batch_size`` examples (a fresh
-    random permutation of the training examples every epoch) with Adam at learning rate ``lr``, warmed up
-    linearly over ``warmup_steps`` steps (``pyro.optim.LambdaLR``).  ``estimator``: ``"mean_field"``
+    initialised from ``seed``.  Each step is one step of the training stage's
+    :class:`~pyrodiff.training.optimisation.OptimisationLoop` on the ELBO module ``elbo(vae.model, vae.guide)`` of a
+    batch of ``batch_size`` examples (a fresh random permutation of the training examples every epoch): Adam (AdamW
+    without weight decay) at learning rate ``lr``, warmed up linearly over ``warmup_steps`` steps, no clipping, no
+    EMA; the loss stays on the device and is read every :data:`LOG_EVERY` steps, at each evaluation and at the end (a
+    non-finite one stops training, naming its step).  ``estimator``: ``"mean_field"``
     (``TraceMeanField_ELBO``, the KL to the prior in closed form; unbiased here, the prior of :math:`z` having no
     parents) or ``"trace"`` (``Trace_ELBO``).  The parameters live in a param store of their own for the run
     (Pyro's global store is left as it was).
@@ -333,11 +357,7 @@ def train_vae(
     held_out = split[:num_validation]
     validation = data[held_out.to(data.device)]
     train = data[split[num_validation:].to(data.device)] if num_validation else data
-    warmup = max(1, warmup_steps)
-    optimizer = pyro.optim.LambdaLR(
-        {"optimizer": torch.optim.Adam, "optim_args": {"lr": lr}, "lr_lambda": lambda s: min(1.0, (s + 1) / warmup)}
-    )
-    losses: list[float] = []
+    run = _VAETraining(vae, elbo(), lr, warmup_steps)
     evaluations: list[list] = []
     best: tuple[float, int, dict] | None = None
 
@@ -347,39 +367,37 @@ def train_vae(
         draws = torch.Generator(device=data.device).manual_seed(seed)
         nats = negative_elbo(vae, validation, generator=draws).total.mean().item()
         vae.train()
-        evaluations.append([len(losses), nats])
+        evaluations.append([run.step, nats])
         if best is None or nats < best[0]:
-            best = (nats, len(losses), {k: v.detach().clone() for k, v in vae.state_dict().items()})
+            best = (nats, run.step, {k: v.detach().clone() for k, v in vae.state_dict().items()})
 
     order, position = torch.empty(0, dtype=torch.long), 0
     stopped_by = "time"
     vae.train()
     bar = tqdm(desc="train vae", unit="step", disable=not progress, mininterval=1.0, leave=False)
     with pyro.get_param_store().scope(), pyro.validation_enabled(False), bar:
-        svi = SVI(vae.model, vae.guide, optimizer, loss=elbo())
         began = time.perf_counter()
         while True:
             if position + batch_size > len(order):  # a new epoch (the remainder of the last is dropped)
                 order, position = torch.randperm(len(train), generator=data_generator).to(data.device), 0
-            batch = train[order[position : position + batch_size]]
+            run.train_step(train[order[position : position + batch_size]])
             position += batch_size
-            loss = svi.step(batch) / batch.shape[0]
-            optimizer.step()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss}) at step {len(losses) + 1}; training stopped")
-            losses.append(loss)
-            bar.update()
-            if num_validation and len(losses) % eval_every == 0:
+            if run.step % LOG_EVERY == 0:
+                run.read_losses(bar)
+            if num_validation and run.step % eval_every == 0:
+                run.read_losses(bar)  # a non-finite loss stops training before its weights are evaluated
                 evaluate()
-            if max_steps is not None and len(losses) >= max_steps:
+            if max_steps is not None and run.step >= max_steps:
                 stopped_by = "max_steps"
                 break
             if time.perf_counter() - began >= seconds:
                 break
-        if num_validation and len(losses) % eval_every:
+        run.read_losses(bar)
+        if num_validation and run.step % eval_every:
             evaluate()
         elapsed = time.perf_counter() - began
-    best_step = len(losses)
+    losses = run.losses
+    best_step = run.step
     if best is not None:
         vae.load_state_dict(best[2])
         best_step = best[1]

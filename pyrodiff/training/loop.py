@@ -36,7 +36,6 @@ import csv
 import gc
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -56,14 +55,13 @@ from tqdm.auto import tqdm
 from ..chain.importance import ImportanceSampler
 from ..chain.objectives import objective_weights, parse_estimator, reweight
 from ..chain.traces import drawn_terms
-from ..cuda_graph import GraphedStep
 from ..evaluation.bound import bound_terms
 from ..evaluation.plots import save_samples_figure
 from ..evaluation.report import summarise
 from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .distributed import RandomStreams, World, init_world
-from .ema import ExponentialMovingAverage
 from .graphed import elbo_on_device
+from .optimisation import OptimisationLoop
 from .spec import Spec, as_spec, build
 
 __all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_KEYS", "HYPERPARAMETERS"]
@@ -180,9 +178,10 @@ def _prepare_output(out: Path, world: World) -> None:
         raise TrainingError(problem)
 
 
-class _Run:
-    """One training run: the model, the optimiser and everything else a checkpoint holds (saved to and
-    resumed from ``path``), one step, the loop and the evaluation."""
+class _Run(OptimisationLoop):
+    """One training run: the model, the optimiser (:class:`~pyrodiff.training.optimisation.OptimisationLoop`'s) and
+    everything else a checkpoint holds (saved to and resumed from ``path``), the loss of one step, the loop and the
+    evaluation."""
 
     def __init__(self, spec: Spec, world: World, data_root: str | Path | None, path: Path) -> None:
         tr = spec.training
@@ -212,31 +211,32 @@ class _Run:
         with pyro.validation_enabled(True):  # once here: the loop runs with validation off
             self.model.check_data(self.train_data)
         # a CUDA graph needs static shapes and one random stream per step; DDP and torch.compile bring their own
-        self.graphed = tr.graph and device.type == "cuda" and not world.distributed and self.M == 1 and not tr.compile
-        # fused AdamW keeps its step counter on the device; a graph also needs it capturable
-        kwargs = {"fused": True, "capturable": self.graphed} if device.type == "cuda" else {"foreach": True}
+        graphed = tr.graph and device.type == "cuda" and not world.distributed and self.M == 1 and not tr.compile
         groups = [{"params": list(self.network.parameters())}]
-        if self.schedule.has_parameters:
+        averaged = [self.network]
+        if self.schedule.has_parameters:  # no weight decay, which would pull them toward 0
             groups.append({"params": list(self.schedule.parameters()), "weight_decay": 0.0})
-        self.trained_parameters = [p for group in groups for p in group["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=tr.lr, weight_decay=tr.weight_decay, **kwargs)
-        warmup = max(1, tr.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.ema = ExponentialMovingAverage(self.network, tr.ema_decay)
-        self.schedule_ema = (
-            ExponentialMovingAverage(self.schedule, tr.ema_decay) if self.schedule.has_parameters else None
+            averaged.append(self.schedule)
+        super().__init__(
+            groups,
+            lr=tr.lr,
+            weight_decay=tr.weight_decay,
+            warmup_steps=tr.warmup_steps,
+            grad_clip=tr.grad_clip,
+            averaged=averaged,
+            ema_decay=tr.ema_decay,
+            device=device,
+            graphed=graphed,
         )
+        self.ema = self.averages[0]  # the network's
+        self.schedule_ema = self.averages[1] if self.schedule.has_parameters else None
         self.data_generator = torch.Generator().manual_seed(tr.seed)  # the same global batches on every rank
         self.streams = RandomStreams(tr.seed, world, self.M)
         schedule = self.built.schedule
         self.sampler = (
             ImportanceSampler(schedule.num_steps, device=device) if tr.timestep_sampler == "importance" else None
         )
-        self.losses: list[float] = []
-        self.pending: list[torch.Tensor] = []  # the losses of the steps since the host last read them, on the device
-        self.running: float | None = None  # the progress bar's smoothed loss
-        self.step = self.saved_step = 0
-        self.graph: GraphedStep | None = None  # made when training starts, after a resume has loaded its state
+        self.saved_step = 0
 
         self.model_fn, self.guide_fn = self.model, self.built.guide
         if tr.objective != "elbo":
@@ -364,7 +364,7 @@ class _Run:
             index = index.pin_memory().to(self.world.device, non_blocking=True)
         return self.train_data[index]
 
-    def _step_loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def step_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (per example).  Each
         micro-batch draws from its own random stream, except in a graphed step, whose one stream the replay holds."""
         k, world = self.spec.training.subsample_steps, self.world
@@ -382,6 +382,9 @@ class _Run:
         if self.sampler is not None:  # every rank records every drawn term, in global example order
             t, values = world.all_cat(torch.cat(drawn)).unbind(-1)
             self.sampler.update(t.long(), values)
+        if world.distributed and self.schedule_ema is not None:  # DDP averages the network's gradients only
+            for p in self.schedule.parameters():
+                p.grad = world.all_sum(p.grad) / world.size
         return world.all_sum(total) / self.B
 
     def _loss_without_training(self, batch: torch.Tensor) -> torch.Tensor:
@@ -394,62 +397,16 @@ class _Run:
                 total = total + self.loss_module(micro, self.spec.training.subsample_steps)
         return self.world.all_sum(total) / self.B
 
-    def _device_step(self, batch: torch.Tensor) -> torch.Tensor:
-        """Everything one optimiser step does on the device (the graphed step's body): gradients of the loss on
-        ``batch``, clipping, AdamW, the EMA update; the loss, never read here."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._step_loss(batch)
-        if self.world.distributed and self.schedule_ema is not None:  # DDP averages the network's gradients only
-            for p in self.schedule.parameters():
-                p.grad = self.world.all_sum(p.grad) / self.world.size
-        torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.spec.training.grad_clip)
-        self.optimizer.step()
-        self.ema.update(self.network)
-        if self.schedule_ema is not None:
-            self.schedule_ema.update(self.schedule)
-        return loss
+    def replay_context(self) -> contextlib.AbstractContextManager:
+        """A graph's replay draws from the first micro-batch's random stream."""
+        return self.streams.stream(0)
 
-    def _graph_step(self) -> GraphedStep:
-        """The graphed step; the learning rate becomes a device tensor that the scheduler fills and the graph
-        reads (made when training starts, after a resume has loaded a number into it)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=self.world.device)
-        self.scheduler._last_lr = [group["lr"].clone() for group in self.optimizer.param_groups]
-        return GraphedStep(self._device_step)
-
-    def _train_step(self, batch: torch.Tensor) -> None:
-        """One optimiser step on a global batch, eager or replayed from the graph; its loss stays on the device,
-        in :attr:`pending`, until :meth:`_read_losses`."""
-        if self.graphed:
-            if self.graph is None:
-                self.graph = self._graph_step()
-            with self.streams.stream(0):
-                loss = self.graph(batch)
-        else:
-            loss = self._device_step(batch)
-        self.scheduler.step()
-        self.pending.append(loss)
-        self.step += 1
-
-    def _read_losses(self, bar: tqdm) -> None:
-        """Read the losses of the steps since the last read (one host read), append them to the history and
-        show their running mean; a non-finite one raises :class:`TrainingError` naming its step."""
-        if not self.pending:
-            return
-        values = torch.stack(self.pending).tolist()
-        self.pending.clear()
-        first = self.step - len(values) + 1
-        for i, value in enumerate(values):
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"non-finite loss ({value}) at step {first + i} (losses are read every "
-                    f"{self.spec.training.log_every} steps and at checkpoints: this was seen at step {self.step}); "
-                    f"training stopped, {self._kept()}"
-                )
-            self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
-        self.losses.extend(values)
-        bar.update(len(values))
-        bar.set_postfix(loss=f"{self.running:.4g}", refresh=False)
+    def non_finite(self, value: float, step: int) -> TrainingError:
+        return TrainingError(
+            f"non-finite loss ({value}) at step {step} (losses are read every "
+            f"{self.spec.training.log_every} steps and at checkpoints: this was seen at step {self.step}); "
+            f"training stopped, {self._kept()}"
+        )
 
     # ------------------------------------------------------------------ the loop
     def train(self, progress: bool) -> float:
@@ -469,11 +426,11 @@ class _Run:
             try:
                 while self.step < tr.steps:
                     batch = self._next_batch()
-                    self._train_step(batch)
+                    self.train_step(batch)
                     stopping = stop.requested  # read once: a signal may come at any moment
                     saving = self.step % tr.checkpoint_every == 0 or self.step == tr.steps or stopping
                     if saving or self.step % tr.log_every == 0:
-                        self._read_losses(bar)
+                        self.read_losses(bar)
                     if saving:
                         self.save(batch)
                     if stopping:
