@@ -145,6 +145,17 @@ def test_by_default_one_independent_draw_per_example(float64):
     assert torch.equal(default.nats, explicit.nats) and torch.equal(default.x0_sq_error, explicit.x0_sq_error)
 
 
+@pytest.mark.parametrize(("num_examples", "calls"), [(4, 1), (1024, 2), (5000, T)])
+def test_by_default_one_network_call_takes_about_4096_inputs(num_examples, calls, float64):
+    """The default chunk is max(1, 4096 // N) timesteps: all T = 8 at once for 4 examples, 4 per call for 1024, one
+    per call beyond 4096."""
+    model, _, _ = _model()
+    seen = []
+    model.network.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    bound_terms(model, torch.rand(num_examples, 3, dtype=torch.float64) * 2 - 1)
+    assert len(seen) == calls and sum(seen) == T * num_examples
+
+
 def test_bad_input(float64):
     model, x0, _ = _model()
     with pytest.raises(ValueError, match="num_samples"):

@@ -185,3 +185,42 @@ def test_diagnostics_from_four_draws_on_are_per_term_and_the_smallest_ess_over_t
     ess = np.array(summarise(terms)["terms_draws_ess"])
     assert ess.shape == (T + 1,)
     assert ess[0] < 0.75 * num_draws and np.all(ess[1:] > 0.75 * num_draws), ess
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "labels"),
+    [
+        (1, ["L_1 (prior)"]),
+        (4, ["L_1", "L_2 .. L_3", "L_4 (prior)"]),
+        (11, ["L_1", "L_2 .. L_10", "L_11 (prior)"]),
+        (101, ["L_1", "L_2 .. L_10", "L_11 .. L_100", "L_101 (prior)"]),
+        (102, ["L_1", "L_2 .. L_10", "L_11 .. L_100", "L_101", "L_102 (prior)"]),
+        (1000, ["L_1", "L_2 .. L_10", "L_11 .. L_100", "L_101 .. L_999", "L_1000 (prior)"]),
+    ],
+)
+def test_summary_rows_group_the_terms_by_decade_for_any_number_of_steps(num_steps, labels):
+    """Rows L_0, L_1, L_2..L_10, L_11..L_100, L_101..L_{T-1}, L_T, as T allows: no empty or overlapping row; each row's
+    standard error is that of a sum of independent terms' means, sqrt(sum of their squared standard errors)."""
+    g = torch.Generator().manual_seed(num_steps)
+    nats = torch.rand(2, 3, num_steps + 1, generator=g, dtype=torch.float64) * 4
+    terms = BoundTerms(nats, torch.zeros(2, 3, num_steps), D, GaussianDecoder(), MODEL)
+    s = summarise(terms)
+    rows = [line.split("|")[1:-1] for line in summary_markdown(s).splitlines() if line.startswith("| L_")]
+    assert [r[0].strip() for r in rows] == ["L_0 (decoder, distortion)", *labels]
+    mean, se = terms.mean().numpy(), terms.stderr().numpy()
+    first = 0
+    for label, value, stderr, *_ in rows:
+        ends = [int(word[2:]) for word in label.split() if word.startswith("L_")]  # "L_a .. L_b", "L_a", "L_a (...)"
+        assert ends[0] == first, label  # the rows follow each other
+        span = slice(first, ends[-1] + 1)
+        assert float(value) == pytest.approx(mean[span].sum(), abs=1e-4), label
+        assert float(stderr) == pytest.approx(math.sqrt((se[span] ** 2).sum()), abs=1e-4), label
+        first = ends[-1] + 1
+    assert first == num_steps + 1  # every term in exactly one row
+
+
+def test_summary_names_the_training_run():
+    s = summarise(_terms(), {"training_steps": 300, "objective": "simple"})
+    assert "T = 12; trained for 300 steps on simple." in summary_markdown(s)
+    s = summarise(_terms(), {"training_steps": 5})
+    assert "T = 12; trained for 5 steps." in summary_markdown(s)
