@@ -104,6 +104,8 @@ def test_the_reports_plots_show_the_terms_the_cumulative_rate_and_the_rate_disto
         rtol=1e-12,
     )
     assert (ax.get_xscale(), ax.get_yscale()) == ("symlog", "log")
+    lo, hi = ax.get_xlim()
+    assert lo < 0 and hi > T  # every term in view, L_0 and L_T included
     assert ax.get_ylabel() == "L_k (bits/dim)" and ax.get_xlabel().startswith("k (L_0 decoder")
     assert ax.get_title() == "Terms of the bound, mean +- standard error (L_0 < 0 not shown)"
 
