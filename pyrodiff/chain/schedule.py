@@ -38,7 +38,7 @@ _Derived = TypeVar("_Derived")
 class ScheduleTables(NamedTuple):
     r"""The per-timestep quantities of a schedule (each a tensor of length ``T``, entry ``t - 1`` for step ``t``).
     With :math:`\alpha_t = 1 - \beta_t` and :math:`\bar\alpha_t = \prod_{s \le t} \alpha_s` (:math:`\bar\alpha_0 = 1`)
-    (MATH.md section 1):"""
+    (docs/MATH.md, section 1, "Noise schedules"):"""
 
     #: :math:`\beta_t`
     betas: torch.Tensor
@@ -130,7 +130,7 @@ class Schedule(nn.Module):
     state (module docstring).  Subclasses implement :meth:`tables`; :class:`NoiseSchedule` is the fixed one.
 
     A module cast (``model.double()``, ``model.float()``) moves a schedule with the model but never changes its
-    dtype: its tables are float64 by definition (MATH.md section 1), and its parameters keep the dtype they were
+    dtype: its tables are float64 by definition (docs/MATH.md, section 1), and its parameters keep the dtype they were
     made in.  Schedules compare by identity."""
 
     def __init__(self, num_steps: int, description: dict) -> None:
@@ -175,10 +175,11 @@ class Schedule(nn.Module):
         key = (_derivation_key(derivation), torch.device(device), dtype)
         value = self._derived.get(key)  # only a schedule without parameters keeps any
         if value is None:
-            if derivation.__name__ == "<lambda>" or getattr(derivation, "__closure__", None) is not None:
+            name = getattr(derivation, "__qualname__", repr(derivation))
+            if "<lambda>" in name or getattr(derivation, "__closure__", None) is not None:
                 raise TypeError(
                     f"a schedule's derivation must be named by value (a module-level function or a method of a frozen "
-                    f"dataclass), not a lambda or closure: {derivation.__qualname__} would be a new cache entry per call"
+                    f"dataclass), not a lambda or closure: {name} would be a new cache entry per call"
                 )
             value = _cast(derivation(self), key[1], dtype)
             if not self.has_parameters:
@@ -217,7 +218,7 @@ class Schedule(nn.Module):
     # ------------------------------------------------------------------ sub-chains
     def respace(self, timesteps: torch.Tensor | list[int]) -> Schedule:
         r"""The schedule of the sub-chain that visits only the math timesteps :math:`t_1 < \dots < t_K` of this one:
-        its :math:`\bar\alpha'_i = \bar\alpha_{t_i}` (improved-diffusion's ``respace.py``; MATH.md section 13.4).
+        its :math:`\bar\alpha'_i = \bar\alpha_{t_i}` (improved-diffusion's ``respace.py``; docs/MATH.md, section 13.4, "Respacing").
         Here a :class:`RespacedSchedule`, which computes its tables from this schedule's and so shares its
         parameters; :meth:`NoiseSchedule.respace` makes a fixed one.
 
