@@ -218,8 +218,8 @@ class Schedule(nn.Module):
     # ------------------------------------------------------------------ sub-chains
     def respace(self, timesteps: torch.Tensor | list[int]) -> Schedule:
         r"""The schedule of the sub-chain that visits only the math timesteps :math:`t_1 < \dots < t_K` of this one:
-        its :math:`\bar\alpha'_i = \bar\alpha_{t_i}` (improved-diffusion's ``respace.py``; docs/MATH.md, section 13.4, "Respacing").
-        Here a :class:`RespacedSchedule`, which computes its tables from this schedule's and so shares its
+        its :math:`\bar\alpha'_i = \bar\alpha_{t_i}` (improved-diffusion's ``respace.py``; docs/MATH.md, section 13.4,
+        "Respacing").  Here a :class:`RespacedSchedule`, which computes its tables from this schedule's and so shares its
         parameters; :meth:`NoiseSchedule.respace` makes a fixed one.
 
         :param timesteps: strictly increasing math timesteps in ``1..T``, at least one (e.g.
@@ -245,8 +245,8 @@ class Schedule(nn.Module):
         return torch.floor(grid + 0.5).long()
 
     def validated_timesteps(self, timesteps: torch.Tensor | list[int]) -> torch.Tensor:
-        """``timesteps`` as a LongTensor (on the CPU), refused unless a non-empty, strictly increasing 1-D sequence of integers
-        in 1..T."""
+        """``timesteps`` as a LongTensor (on the CPU), refused unless a non-empty, strictly increasing 1-D sequence of
+        integers in 1..T."""
         T = self.num_steps
         t = torch.as_tensor(timesteps).detach().cpu()
         if t.dim() != 1 or t.numel() == 0:
@@ -369,7 +369,8 @@ class NoiseSchedule(Schedule):
         return self
 
     def respace(self, timesteps: torch.Tensor | list[int]) -> NoiseSchedule:
-        r"""The fixed schedule of the sub-chain that visits only the math timesteps :math:`t_1 < \dots < t_K` of this one.
+        r"""The fixed schedule of the sub-chain that visits only the math timesteps :math:`t_1 < \dots < t_K` of this
+        one.
 
         The forward marginals :math:`q(x_{t_i} \mid x_0)` of the sub-chain are this chain's, so its
         :math:`\bar\alpha'_i = \bar\alpha_{t_i}` and (improved-diffusion's ``respace.py``, Nichol & Dhariwal 2021)
