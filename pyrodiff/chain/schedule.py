@@ -219,8 +219,8 @@ class Schedule(nn.Module):
     def respace(self, timesteps: torch.Tensor | list[int]) -> Schedule:
         r"""The schedule of the sub-chain that visits only the math timesteps :math:`t_1 < \dots < t_K` of this one:
         its :math:`\bar\alpha'_i = \bar\alpha_{t_i}` (improved-diffusion's ``respace.py``; docs/MATH.md, section 13.4,
-        "Respacing").  Here a :class:`RespacedSchedule`, which computes its tables from this schedule's and so shares its
-        parameters; :meth:`NoiseSchedule.respace` makes a fixed one.
+        "Respacing").  Here a :class:`RespacedSchedule`, which computes its tables from this schedule's and so shares
+        its parameters; :meth:`NoiseSchedule.respace` makes a fixed one.
 
         :param timesteps: strictly increasing math timesteps in ``1..T``, at least one (e.g.
             :meth:`evenly_spaced_timesteps`).

@@ -24,8 +24,8 @@ schedule, as VDM (Kingma et al. 2021) evaluates with an EMA of all its parameter
 
 Checkpoints are atomic and hold every state needed to resume exactly: network, EMA, the schedule's parameters and
 their EMA (when it has any), optimiser, scheduler, step, loss history and the random-number states of Pyro (torch's
-global generator) and of the data order.  A checkpoint is written only for weights whose loss is finite, so the one kept after
-a failure can be resumed.  Ctrl-C (SIGINT) finishes the current step and saves a checkpoint before
+global generator) and of the data order.  A checkpoint is written only for weights whose loss is finite, so the one
+kept after a failure can be resumed.  Ctrl-C (SIGINT) finishes the current step and saves a checkpoint before
 stopping (one process; under ``torchrun`` the last checkpoint is kept as it is).
 """
 
