@@ -133,6 +133,12 @@ def _sample(args: argparse.Namespace) -> int:
         graph=args.device == "cuda" and not args.no_graph,  # one CUDA graph replayed per step
         **options,
     )
+    bad = int((~torch.isfinite(samples.flatten(1))).any(1).sum())
+    if bad:
+        raise ArithmeticError(
+            f"{bad} of the {len(samples)} samples are not finite (NaN or infinite): the weights in {args.checkpoint} "
+            f"do not give a usable model; no picture was written"
+        )
     save_samples_figure(samples, out, data=built.data.test, title=f"{built.spec.name}: {args.num} samples")
     print(f"samples: {out}")
     return 0

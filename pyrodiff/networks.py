@@ -12,7 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
+
 __all__ = ["UNet", "MLPDenoiser", "timestep_embedding"]
+
+
+def _embedding_width(name: str, value: int) -> int:
+    """A width the sinusoidal embedding is taken at: half cosines, half sines, so even and >= 2."""
+    if not checks.is_integer(value) or value < 2 or value % 2:
+        raise checks.CheckError.refuse(name, "an even integer >= 2 (the time embedding's width)", value)
+    return value
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -100,6 +109,7 @@ class UNet(nn.Module):
         out_channels: int | None = None,
     ) -> None:
         super().__init__()
+        self.check_arguments(channels, channel_mult, num_res_blocks, attention_levels, num_heads, dropout)
         if attention_levels is None:
             attention_levels = (len(channel_mult) - 1,)
         self.in_channels = in_channels
@@ -143,6 +153,39 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    @staticmethod
+    def check_arguments(
+        channels: int = 64,
+        channel_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_levels: tuple[int, ...] | None = None,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        """Refuse (:class:`~pyrodiff.checks.CheckError`, naming the argument) a size the U-Net cannot be built
+        with: ``channels`` even (the time embedding), at least one level with multipliers >= 1, levels with
+        attention among them, heads that divide the width of every level with attention and of the middle,
+        dropout in [0, 1).  The image side is the data's question, checked when the network first sees them."""
+        _embedding_width("channels", channels)
+        if not isinstance(channel_mult, list | tuple) or not channel_mult:
+            raise checks.CheckError.refuse("channel_mult", "at least one multiplier (one per level)", channel_mult)
+        for mult in channel_mult:
+            checks.integer("channel_mult", mult, 1)
+        checks.integer("num_res_blocks", num_res_blocks, 0)
+        levels = len(channel_mult)
+        attended = (levels - 1,) if attention_levels is None else tuple(attention_levels)
+        for level in attended:
+            checks.int_in("attention_levels", level, 0, levels - 1)
+        checks.integer("num_heads", num_heads, 1)
+        for width in sorted({channels * channel_mult[level] for level in (*attended, levels - 1)}):
+            if width % num_heads:
+                raise checks.CheckError.refuse(
+                    "num_heads",
+                    f"a number of heads that divides the width {width} of a level with attention",
+                    num_heads,
+                )
+        checks.number("dropout", dropout, 0, 1, hi_open=True)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -181,6 +224,7 @@ class MLPDenoiser(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, out_dim: int | None = None) -> None:
         super().__init__()
+        self.check_arguments(hidden, depth)
         self.dim = dim
         self.hidden = hidden
         self.inp = nn.Linear(dim, hidden)
@@ -192,6 +236,13 @@ class MLPDenoiser(nn.Module):
             ]
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim or dim))
+
+    @staticmethod
+    def check_arguments(hidden: int = 128, depth: int = 3) -> None:
+        """Refuse (:class:`~pyrodiff.checks.CheckError`, naming the argument) a width or depth the MLP cannot have:
+        ``hidden`` even and >= 2 (the time embedding), ``depth`` >= 0."""
+        _embedding_width("hidden", hidden)
+        checks.integer("depth", depth, 0)
 
     @property
     def data_shape(self) -> tuple[int]:

@@ -39,6 +39,15 @@ def test_a_real_checkpoint_loads_with_every_entry(tmp_path):
     assert state["optimizer"]["state"] and "base_lrs" in state["scheduler"]
 
 
+@pytest.mark.parametrize("step", [-5, 2.5, "3", True])
+def test_a_checkpoint_whose_step_is_not_a_count_is_refused(tmp_path, step):
+    """A step that no training reaches (negative, not an integer) is refused when the checkpoint is read."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {**_minimal_state(), "step": step})
+    with pytest.raises(CheckpointError, match=f"{path}: step must be an integer >= 0, got {step!r}"):
+        load_checkpoint(path)
+
+
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "MARKER"
     path = tmp_path / "checkpoint.pt"

@@ -87,6 +87,16 @@ def test_bad_checkpoints_are_one_line(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_samples_of_weights_that_give_nan_are_refused_and_no_picture_written(trained, tmp_path, capsys):
+    state = load_checkpoint(trained)
+    state["ema"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    assert cli.main(["sample", str(tmp_path / "checkpoint.pt"), "--num", "4", "--out", str(tmp_path / "s.png")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the sampler's progress bar
+    assert last.startswith("pyrodiff: error: 4 of the 4 samples are not finite (NaN or infinite)")
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_a_checkpoint_with_an_invalid_specification_is_one_line(trained, tmp_path, capsys):
     state = load_checkpoint(trained)
     state["spec"]["name"] = "../../elsewhere"

@@ -150,6 +150,28 @@ BAD = [
     ({"network": {"channels": 8}}, ["unknown key network.channels", "network keys: depth, hidden, kind"]),
     ({"network": {"hidden": 2.5}}, ["network.hidden", "integer"]),
     ({"network": {"kind": "resnet"}}, ["network.kind", '"unet", "mlp"']),
+    # [network]: values the network cannot be built from (a zero-width MLP trained without a word before)
+    ({"network": {"hidden": 0}}, ["network.hidden", "an even integer >= 2", "0"]),
+    ({"network": {"hidden": 7}}, ["network.hidden", "an even integer >= 2", "7"]),
+    ({"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "channels": 0}}, ["network.channels", "even", "0"]),
+    (
+        {"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "channel_mult": []}},
+        ["network.channel_mult", "at least one"],
+    ),
+    (
+        {"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "channel_mult": [1, 0]}},
+        ["network.channel_mult", "integer >= 1", "0"],
+    ),
+    ({"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "num_heads": 0}}, ["network.num_heads", ">= 1"]),
+    (
+        {"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "channels": 8, "num_heads": 3}},
+        ["network.num_heads", "divides the width 16", "3"],
+    ),
+    (
+        {"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "attention_levels": [5]}},
+        ["network.attention_levels", "0..2"],
+    ),
+    ({"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "dropout": 1.0}}, ["network.dropout", "[0, 1)"]),
     (
         {"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "channel_mult": [1, "2"]}},
         ["network.channel_mult", "list of integers"],

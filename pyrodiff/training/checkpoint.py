@@ -112,4 +112,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in _KEYS):
         raise CheckpointError(f"{path} is not a pyrodiff checkpoint (format {FORMAT})")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: step must be an integer >= 0, got {step!r}")
     return state

@@ -320,6 +320,10 @@ class NetworkSpec:
             if (value := t.get(key, check, default)) is not None
         }
         t.finish()
+        try:
+            constructor.check_arguments(**params)
+        except checks.CheckError as e:
+            raise t.error(e.name or "kind", f"must be {e.expected}, got {_describe(e.value)}") from None
         return cls(kind, MappingProxyType(params))
 
     def build(self, data_shape: tuple[int, ...], output_channels: int) -> nn.Module:
