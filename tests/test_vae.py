@@ -390,6 +390,15 @@ def test_training_loss_is_the_estimator_per_example(digits, estimator):
     assert info["losses"][0] == pytest.approx(loss / 64, rel=1e-5)
 
 
+def test_a_non_finite_loss_stops_training_naming_its_step(digits):
+    """The losses stay on the device between reads (the training stage's loop); the first non-finite one is named by
+    its step when they are read, here at the end of 7 steps, and training stops with an error, not with weights."""
+    vae = tiny_vae()
+    torch.nn.init.constant_(vae.decoder[-1].bias, float("nan"))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1; training stopped"):
+        train_vae(digits.train[:64], math.inf, vae=vae, max_steps=7, batch_size=16, validation_fraction=0)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_save_and_load_round_trip(tmp_path, digits):
     data = digits.train[:32].double()
