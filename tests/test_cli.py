@@ -97,6 +97,21 @@ def test_samples_of_weights_that_give_nan_are_refused_and_no_picture_written(tra
     assert not (tmp_path / "s.png").exists()
 
 
+def test_a_specification_or_a_vae_checkpoint_where_a_diffusion_checkpoint_belongs_is_named(tmp_path, capsys):
+    from pyrodiff.theory.vae import VAE, save_vae
+
+    for command in ("sample", "report"):
+        assert cli.main([command, str(ROOT / "models" / "digits.toml"), "--out", str(tmp_path / "x")]) == 2
+        assert "is a model specification (TOML), not a checkpoint" in _error(capsys)
+    save_vae(tmp_path / "vae.pt", VAE((1, 8, 8), latent_dim=2, hidden=8, depth=1))
+    for command in ("sample", "report"):
+        assert cli.main([command, str(tmp_path / "vae.pt"), "--out", str(tmp_path / "x")]) == 2
+        assert f"{tmp_path / 'vae.pt'} is a VAE checkpoint (pyrodiff.theory.vae), not a diffusion model's" in _error(
+            capsys
+        )
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_checkpoint_with_an_invalid_specification_is_one_line(trained, tmp_path, capsys):
     state = load_checkpoint(trained)
     state["spec"]["name"] = "../../elsewhere"

@@ -136,7 +136,9 @@ BAD = [
     ({"schedule": {"kind": "betas", "num_steps": DROP}}, ["schedule.betas", "required"]),
     ({"schedule": {"kind": "quadratic"}}, ["schedule.kind", '"linear", "cosine", "sigmoid", "betas"']),
     ({"schedule": {"num_steps": DROP}}, ["schedule.num_steps", "required"]),
-    ({"schedule": {"num_steps": 10.0}}, ["schedule.num_steps", "integer >= 1"]),
+    ({"schedule": {"num_steps": 10.0}}, ["schedule.num_steps", "integer in 1..1000000"]),
+    # refused before the tables are made (80 GB of them for 10^10 steps)
+    ({"schedule": {"num_steps": 10**10}}, ["schedule.num_steps", "integer in 1..1000000", "10000000000"]),
     (
         {"schedule": {"kind": "cosine", "beta_start": 0.1}},
         ["unknown key schedule.beta_start", "max_beta, num_steps, s"],
@@ -200,6 +202,8 @@ def test_a_missing_table_and_invalid_toml_are_refused(tmp_path):
     _refused(path, "missing table(s) [network]")
     path.write_text("[data\nname = 1")
     _refused(path, "not valid TOML", "line 1")
+    path.write_bytes(b"\x80\x02}q\x00\xff\xfe binary")
+    _refused(path, "not valid TOML", "not UTF-8 text")
     path.write_text('data = "digits"\n' + _toml({t: v for t, v in TINY.items() if t != "data"}))
     _refused(path, "[data] must be a table")
 

@@ -30,7 +30,18 @@ from torch.nn import functional as F
 
 from .. import checks
 
-__all__ = ["Schedule", "NoiseSchedule", "RespacedSchedule", "ScheduleTables"]
+__all__ = ["Schedule", "NoiseSchedule", "RespacedSchedule", "ScheduleTables", "MAX_NUM_STEPS", "check_num_steps"]
+
+#: The largest T a schedule is made for: far above any published chain (4000 steps), and small enough that its
+#: tables (a few dozen float64 vectors of length T) fit in memory; a larger T is refused before anything is allocated
+#: (10^10 steps would ask for 80 GB per table).
+MAX_NUM_STEPS = 1_000_000
+
+
+def check_num_steps(num_steps: int) -> int:
+    """``num_steps``, an integer in 1..:data:`MAX_NUM_STEPS`, or :class:`~pyrodiff.checks.CheckError`."""
+    return checks.int_in("num_steps", num_steps, 1, MAX_NUM_STEPS, "MAX_NUM_STEPS")
+
 
 _Derived = TypeVar("_Derived")
 
@@ -319,7 +330,7 @@ class NoiseSchedule(Schedule):
 
         The endpoints are the paper's for ``T = 1000``; they are used as given for any ``T``.
         """
-        checks.positive_int("num_steps", num_steps)
+        check_num_steps(num_steps)
         betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
         return cls(betas, {"kind": "linear", "beta_start": beta_start, "beta_end": beta_end})
 
@@ -329,7 +340,7 @@ class NoiseSchedule(Schedule):
         :math:`f(t) = \cos^2\!\big(\tfrac{t/T + s}{1 + s}\tfrac{\pi}{2}\big)`, and
         :math:`\beta_t = \min(1 - \bar\alpha_t / \bar\alpha_{t-1}, \text{max\_beta})`.
         """
-        checks.positive_int("num_steps", num_steps)
+        check_num_steps(num_steps)
         t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
         return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta), {"kind": "cosine", "s": s, "max_beta": max_beta})
@@ -343,7 +354,7 @@ class NoiseSchedule(Schedule):
         {\sigma(e/\tau) - \sigma(s/\tau)}` for :math:`u = t/T`, and
         :math:`\beta_t = \min(1 - \bar\alpha_t / \bar\alpha_{t-1}, \text{max\_beta})`.
         """
-        checks.positive_int("num_steps", num_steps)
+        check_num_steps(num_steps)
         if not end > start or not tau > 0:
             raise ValueError(f"invalid schedule: sigmoid needs end > start and tau > 0, got {start}, {end}, {tau}")
         u = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps

@@ -18,8 +18,14 @@ import errno
 import os
 import pickle
 import re
+import sys
 import tempfile
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 import torch
 
@@ -88,6 +94,16 @@ def remove_stale_temporaries(folder: str | Path, name: str = "checkpoint.pt") ->
     return stale
 
 
+def _is_specification(path: Path) -> bool:
+    """Whether ``path`` holds TOML tables (a model specification) rather than torch's zip or pickle."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    try:
+        return bool(tomllib.loads(head.decode("utf-8")))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint; refuse a corrupt one, and one holding anything but tensors and plain data
     (unpickling that could run code from the file).  Whether it may be resumed with a given specification
@@ -99,6 +115,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # how torch's weights-only unpickler refuses a file
         refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None and _is_specification(path):
+            raise CheckpointError(
+                f"{path} is a model specification (TOML), not a checkpoint: train it (pyrodiff train --config {path}) "
+                f"and give the checkpoint.pt that training writes"
+            ) from None
         if refused is None:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt, or holds objects other than tensors and plain data; "

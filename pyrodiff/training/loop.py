@@ -280,7 +280,7 @@ class _Run(OptimisationLoop):
         path = self.path
         # on the CPU: random-number states must stay there; every other state is copied onto its module's device
         state = load_checkpoint(path, map_location="cpu")
-        saved = Spec.from_dict(state["spec"], f"checkpoint {path}")
+        saved = Spec.of_checkpoint(state, path)
         _check_resumable(saved, self.spec, path, change_hyperparameters)
         if self.spec.training.steps < state["step"]:
             raise ValueError(

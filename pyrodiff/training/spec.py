@@ -42,7 +42,7 @@ from ..chain.forward import DiffusionGuide
 from ..chain.objectives import ESTIMATORS, parse_objective
 from ..chain.parameterization import parse_target, parse_variance
 from ..chain.reverse import DiffusionModel
-from ..chain.schedule import NoiseSchedule, Schedule
+from ..chain.schedule import MAX_NUM_STEPS, NoiseSchedule, Schedule
 from ..chain.timesteps import check_subsample_steps
 from ..data import DATASETS, Dataset, load_dataset
 from ..networks import MLPDenoiser, UNet
@@ -251,7 +251,11 @@ class ScheduleSpec:
             key: t.get(key, check, default)
             for key, (check, default) in _constructor_checks(SCHEDULES[kind], ("num_steps",)).items()
         }
-        num_steps = t.get("num_steps", _integer(1), len(params["betas"]) if kind == "betas" else _REQUIRED)
+        num_steps = t.get(
+            "num_steps",
+            partial(checks.int_in, lo=1, hi=MAX_NUM_STEPS),  # before any table is made
+            len(params["betas"]) if kind == "betas" else _REQUIRED,
+        )
         if kind == "betas" and num_steps != len(params["betas"]):
             raise t.error("num_steps", f"must be the number of betas, {len(params['betas'])}, got {num_steps}")
         t.finish()
@@ -467,6 +471,17 @@ class Spec:
         spec._check_combinations(tables)
         return spec
 
+    @classmethod
+    def of_checkpoint(cls, state: Mapping, path: str | Path) -> Spec:
+        """The validated specification a diffusion checkpoint's ``state`` was trained with (:meth:`from_dict`).
+        The VAE baseline's checkpoints (:mod:`pyrodiff.theory.vae`) have the same format, but their ``spec`` names
+        its ``kind``: such a file is refused as what it is."""
+        d = state["spec"]
+        if isinstance(d, Mapping) and "kind" in d:
+            what = "a VAE checkpoint (pyrodiff.theory.vae)" if d["kind"] == "vae" else f"a {d['kind']!r} checkpoint"
+            raise SpecError(f"{path} is {what}, not a diffusion model's: load it with pyrodiff.theory.vae.load_vae")
+        return cls.from_dict(d, f"checkpoint {path}")
+
     def _check_combinations(self, tables: dict[str, _Table]) -> None:
         """The choices that depend on each other: timesteps per example against T, the objective against
         the variance and the full chain, the importance sampler against the full chain."""
@@ -566,6 +581,10 @@ def load_spec(name_or_path: str | Path) -> Spec:
             d = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise SpecError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise SpecError(
+                f"{path}: not valid TOML: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})"
+            ) from None
     return Spec.from_dict({"name": path.stem, **d}, str(path))
 
 

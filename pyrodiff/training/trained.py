@@ -44,7 +44,7 @@ def _load_trained(
 ) -> tuple[Built, DiffusionModel, int]:
     """:func:`load_trained`'s objects and model, and the training step the checkpoint was saved at."""
     state = load_checkpoint(checkpoint_path, map_location=device)
-    spec = Spec.from_dict(state["spec"], f"checkpoint {checkpoint_path}")
+    spec = Spec.of_checkpoint(state, checkpoint_path)
     with torch.random.fork_rng(devices=[]):
         built = build(spec, data_root)
     decay = get_ema_multi_avg_fn(spec.training.ema_decay)
