@@ -29,8 +29,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pyrodiff: error: {message} (see {self.prog} --help)\n")
 
 
-def _integer(minimum: int):
-    """An argument type: an integer >= ``minimum`` (:func:`pyrodiff.checks.integer`), the text shown as typed."""
+#: The largest count (samples, examples, steps) an argument may give: torch sizes beyond it fail inside torch with
+#: an unexplained error (a count of 10^19 does not even fit its integers).
+MAX_COUNT = 2**31 - 1
+#: The largest seed: torch's generators take a 64-bit seed.
+MAX_SEED = 2**63 - 1
+
+
+def _integer(minimum: int, maximum: int = MAX_COUNT):
+    """An argument type: an integer in ``minimum..maximum`` (:func:`pyrodiff.checks.integer`, then
+    :func:`pyrodiff.checks.int_in`), the text shown as typed."""
 
     def parse(text: str) -> int:
         try:
@@ -38,7 +46,8 @@ def _integer(minimum: int):
         except ValueError:
             value = text  # not an integer: the check refuses it
         try:
-            return checks.integer("argument", value, minimum)  # argparse names the option
+            checks.integer("argument", value, minimum)  # argparse names the option
+            return checks.int_in("argument", value, minimum, maximum)
         except checks.CheckError as e:
             raise argparse.ArgumentTypeError(f"must be {e.expected}, got {text!r}") from None
 
@@ -181,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default runs/NAME)")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     t.add_argument("--no-graph", action="store_true", help="on CUDA, run the step eagerly instead of as one CUDA graph")
-    t.add_argument("--seed", type=_integer(0), help="random seed (overrides the specification)")
+    t.add_argument("--seed", type=_integer(0, MAX_SEED), help="random seed (overrides the specification)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     t.add_argument(
         "--change-hyperparameters",
@@ -197,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="PNG file (default: samples-seedS.png beside the checkpoint)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    s.add_argument("--seed", type=_integer(0), default=0)
+    s.add_argument("--seed", type=_integer(0, MAX_SEED), default=0)
     s.add_argument("--sampler", default="ancestral", choices=["ancestral", "ddim"])
     s.add_argument("--no-graph", action="store_true", help="on CUDA, run each step eagerly instead of as a CUDA graph")
     s.add_argument("--steps", type=_integer(2), help="sample with K evenly spaced steps (default: all T)")

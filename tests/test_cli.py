@@ -129,6 +129,14 @@ def test_a_checkpoint_with_an_invalid_specification_is_one_line(trained, tmp_pat
         (["report", "c.pt", "--max-examples", "0"], "argument --max-examples: must be an integer >= 1"),
         (["report", "c.pt", "--num-samples", "0"], "argument --num-samples: must be an integer >= 1"),
         (["train", "--steps", "0"], "argument --steps: must be an integer >= 1"),
+        # too large for torch (a TypeError traceback from randn, "Overflow when unpacking long long")
+        (["sample", "c.pt", "--num", "10000000000000000000"], "argument --num: must be an integer in 1..2147483647"),
+        (["sample", "c.pt", "--seed", "10" * 12], "argument --seed: must be an integer in 0..9223372036854775807"),
+        (["train", "--seed", "-1"], "argument --seed: must be an integer >= 0"),
+        (
+            ["report", "c.pt", "--max-examples", "3" * 12],
+            "argument --max-examples: must be an integer in 1..2147483647",
+        ),
         (["train", "--device", "tpu"], "argument --device: invalid choice"),
         (["report", "c.pt", "--split", "valid"], "argument --split: invalid choice"),
     ],

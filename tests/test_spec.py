@@ -106,6 +106,7 @@ BAD = [
     ({"training": {"batch_size": "64"}}, ["training.batch_size", "integer >= 1", '"64" (str)']),
     ({"training": {"batch_size": 0}}, ["training.batch_size", "integer >= 1"]),
     ({"training": {"steps": -5}}, ["training.steps", "integer >= 1", "-5"]),
+    ({"training": {"seed": 10**20}}, ["training.seed", "integer in 0..9223372036854775807"]),
     ({"training": {"grad_clip": -1}}, ["training.grad_clip", "> 0"]),
     ({"training": {"lr": 0}}, ["training.lr", "> 0"]),
     ({"training": {"ema_decay": 1}}, ["training.ema_decay", "a number in [0, 1)", "1 (int)"]),

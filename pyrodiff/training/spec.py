@@ -393,7 +393,7 @@ class TrainingSpec:
             "checkpoint_every": _integer(1),
             "log_every": _integer(1),
             "eval_examples": _integer(1),
-            "seed": _integer(0),
+            "seed": partial(checks.int_in, lo=0, hi=2**63 - 1),  # torch's generators take a 64-bit seed
         }
         training = cls(**{f.name: t.get(f.name, check[f.name], f.default) for f in fields(cls)})
         t.finish()
