@@ -107,7 +107,7 @@ def test_the_reports_plots_show_the_terms_the_cumulative_rate_and_the_rate_disto
     lo, hi = ax.get_xlim()
     assert lo < 0 and hi > T  # every term in view, L_0 and L_T included
     assert ax.get_ylabel() == "L_k (bits/dim)" and ax.get_xlabel().startswith("k (L_0 decoder")
-    assert ax.get_title() == "Terms of the bound, mean +- standard error (L_0 < 0 not shown)"
+    assert ax.get_title() == "Terms of the bound, mean +- standard error (L_0 <= 0 not shown)"
 
     (ax,) = drawn["cumulative_rate.png"].axes
     (line,) = ax.get_lines()
@@ -123,9 +123,14 @@ def test_the_reports_plots_show_the_terms_the_cumulative_rate_and_the_rate_disto
     assert ax.get_xlabel() == "rate received (bits/dim)" and ax.get_ylabel().startswith("distortion: RMSE of x0_hat (")
 
 
-def test_the_terms_plot_says_nothing_of_l0_when_it_is_positive(tmp_path, drawn):
+def test_the_terms_plot_notes_an_l0_its_log_scale_cannot_show(tmp_path, drawn):
+    """Positive L_0: no note; L_0 = 0 exactly (as negative ones) has no place on the log scale: noted."""
     write_report(_terms(DiscretizedDecoder(17)), tmp_path / "r", {"name": "m"})
     assert drawn["terms.png"].axes[0].get_title() == "Terms of the bound, mean +- standard error"
+    zero = _terms(DiscretizedDecoder(17))
+    zero.nats[..., 0] = 0.0
+    write_report(zero, tmp_path / "zero", {"name": "m"})
+    assert drawn["terms.png"].axes[0].get_title() == "Terms of the bound, mean +- standard error (L_0 <= 0 not shown)"
     assert drawn["rate_distortion.png"].axes[0].get_ylabel() == "distortion: RMSE of x0_hat (grey levels 0..16)"
 
 

@@ -12,7 +12,9 @@ and records whether the change was caught (``killed``: some test failed or error
 ``timeout``.  The working tree is never written to.
 
 Changes planted (each alone; code only: docstrings, other strings, f-strings, ``raise`` statements and
-``warn`` calls (messages), annotations, ``__all__`` and ``TYPE_CHECKING`` blocks are left alone; function
+``warn`` calls (messages), annotations, ``__all__`` and ``TYPE_CHECKING`` blocks, and keyword arguments that only
+set how a result looks (:data:`PRESENTATION_KEYWORDS`: a figure's size and resolution, marker sizes, a JSON file's
+indent, a progress bar's refresh interval) are left alone; function
 bodies, default arguments and module- or class-level constants are all code, e.g. the cosine schedule's
 ``s = 0.008``):
 
@@ -181,6 +183,9 @@ _SIGMOID_SCALE = (
 _ONE_COLUMN = (
     "the standard errors of one column (the total, K = 1) form a 1-element tensor: [0] and [-1] are its one entry"
 )
+_XLIM_MARGIN = (
+    "the margins of the terms plot's x-range around k = 0 .. T (test_plots checks that every term is in view)"
+)
 _STEP_SIGN = "_shifted reads only the sign of its step (its callers pass +1 and -1)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "pyrodiff/chain/decoders.py": [
@@ -233,6 +238,55 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "this branch has n < 2 examples: with one, the examples axis has length 1 and [0] is [-1]; with none, "
             "both raise the same IndexError",
         ),
+        (
+            'bar = tqdm(total=num_samples * T, desc="bound", unit="step", disable=not progress, mininterval=1.0, leave=False)',
+            "`*` -> `/` in `num_samples * T`",
+            "the progress bar's length (how full it is drawn, on stderr); nothing computed reads it",
+        ),
+        (
+            'bar = tqdm(total=num_samples * T, desc="bound", unit="step", disable=not progress, mininterval=1.0, leave=False)',
+            "`not` dropped in `not progress`",
+            "shows or hides the progress bar only (on stderr); the terms are the same",
+        ),
+        (
+            "xt = loc + var.sqrt() * _normal(x0k, generator)",
+            "`+` -> `-` in `loc + var.sqrt() * _normal(x0k, generator)`",
+            "the standard normal noise is drawn here and used nowhere else: loc - sd z has the law of loc + sd z",
+        ),
+        (
+            "chunk_size = chunk_size or max(1, 4096 // N)",
+            "`4096` -> `4097`",
+            "a memory heuristic ('about 4096 inputs per call'): 4097 // N differs from 4096 // N only for N = 17, 241 "
+            "or 4097, by one timestep per call, and every chunking gives the same law of the terms "
+            "(test_reconstruction_errors_and_terms_are_exact_in_mean_for_any_chunking)",
+        ),
+    ],
+    "pyrodiff/evaluation/report.py": [
+        (
+            'rows.append((f"L_{T} (prior)", slice(T, T + 1)))',
+            "`1` -> `2`",
+            "the terms array has T + 1 entries: slice(T, T + 2) selects the same last one",
+        ),
+        (
+            "ax.set_xlim(-0.3, terms.num_steps * 1.15)",
+            "`0.3` -> `0.6`",
+            _XLIM_MARGIN,
+        ),
+        (
+            "ax.set_xlim(-0.3, terms.num_steps * 1.15)",
+            "`0.3` -> `1.3`",
+            _XLIM_MARGIN,
+        ),
+        (
+            "ax.set_xlim(-0.3, terms.num_steps * 1.15)",
+            "`1.15` -> `2.3`",
+            _XLIM_MARGIN,
+        ),
+        (
+            "ax.set_xlim(-0.3, terms.num_steps * 1.15)",
+            "`1.15` -> `2.15`",
+            _XLIM_MARGIN,
+        ),
     ],
     "pyrodiff/chain/reverse.py": [
         (
@@ -257,11 +311,6 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             'for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):',
             "`not` dropped in `not progress`",
             "shows or hides the progress bar only (on stderr); the draws are the same",
-        ),
-        (
-            'for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):',
-            "`1.0` -> `2.0`",
-            "the progress bar's refresh interval",
         ),
     ],
     "pyrodiff/chain/traces.py": [
@@ -376,9 +425,18 @@ class Mutant:
     text: str = field(default="", repr=False)
 
 
+#: keyword arguments that set only how a figure, a file or a progress bar looks, never a number it shows
+PRESENTATION_KEYWORDS = frozenset(
+    {"figsize", "dpi", "ms", "markersize", "markerscale", "elinewidth", "capsize", "linewidth", "linthresh"}
+    | {"fontsize", "indent", "mininterval"}
+)
+
+
 def _skip_children(node: ast.AST) -> bool:
     """Nodes whose whole subtree is not code to mutate."""
     if isinstance(node, (ast.JoinedStr, ast.Raise, ast.Import, ast.ImportFrom, ast.Global, ast.Nonlocal)):
+        return True
+    if isinstance(node, ast.keyword) and node.arg in PRESENTATION_KEYWORDS:
         return True
     if isinstance(node, (ast.Assign, ast.AnnAssign)):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]

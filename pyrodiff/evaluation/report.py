@@ -200,7 +200,7 @@ def _plots(terms: BoundTerms, s: dict, folder: Path) -> None:
     ax.set_xlim(-0.3, terms.num_steps * 1.15)
     ax.set_xlabel("k (L_0 decoder, L_1..L_{T-1} denoising KLs, L_T prior)")
     ax.set_ylabel("L_k (bits/dim)")
-    ax.set_title("Terms of the bound, mean +- standard error" + (" (L_0 < 0 not shown)" if bpd[0] <= 0 else ""))
+    ax.set_title("Terms of the bound, mean +- standard error" + (" (L_0 <= 0 not shown)" if bpd[0] <= 0 else ""))
     fig.savefig(folder / "terms.png", dpi=110, bbox_inches="tight")
 
     fig = Figure(figsize=(7, 4))
