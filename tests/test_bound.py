@@ -172,6 +172,22 @@ def test_bad_input(float64):
             bound_terms(DiffusionModel(LinearDenoiser(T, a, torch.zeros(T)), SCHEDULE), x0, chunk_size=chunk_size)
 
 
+def test_without_validation_the_last_check_names_the_first_broken_term(float64):
+    """With Pyro's validation off (as in training's evaluation) the chunks are not checked one by one: the one check
+    at the end names the same term, L_2 where the network breaks at t = 3 only."""
+    _, x0, _ = _model()
+    a = torch.zeros(T)
+    a[2] = float("inf")
+    with pyro.validation_enabled(False), pytest.raises(FloatingPointError, match="L_2 of the bound is not finite"):
+        bound_terms(DiffusionModel(LinearDenoiser(T, a, torch.zeros(T)), SCHEDULE), x0, num_samples=2)
+
+
+def test_one_example(float64):
+    model, x0, _ = _model()
+    terms = bound_terms(model, x0[:1])
+    assert terms.nats.shape == (1, 1, T + 1) and terms.dims == 3
+
+
 def test_compare_bounds_script(tmp_path, float64):
     import runpy
 

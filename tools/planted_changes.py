@@ -260,6 +260,16 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "or 4097, by one timestep per call, and every chunking gives the same law of the terms "
             "(test_reconstruction_errors_and_terms_are_exact_in_mean_for_any_chunking)",
         ),
+        (
+            "if kl.start < kl.stop:",
+            "`<` -> `<=` in `kl.start < kl.stop`",
+            "equal bounds only in a first chunk holding t = 1 alone: the body then reads and writes empty ranges",
+        ),
+        (
+            "return BoundTerms(nats, sq_error, int(x0[0].numel()), model.decoder, model.describe())",
+            "index `0` -> `-1` in `x0[0]`",
+            "every example has the data's shape: the last one has as many dimensions as the first",
+        ),
     ],
     "pyrodiff/evaluation/report.py": [
         (
