@@ -782,14 +782,14 @@ def run(args: argparse.Namespace) -> int:
             diffusion[label] = {
                 "bits_per_dim": s["bits_per_dim"],
                 "stderr": s["bits_per_dim_stderr"],
-                "seconds": s["train_seconds_this_run"],
+                "seconds": s.get("train_seconds", s.get("train_seconds_this_run")),  # the latter: older runs
                 "steps": s["training_steps"],
                 "examples": s["num_examples"],
             }
     if args.vae is not None:
         vae, vae_info = load_vae(args.vae), json.loads(args.vae.with_suffix(".json").read_text())
     else:
-        seconds = args.vae_seconds or digits_json["train_seconds_this_run"]
+        seconds = args.vae_seconds or digits_json.get("train_seconds", digits_json.get("train_seconds_this_run"))
         vae, vae_info = train_vae(digits_data.train, seconds, seed=0, progress=True)
         vae_info = {k: v for k, v in vae_info.items() if k != "losses"}
         save_vae(args.out / "vae.pt", vae, vae_info)

@@ -105,5 +105,5 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "checkpoint.pt.folder.tmp"])
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
     assert remove_stale_temporaries(tmp_path) == []
-    assert remove_stale_temporaries(tmp_path, name="model.pt") == [tmp_path / "model.pt.x1y2.tmp"]
+    assert remove_stale_temporaries(tmp_path, "model.pt") == [tmp_path / "model.pt.x1y2.tmp"]
     assert remove_stale_temporaries(tmp_path / "absent") == []

@@ -361,3 +361,59 @@ def test_a_resumed_optimiser_keeps_this_runs_implementation():
     plain = torch.optim.AdamW(p, capturable=True, foreach=False)
     plain.load_state_dict(saved.state_dict())
     assert not plain.param_groups[0]["capturable"]  # what the helper prevents
+
+
+OUTPUTS = ("checkpoint.pt", "losses.csv", "test_bound.json", "samples.png")
+
+
+def test_an_earlier_runs_results_are_never_replaced_by_a_new_run(tmp_path):
+    train(TINY_2D, tmp_path, steps=2, progress=False, num_samples=8)
+    (tmp_path / "checkpoint.pt").unlink()  # the results stay: a new run must not replace them
+    before = {name: (tmp_path / name).read_bytes() for name in OUTPUTS[1:]}
+    with pytest.raises(TrainingError, match="holds an earlier run's losses.csv, test_bound.json, samples.png"):
+        train(TINY_2D, tmp_path, steps=2, progress=False, num_samples=8)
+    assert {name: (tmp_path / name).read_bytes() for name in OUTPUTS[1:]} == before
+
+
+def test_resuming_a_finished_run_keeps_its_training_time(tmp_path):
+    import json
+
+    first = train(TINY_2D, tmp_path, steps=4, progress=False, num_samples=8)
+    recorded = json.loads((tmp_path / "test_bound.json").read_text())["train_seconds"]
+    assert recorded == first.seconds > 0
+    again = train(TINY_2D, tmp_path, steps=4, resume=True, progress=False, num_samples=8)  # only evaluates
+    assert json.loads((tmp_path / "test_bound.json").read_text())["train_seconds"] == recorded == again.seconds
+    longer = train(TINY_2D, tmp_path, steps=6, resume=True, progress=False, num_samples=8)
+    assert longer.seconds > recorded  # the time of both runs
+
+
+def test_results_are_written_inside_the_folder_never_through_a_link(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    train(TINY_2D, tmp_path / "run", steps=2, progress=False, num_samples=8)
+    for name in OUTPUTS[1:]:
+        (outside / name).write_text("not to be touched")
+        (tmp_path / "run" / name).unlink()
+        (tmp_path / "run" / name).symlink_to(outside / name)
+    train(TINY_2D, tmp_path / "run", steps=3, resume=True, progress=False, num_samples=8)
+    for name in OUTPUTS[1:]:
+        assert (outside / name).read_text() == "not to be touched"
+        assert (tmp_path / "run" / name).is_file() and not (tmp_path / "run" / name).is_symlink()
+    (outside / "run").mkdir()
+    (outside / "run" / "test_bound.json").symlink_to(outside / "test_bound.json")  # a link is refused like a file
+    with pytest.raises(TrainingError, match="holds an earlier run's test_bound.json"):
+        train(TINY_2D, outside / "run", steps=2, progress=False, num_samples=8)
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_outputs_share_one_mode(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        train(TINY_2D, tmp_path, steps=2, progress=False, num_samples=8)
+        left = ["losses.tmp", "losses.csv.k1ll3d.tmp", "test_bound.json.k1ll3d.tmp", "checkpoint.pt.k1ll3d.tmp"]
+        for name in left:
+            (tmp_path / name).write_text("left by a kill")
+        train(TINY_2D, tmp_path, steps=3, resume=True, progress=False, num_samples=8)
+    finally:
+        os.umask(previous)
+    assert not [name for name in left if (tmp_path / name).exists()]
+    assert {name: (tmp_path / name).stat().st_mode & 0o777 for name in OUTPUTS} == dict.fromkeys(OUTPUTS, 0o640)

@@ -6,7 +6,8 @@ schedule that has parameters), the optimiser, the step and every random-number s
 It is written to a temporary file in the same folder, flushed to disk and renamed over the old one,
 and the folder is flushed too, so a crash never leaves a half-written checkpoint and the previous one
 survives until the new one is complete. A process killed mid-save can leave its temporary file
-behind; :func:`remove_stale_temporaries` clears those.
+behind; :func:`remove_stale_temporaries` clears those.  The run's other results are written the same way
+(:func:`write_atomically`), never through a link at their path, with the mode ``open`` gives (0666 less the umask).
 
 A checkpoint is read with ``torch.load(..., weights_only=True)``: it holds only tensors and plain
 data, and unpickling anything else could run code from the file, so such a file is refused.
@@ -18,9 +19,11 @@ import errno
 import os
 import pickle
 import re
+import secrets
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +32,14 @@ else:  # pragma: no cover
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temporaries", "CheckpointError", "FORMAT"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_atomically",
+    "remove_stale_temporaries",
+    "CheckpointError",
+    "FORMAT",
+]
 
 FORMAT = "pyrodiff-checkpoint-1"
 _KEYS = ("format", "spec", "step", "network", "ema", "optimizer")
@@ -43,19 +53,35 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``state`` to ``path`` atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file at ``path`` by ``write(file)``: into a new temporary file ``NAME.<random>.tmp`` beside it
+    (created, never opened through a link, with the mode ``open`` gives, 0666 less the umask), flushed to disk and
+    renamed over ``path``.  A rename replaces a link at ``path`` instead of writing where it points, so nothing is
+    written outside the folder; a path that is a folder or a device is refused.  A failure leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=_TEMPORARY_SUFFIX, dir=path.parent)
+    if path.exists() and not path.is_symlink() and not path.is_file():
+        raise IsADirectoryError(f"{path} exists and is not a regular file: it was not replaced")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}{_TEMPORARY_SUFFIX}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
 
@@ -78,17 +104,22 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | Path, name: str = "checkpoint.pt") -> list[Path]:
-    """Delete the temporary files ``NAME.*.tmp`` that a process killed mid-save left in ``folder``; return them.
+def remove_stale_temporaries(folder: str | Path, *names: str) -> list[Path]:
+    """Delete the temporary files ``NAME.*.tmp`` (for each of ``names``, by default ``checkpoint.pt``) that a process
+    killed mid-write left in ``folder``; return them.
 
-    :func:`save_checkpoint` writes ``NAME.<random>.tmp`` beside ``NAME`` and renames it, so such a file
-    outlives only an interrupted save. Call this when no other process is saving to ``folder`` (at the
-    start of training), or it would delete that save's file before the rename."""
+    :func:`write_atomically` writes ``NAME.<random>.tmp`` beside ``NAME`` and renames it, so such a file outlives
+    only an interrupted write. Call this when no other process is writing to ``folder`` (at the start of
+    training), or it would delete that write's file before the rename."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    pattern = re.compile(re.escape(name + ".") + ".+" + re.escape(_TEMPORARY_SUFFIX))
-    stale = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+    patterns = [
+        re.compile(re.escape(name + ".") + ".+" + re.escape(_TEMPORARY_SUFFIX)) for name in names or ("checkpoint.pt",)
+    ]
+    stale = sorted(
+        p for p in folder.iterdir() if any(pattern.fullmatch(p.name) for pattern in patterns) and p.is_file()
+    )
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import io
 import json
 import logging
 import os
@@ -58,7 +59,13 @@ from ..chain.traces import drawn_terms
 from ..evaluation.bound import bound_terms
 from ..evaluation.plots import save_samples_figure
 from ..evaluation.report import summarise
-from .checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_atomically,
+)
 from .distributed import RandomStreams, World, init_world
 from .graphed import elbo_on_device
 from .optimisation import OptimisationLoop
@@ -68,6 +75,12 @@ __all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_
 
 CHECKPOINT = "checkpoint.pt"
 LOSSES = "losses.csv"
+TEST_BOUND = "test_bound.json"
+SAMPLES = "samples.png"
+#: Temporaries a killed run can leave beside its results, removed at the next start: those of
+#: :func:`~pyrodiff.training.checkpoint.write_atomically` (``NAME.<random>.tmp``), the samples figure's, and the
+#: name earlier versions wrote ``losses.csv`` through.
+_FIXED_TEMPORARIES = ("samples.tmp.png", "losses.tmp")
 #: ``[training]`` keys a resume may always change: how long to train, how often to save and read the losses,
 #: what to evaluate, whether to capture the step as a CUDA graph (the same step either way).
 RUN_KEYS = ("steps", "checkpoint_every", "log_every", "eval_examples", "graph")
@@ -93,13 +106,14 @@ class TrainingInterrupted(TrainingError):
 @dataclass
 class TrainResult:
     """What a finished run wrote: the checkpoint, the samples' picture, the test-set bound
-    (:func:`~pyrodiff.evaluation.report.summarise`'s schema), the number of steps and this run's training time."""
+    (:func:`~pyrodiff.evaluation.report.summarise`'s schema), the number of steps and the training time of these
+    weights in seconds, over every run that trained them (None for a checkpoint written before it was recorded)."""
 
     checkpoint: Path
     samples: Path
     test_bound: dict
     steps: int
-    seconds: float
+    seconds: float | None
 
 
 def train(
@@ -133,13 +147,16 @@ def train(
     checkpoint = out / CHECKPOINT
     if not resume and checkpoint.exists():
         raise CheckpointError(f"{checkpoint} exists: pass --resume to continue it, or choose another --out")
+    earlier = [name for name in (LOSSES, TEST_BOUND, SAMPLES) if not resume and os.path.lexists(out / name)]
+    if earlier:
+        raise TrainingError(f"{out} holds an earlier run's {', '.join(earlier)}: choose another --out")
     check_device(device)
     world = init_world(device)
     _prepare_output(out, world)
     run = _Run(spec, world, data_root, checkpoint)
     if resume:
         run.resume(change_hyperparameters)
-    seconds = run.train(progress)
+    run.train(progress)
     # DistributedDataParallel holds the process group: release it (and the compiled wrapper) first, so
     # that leaving the group tears the backend down while every rank is still there
     run.model.network = run.network
@@ -147,7 +164,7 @@ def train(
     world.close()
     if not world.is_main:
         return None
-    return run.evaluate(out, seconds, num_samples, progress)
+    return run.evaluate(out, num_samples, progress)
 
 
 def check_device(device: str | torch.device) -> None:
@@ -171,8 +188,10 @@ def _prepare_output(out: Path, world: World) -> None:
         except OSError as e:
             problem = f"cannot write to the output folder {out}: {e.strerror or e}"
         else:
-            for path in remove_stale_temporaries(out, CHECKPOINT):
-                log.warning("removed %s, left by a checkpoint save that was interrupted", path)
+            stale = remove_stale_temporaries(out, CHECKPOINT, LOSSES, TEST_BOUND)
+            for path in stale + [out / name for name in _FIXED_TEMPORARIES if (out / name).is_file()]:
+                path.unlink(missing_ok=True)
+                log.warning("removed %s, left by a run that was interrupted while writing", path)
     problem = next((p for p in world.gather_objects(problem) if p is not None), None)
     if problem is not None:
         raise TrainingError(problem)
@@ -237,6 +256,9 @@ class _Run(OptimisationLoop):
             ImportanceSampler(schedule.num_steps, device=device) if tr.timestep_sampler == "importance" else None
         )
         self.saved_step = 0
+        #: seconds spent training to the current step, over every run of this checkpoint (None: not recorded)
+        self.seconds: float | None = 0.0
+        self._clock: tuple[float, float | None] | None = None  # (time and seconds when this run's training began)
 
         self.model_fn, self.guide_fn = self.model, self.built.guide
         if tr.objective != "elbo":
@@ -268,6 +290,7 @@ class _Run(OptimisationLoop):
             "data_rng": self.data_generator.get_state(),
             "noise_rng": noise_rng,
             "losses": self.losses,
+            "train_seconds": self.seconds,
             "timestep_sampler": None if self.sampler is None else self.sampler.state_dict(),
         }
         if self.schedule_ema is not None:
@@ -311,6 +334,7 @@ class _Run(OptimisationLoop):
                 log.warning("%s was written on the CPU: the noise on %s is drawn afresh", path, self.world.device)
         self.losses = list(state["losses"])
         self.step = self.saved_step = state["step"]
+        self.seconds = state.get("train_seconds")
         if self.sampler is not None:
             self.sampler.load_state_dict(state["timestep_sampler"])
         if change_hyperparameters:
@@ -337,6 +361,7 @@ class _Run(OptimisationLoop):
                 f"the weights after step {self.step} give a non-finite loss ({loss.item()}) on the last batch; "
                 f"training stopped and they were not saved, {self._kept()}"
             )
+        self.seconds = self._seconds_now()
         noise_rng = self.world.gather_objects(self.streams.states)  # every rank takes part; rank 0 writes
         device_rng = self.world.gather_objects(self.streams.device_states)
         if self.world.is_main:
@@ -411,9 +436,12 @@ class _Run(OptimisationLoop):
     # ------------------------------------------------------------------ the loop
     def train(self, progress: bool) -> float:
         """Train to the specification's steps, saving a checkpoint every ``checkpoint_every`` steps, at the
-        end, and on SIGINT (then raising :class:`TrainingInterrupted`); the seconds it took."""
+        end, and on SIGINT (then raising :class:`TrainingInterrupted`); the seconds spent training to the last step,
+        over every run of the checkpoint (:attr:`seconds`)."""
         tr, path = self.spec.training, self.path
-        began = time.time()
+        if self.step >= tr.steps:  # a finished run: nothing to train, its time stays as recorded
+            return self.seconds
+        self._clock = (time.time(), self.seconds)
         bar = tqdm(
             initial=self.step,
             total=tr.steps,
@@ -447,10 +475,17 @@ class _Run(OptimisationLoop):
                     None,
                     self.step,
                 ) from None
-        return time.time() - began
+        return self.seconds  # as the last step's checkpoint records it
+
+    def _seconds_now(self) -> float | None:
+        """The seconds spent training to the current step: the checkpoint's, plus this run's so far."""
+        if self._clock is None or self._clock[1] is None:
+            return self.seconds
+        began, before = self._clock
+        return before + (time.time() - began)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, out: Path, seconds: float, num_samples: int | None, progress: bool) -> TrainResult:
+    def evaluate(self, out: Path, num_samples: int | None, progress: bool) -> TrainResult:
         """The EMA model's test-set bound (``test_bound.json``) and samples (``samples.png``)."""
         tr, data, device = self.spec.training, self.built.data, self.world.device
         schedule = None if self.schedule_ema is None else self.schedule_ema.module
@@ -462,16 +497,16 @@ class _Run(OptimisationLoop):
             "split": "test",
             "training_steps": tr.steps,
             "objective": tr.objective,
-            "train_seconds_this_run": seconds,
+            "train_seconds": self.seconds,
         }
         log_q = data.log_density(test) if data.log_density is not None else None
         report = summarise(terms, meta, log_q)
-        (out / "test_bound.json").write_text(json.dumps(report, indent=2) + "\n")
-        samples_path = out / "samples.png"
+        write_atomically(out / TEST_BOUND, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+        samples_path = out / SAMPLES
         n = num_samples or (64 if self.train_data.dim() == 4 else 2000)
         samples = trained.sample(n, progress=progress)
         save_samples_figure(samples, samples_path, data=data.test, title=f"{self.spec.name}: {tr.steps} steps")
-        return TrainResult(out / CHECKPOINT, samples_path, report, tr.steps, seconds)
+        return TrainResult(out / CHECKPOINT, samples_path, report, tr.steps, self.seconds)
 
 
 def _with_implementation(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
@@ -531,9 +566,8 @@ class _StopOnInterrupt:
 
 def _write_losses(path: Path, losses: list[float], loss_name: str) -> None:
     """``losses.csv``: one row per step, the training loss per example, headed by what it holds."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", loss_name])
-        w.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
-    tmp.replace(path)
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["step", loss_name])
+    w.writerows((i + 1, f"{v:.6g}") for i, v in enumerate(losses))
+    write_atomically(path, lambda f: f.write(text.getvalue().encode()))
