@@ -118,6 +118,30 @@ def test_written_files_hold_the_summary(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
 
 
+def test_a_report_touches_nothing_beside_its_folder(tmp_path, monkeypatch):
+    """While a report is written its temporary folder is inside ``--out``, not beside it (the parent is not the
+    user's to litter, nor always writable); a failed report into a new folder leaves no folder behind."""
+    from pyrodiff.evaluation import report as report_module
+
+    plots, seen = report_module._plots, []
+
+    def watched(terms, summary, folder):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return plots(terms, summary, folder)
+
+    monkeypatch.setattr(report_module, "_plots", watched)
+    write_report(_terms(), tmp_path / "r", {"name": "m"})
+    assert seen == [["r"]] and sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(REPORT_FILES)
+
+    def failing(terms, summary, folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_module, "_plots", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(_terms(), tmp_path / "new", {"name": "m"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
 def test_an_existing_report_is_never_replaced_silently(tmp_path):
     write_report(_terms(seed=1), tmp_path / "r", {"name": "first"})
     before = (tmp_path / "r" / "bound.json").read_text()

@@ -237,9 +237,12 @@ def write_report(
         raise FileExistsError(f"{out} is a file, not a report folder")
     if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
     summary = summarise(terms, meta, log_q)
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out.parent))
+    # the files are staged in a temporary folder inside ``out`` and each renamed into place (os.replace, never
+    # through a link): the rename needs the same filesystem, which ``out`` itself is, and nothing is made beside it
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         (staging / "bound.json").write_text(json.dumps(summary, indent=2) + "\n")
         with open(staging / "terms.csv", "w", newline="") as f:
@@ -270,9 +273,10 @@ def write_report(
             )
         (staging / "summary.md").write_text(summary_markdown(summary))
         _plots(terms, summary, staging)
-        out.mkdir(parents=True, exist_ok=True)
         for f in staging.iterdir():
             os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(out if created else staging, ignore_errors=True)  # a folder made for this report goes too
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return summary
