@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--diffusers", type=Path, help="a diffusers pipeline folder (unet/, scheduler/) or model folder"
     )
-    source.add_argument("--network", help="the network's class, 'package.module:Class' (with --state-dict)")
+    source.add_argument(
+        "--network",
+        help="the network's class, 'package.module:Class' (with --state-dict): trusted code, imported and built as "
+        "given (a name that is not a torch.nn.Module class is refused)",
+    )
     p.add_argument("--kwargs", type=json.loads, default={}, help="the class's constructor arguments, a JSON object")
     p.add_argument("--state-dict", type=Path, help=".pt/.pth/.bin (weights only) or .safetensors")
     p.add_argument("--state-key", help="dotted path of the state dict inside the file, e.g. ema")

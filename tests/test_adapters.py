@@ -389,3 +389,25 @@ def test_diffusers_unet_saved_loaded_and_reported(tmp_path, digits, layout):
     assert (summary["num_steps"], summary["num_examples"], summary["levels"]) == (T, 4, 17)
     assert summary["sampler_options_not_in_bound"]["clip_sample"] is True
     assert summary["scheduler"]["_class_name"] == "DDPMScheduler"
+
+
+@pytest.mark.parametrize(
+    ("import_path", "kwargs", "message"),
+    [
+        ("os:system", {"command": "touch {marker}"}, "os:system is not a class"),
+        ("subprocess:Popen", {"args": ["touch", "{marker}"]}, "subprocess:Popen is not a torch.nn.Module class"),
+        ("torch.nn:functional", {}, "torch.nn:functional is not a class"),
+    ],
+)
+def test_load_network_refuses_what_is_not_a_network_class_before_calling_it(tmp_path, import_path, kwargs, message):
+    """``--network MOD:CLASS`` is trusted code by design, but a name that is not an ``nn.Module`` class (a function
+    such as ``os.system``, another class such as ``subprocess.Popen``) is refused before it is called."""
+    marker = tmp_path / "MARKER"
+    kwargs = {
+        k: [a.format(marker=marker) for a in v] if isinstance(v, list) else v.format(marker=marker)
+        for k, v in kwargs.items()
+    }
+    torch.save({}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=message):
+        load_network(import_path, tmp_path / "weights.pt", kwargs)
+    assert not marker.exists()

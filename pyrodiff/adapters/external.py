@@ -48,6 +48,7 @@ Missing configuration keys take ``DDPMScheduler``'s defaults; a configuration wi
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pickle
 from collections.abc import Mapping
@@ -384,7 +385,9 @@ def load_network(
 ) -> nn.Module:
     """A network built from its class and loaded with a state dict, in evaluation mode.
 
-    The class is imported from ``import_path`` (``"package.module:Class"``, your own code); the weights are read
+    The class is imported from ``import_path`` (``"package.module:Class"``, your own code: importing and building
+    it runs that code, so it must be trusted as any code you run is); a name that is not a ``torch.nn.Module``
+    class (a function such as ``os:system``, another class) is refused before it is called.  The weights are read
     without running code from the file: ``.safetensors``, or ``torch.load(weights_only=True)``, which refuses
     anything but tensors and plain data.
 
@@ -403,6 +406,10 @@ def load_network(
             factory = getattr(factory, part)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import the network {import_path}: {e}") from e
+    if not inspect.isclass(factory):
+        raise ValueError(f"{import_path} is not a class but a {type(factory).__name__}: name a torch.nn.Module class")
+    if not issubclass(factory, nn.Module):
+        raise ValueError(f"{import_path} is not a torch.nn.Module class: name the network's class")
     network = factory(**dict(kwargs or {}))
     if not isinstance(network, nn.Module):
         raise TypeError(f"{import_path} built a {type(network).__name__}, not a torch.nn.Module")
