@@ -126,6 +126,8 @@ def _sample(args: argparse.Namespace) -> int:
     from .training.trained import load_trained
 
     out = Path(args.out or Path(args.checkpoint).with_name(f"samples-seed{args.seed}.png"))
+    if out.exists() and not out.is_file():
+        raise FileExistsError(f"{out} is not a regular file: it is never replaced; choose another --out")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists: choose another --out or pass --overwrite")
     torch.manual_seed(args.seed)

@@ -166,6 +166,16 @@ def test_sample_never_replaces_a_picture(trained, capsys):
     assert cli.main(["sample", str(trained), "--num", "8", "--seed", "5", "--overwrite"]) == 0
 
 
+def test_sample_never_replaces_what_is_not_a_file(trained, tmp_path, capsys):
+    """``--out`` naming a device or a pipe (``/dev/null`` as root was replaced by a regular file) is refused, even
+    with ``--overwrite``, before anything is sampled."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert cli.main(["sample", str(trained), "--num", "4", "--out", str(fifo), "--overwrite"]) == 2
+    assert f"{fifo} is not a regular file: it is never replaced" in _error(capsys)
+    assert fifo.is_fifo()
+
+
 def test_report_never_replaces_a_report(trained, tmp_path, capsys):
     out = str(tmp_path / "report")
     assert cli.main(["report", str(trained), "--max-examples", "4", "--out", out]) == 0
