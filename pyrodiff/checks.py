@@ -112,18 +112,20 @@ def number(
     *,
     lo_open: bool = False,
     hi_open: bool = False,
+    finite: bool = True,
 ) -> float:
-    """``value`` as a float: a finite number, at least ``lo`` (above it if ``lo_open``) and at most ``hi``
-    (below it if ``hi_open``) where those are given.  NaN and the infinities are always refused."""
+    """``value`` as a float: a number, at least ``lo`` (above it if ``lo_open``) and at most ``hi`` (below it if
+    ``hi_open``) where those are given.  NaN is always refused, the infinities unless ``finite`` is False (a time
+    budget may be unlimited)."""
     if lo is not None and hi is not None:
         expected = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
     else:
         bounds = [f"{'>' if lo_open else '>='} {lo:g}"] if lo is not None else []
         bounds += [f"{'<' if hi_open else '<='} {hi:g}"] if hi is not None else []
-        expected = " ".join(["a finite number", *bounds])
+        expected = " ".join(["a finite number" if finite else "a number", *bounds])
     if not is_number(value):
         raise CheckTypeError.refuse(name, expected, value)
-    ok = math.isfinite(value)
+    ok = math.isfinite(value) if finite else not math.isnan(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:

@@ -105,6 +105,17 @@ def test_number_refuses_values_outside_its_interval(kwargs, value, message):
     assert str(e) == message and not isinstance(e, TypeError)
 
 
+def test_number_may_allow_the_infinities_but_never_nan():
+    assert checks.number("seconds", math.inf, 0, lo_open=True, finite=False) == math.inf
+    assert checks.number("x", -math.inf, finite=False) == -math.inf
+    e = _refused(checks.number, "seconds", math.nan, 0, lo_open=True, finite=False)
+    assert str(e) == "seconds must be a number > 0, got nan"
+    assert (
+        str(_refused(checks.number, "seconds", -math.inf, 0, finite=False)) == "seconds must be a number >= 0, got -inf"
+    )
+    assert isinstance(_refused(checks.number, "seconds", "60", finite=False), TypeError)
+
+
 def test_probability_is_a_number_in_the_closed_unit_interval():
     assert str(_refused(checks.probability, "eta", 1.5)) == "eta must be a number in [0, 1], got 1.5"
     assert str(_refused(checks.probability, "eta", -1e-9)) == "eta must be a number in [0, 1], got -1e-09"

@@ -497,6 +497,8 @@ def test_bad_configuration_is_refused(kwargs, error, match):
         ({"seconds": 0}, "seconds"),
         ({"seconds": -1.0}, "seconds"),
         ({"seconds": float("nan")}, "seconds"),
+        ({"seconds": "60"}, "seconds must be a number > 0, got '60'"),
+        ({"seconds": True}, "seconds must be a number > 0, got True"),
         ({"seconds": math.inf}, "max_steps"),
         ({"batch_size": 0}, "batch_size"),
         ({"lr": 0.0}, "lr"),

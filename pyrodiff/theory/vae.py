@@ -325,9 +325,7 @@ def train_vae(
     evaluation), ``best_step`` (the step of the returned weights), ``validation_indices`` (the held-out rows
     of ``data``) and the hyperparameters.
     """
-    seconds = float(seconds)
-    if not seconds > 0:
-        raise ValueError(f"seconds must be positive, got {seconds!r}")
+    seconds = checks.number("seconds", seconds, 0, lo_open=True, finite=False)
     checks.positive_int("batch_size", batch_size)
     checks.number("lr", lr, 0, lo_open=True)
     checks.integer("warmup_steps", warmup_steps, 0)

@@ -32,6 +32,8 @@ else:  # pragma: no cover
 
 import torch
 
+from .. import checks
+
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
@@ -165,6 +167,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in _KEYS):
         raise CheckpointError(f"{path} is not a pyrodiff checkpoint (format {FORMAT})")
     step = state["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not checks.is_integer(step) or step < 0:
         raise CheckpointError(f"{path}: step must be an integer >= 0, got {step!r}")
     return state
