@@ -114,6 +114,7 @@ def test_number_may_allow_the_infinities_but_never_nan():
         str(_refused(checks.number, "seconds", -math.inf, 0, finite=False)) == "seconds must be a number >= 0, got -inf"
     )
     assert isinstance(_refused(checks.number, "seconds", "60", finite=False), TypeError)
+    assert str(_refused(checks.number, "x", math.nan, finite=False)) == "x must be a number, got nan"
 
 
 def test_probability_is_a_number_in_the_closed_unit_interval():
