@@ -26,14 +26,14 @@ from typing import Any, TypeVar
 __all__ = [
     "CheckError",
     "CheckTypeError",
-    "is_integer",
-    "is_number",
     "integer",
     "positive_int",
     "int_in",
     "number",
     "probability",
     "one_of",
+    "is_integer",
+    "is_number",
 ]
 
 T = TypeVar("T")

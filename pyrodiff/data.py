@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-__all__ = ["Dataset", "MixtureParameters", "load_dataset", "levels_to_unit", "DATASETS", "GAUSSIANS8_ENTROPY"]
+__all__ = ["Dataset", "MixtureParameters", "load_dataset", "DATASETS", "GAUSSIANS8_ENTROPY"]
 
 #: Differential entropy (nats) of the 8-Gaussian mixture: log 8 + log(2 pi e sigma^2), the modes being
 #: far apart relative to sigma = 0.1 (the overlap correction is below 1e-30).

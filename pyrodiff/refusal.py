@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["REFUSED", "one_line", "run_refusing", "objects_refused"]
+__all__ = ["REFUSED", "run_refusing", "one_line", "objects_refused"]
 
 #: the errors that mean "this input is refused"; anything else is a bug and keeps its traceback
 REFUSED = (ValueError, OSError, RuntimeError, ArithmeticError)

@@ -38,10 +38,9 @@ __all__ = [
     "data_batches",
     "linear_denoisers",
     "LinearDenoiser",
-    "AffineDenoiser",
-    "linear_reverse_coefficients",
     "linear_elbo_terms",
     "linear_case",
+    "AffineDenoiser",
     "EndpointSchedule",
 ]
 

@@ -5,9 +5,7 @@ Imports only the chain (and stage 0).
 
 from .external import (
     PREDICTION_TYPES,
-    SAMPLER_OPTIONS,
     VARIANCE_TYPES,
-    SchedulerSource,
     ZeroIndexedNetwork,
     load_diffusers,
     load_network,
@@ -20,14 +18,12 @@ from .external import (
 
 __all__ = [
     "ZeroIndexedNetwork",
-    "SchedulerSource",
+    "model_from_diffusers",
+    "schedule_from_config",
+    "scheduler_config",
+    "sampler_options",
     "PREDICTION_TYPES",
     "VARIANCE_TYPES",
-    "SAMPLER_OPTIONS",
-    "scheduler_config",
-    "schedule_from_config",
-    "sampler_options",
-    "model_from_diffusers",
     "load_diffusers",
     "load_network",
     "recorded_num_steps",

@@ -67,14 +67,12 @@ from ..refusal import objects_refused
 
 __all__ = [
     "ZeroIndexedNetwork",
-    "SchedulerSource",
+    "model_from_diffusers",
+    "schedule_from_config",
+    "scheduler_config",
+    "sampler_options",
     "PREDICTION_TYPES",
     "VARIANCE_TYPES",
-    "SAMPLER_OPTIONS",
-    "scheduler_config",
-    "schedule_from_config",
-    "sampler_options",
-    "model_from_diffusers",
     "load_diffusers",
     "load_network",
     "recorded_num_steps",

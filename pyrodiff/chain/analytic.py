@@ -23,7 +23,7 @@ from .parameterization import TableVariance, x0_to_eps
 from .reverse import DiffusionModel
 from .schedule import Schedule
 
-__all__ = ["analytic_variance", "expected_eps_norm", "optimal_variances"]
+__all__ = ["analytic_variance", "expected_eps_norm"]
 
 
 @torch.no_grad()

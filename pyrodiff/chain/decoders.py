@@ -21,17 +21,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 
 from .. import checks
 
-__all__ = [
-    "Decoder",
-    "GaussianDecoder",
-    "DiscretizedDecoder",
-    "DECODERS",
-    "parse_decoder",
-    "DiscretizedGaussian",
-    "check_levels_grid",
-    "log_normal_bin_mass",
-    "round_to_grid",
-]
+__all__ = ["Decoder", "parse_decoder", "DiscretizedGaussian", "check_levels_grid"]
 
 
 def log_normal_bin_mass(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:

@@ -29,19 +29,14 @@ from .schedule import Schedule
 from .timesteps import draw_timesteps, step_scale
 
 __all__ = [
-    "DiffusionGuide",
-    "InferenceFamily",
-    "DDPM",
-    "ETA_ZERO_HAS_NO_BOUND",
-    "q_sigma_posterior",
-    "QForwardOrder",
-    "QPosteriorOrder",
-    "ForwardTransition",
     "q_marginal",
     "q_posterior",
-    "q_trajectory",
-    "check_batch",
-    "SCHEDULE_KEY",
+    "DiffusionGuide",
+    "QForwardOrder",
+    "QPosteriorOrder",
+    "InferenceFamily",
+    "DDPM",
+    "q_sigma_posterior",
 ]
 
 #: key of the ``infer`` dict in which the guide's sites carry its schedule (replayed into the model,

@@ -6,8 +6,6 @@ import math
 
 import torch
 
-__all__ = ["normal_log_prob", "normal_kl", "at_timesteps", "expand_event"]
-
 _LOG_2PI = math.log(2 * math.pi)
 
 

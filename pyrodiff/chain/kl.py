@@ -17,8 +17,6 @@ from torch.distributions import Normal, register_kl
 from .forward import ForwardTransition, QForwardOrder, QPosteriorOrder
 from .reverse import PTheta
 
-__all__ = ["FORWARD_ORDER_MEAN_FIELD_ERROR"]
-
 FORWARD_ORDER_MEAN_FIELD_ERROR = (
     "TraceMeanField_ELBO is biased with DiffusionGuide(order='forward'): in the forward-order guide "
     "x_t is a descendant of x_{t-1}, yet x_t is the model's parent of x_{t-1}, so the per-site "

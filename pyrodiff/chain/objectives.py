@@ -34,7 +34,6 @@ from .schedule import Schedule, ScheduleTables
 from .timesteps import TimestepWeighting
 
 __all__ = [
-    "OBJECTIVES",
     "Objective",
     "ELBOObjective",
     "SimpleObjective",

@@ -30,16 +30,15 @@ from .schedule import Schedule
 
 __all__ = [
     "Target",
-    "ReverseVariance",
-    "DDIMVariance",
-    "TARGETS",
-    "VARIANCES",
     "parse_target",
+    "ReverseVariance",
     "parse_variance",
     "eps_to_x0",
     "x0_to_eps",
     "v_to_x0",
     "v_to_eps",
+    "DDIMVariance",
+    "TableVariance",
 ]
 
 

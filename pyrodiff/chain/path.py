@@ -14,8 +14,6 @@ from pyro.distributions.torch_distribution import TorchDistribution
 
 from .gaussian import expand_event
 
-__all__ = ["PathDistribution", "path_timesteps", "is_last_row"]
-
 
 def path_timesteps(batch_shape: torch.Size, device: torch.device) -> torch.Tensor:
     """The math timestep of each row of a path of batch shape ``(T, N)``: row k - 1 holds k."""

@@ -45,16 +45,7 @@ from .path import PathDistribution, path_timesteps
 from .schedule import Schedule
 from .timesteps import draw_timesteps, step_scale
 
-__all__ = [
-    "LAST_STEPS",
-    "DiffusionModel",
-    "GaussianStep",
-    "PTheta",
-    "ReverseChain",
-    "ReverseStep",
-    "reverse_step",
-    "sample_chain",
-]
+__all__ = ["ReverseChain", "ReverseStep", "DiffusionModel", "GaussianStep", "PTheta", "reverse_step", "sample_chain"]
 
 
 #: why a chain that does not know its data shape cannot sample

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 
 from .. import checks
-from .reverse import LAST_STEPS, ReverseChain, reverse_step, sample_chain
+from .reverse import ReverseChain, reverse_step, sample_chain
 
-__all__ = ["reverse_step", "ancestral", "ddim", "LAST_STEPS"]
+__all__ = ["ancestral", "ddim", "reverse_step"]
 
 
 def ancestral(

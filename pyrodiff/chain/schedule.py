@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from .. import checks
 
-__all__ = ["Schedule", "NoiseSchedule", "RespacedSchedule", "ScheduleTables", "MAX_NUM_STEPS", "check_num_steps"]
+__all__ = ["Schedule", "NoiseSchedule", "RespacedSchedule", "ScheduleTables", "MAX_NUM_STEPS"]
 
 #: The largest T a schedule is made for: far above any published chain (4000 steps), and small enough that its
 #: tables (a few dozen float64 vectors of length T) fit in memory; a larger T is refused before anything is allocated

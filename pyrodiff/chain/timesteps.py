@@ -23,14 +23,7 @@ from pyro.poutine.subsample_messenger import _Subsample as _PyroSubsample
 
 from .. import checks
 
-__all__ = [
-    "TimestepSubsample",
-    "draw_timesteps",
-    "step_scale",
-    "check_subsample_steps",
-    "TimestepWeighting",
-    "STEP_SITES",
-]
+__all__ = ["TimestepSubsample", "TimestepWeighting"]
 
 #: The sites of one drawn term: each carries the weight of its timestep.
 STEP_SITES = ("x_t", "x_{t-1}", "x_0")

@@ -29,7 +29,7 @@ from ..chain.forward import q_marginal, q_trajectory
 from ..chain.gaussian import normal_kl
 from ..chain.reverse import ReverseChain
 
-__all__ = ["bound_terms", "BoundTerms", "nats_to_bits_per_dim", "DRAWS"]
+__all__ = ["bound_terms", "BoundTerms", "nats_to_bits_per_dim"]
 
 DRAWS = ("trajectory", "independent")
 

@@ -43,14 +43,7 @@ from ..chain.forward import DiffusionGuide, check_batch
 from ..chain.traces import trace_terms
 from .bound import nats_to_bits_per_dim
 
-__all__ = [
-    "log_likelihood_bound",
-    "LikelihoodBound",
-    "pareto_khat",
-    "default_chunk_size",
-    "MIN_PARTICLES_FOR_KHAT",
-    "DEFAULT_BUDGET",
-]
+__all__ = ["log_likelihood_bound", "LikelihoodBound", "pareto_khat"]
 
 #: network inputs per particle chunk by default, the bound's 4096: a chunk of P particles for N examples makes one
 #: network call over P * N * T inputs, and on a CPU larger calls are slower per input; the full chain needs N * T

@@ -31,7 +31,7 @@ import torch
 
 from .bound import BoundTerms, nats_to_bits_per_dim
 
-__all__ = ["write_report", "summarise", "progressive_rate_distortion", "draws_diagnostics", "REPORT_FILES"]
+__all__ = ["summarise", "write_report", "progressive_rate_distortion", "draws_diagnostics"]
 
 REPORT_FILES = (
     "bound.json",

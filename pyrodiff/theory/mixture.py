@@ -42,15 +42,7 @@ from ..chain.gaussian import at_timesteps
 from ..chain.schedule import NoiseSchedule, Schedule
 from ..data import Dataset
 
-__all__ = [
-    "IsotropicGaussianMixture",
-    "ReverseMixture",
-    "MomentMatchedBound",
-    "moment_matched_bound",
-    "reverse_coefficients",
-    "draw_components",
-    "CHUNK_ELEMENTS",
-]
+__all__ = ["IsotropicGaussianMixture", "ReverseMixture", "moment_matched_bound", "MomentMatchedBound"]
 
 _LOG_2PI = math.log(2 * math.pi)
 

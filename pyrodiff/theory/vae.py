@@ -49,18 +49,7 @@ from ..training.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from ..training.graphed import elbo_on_device
 from ..training.optimisation import OptimisationLoop
 
-__all__ = [
-    "VAE",
-    "parameter_count",
-    "negative_elbo",
-    "train_vae",
-    "save_vae",
-    "load_vae",
-    "ENCODER_MIN_SCALE",
-    "DECODER_MIN_SCALE",
-    "CHECKPOINT_KIND",
-    "LOG_EVERY",
-]
+__all__ = ["VAE", "train_vae", "negative_elbo", "save_vae", "load_vae", "parameter_count"]
 
 #: Floor of the encoder's scale :math:`s_\phi = \mathrm{softplus}(\cdot) + 10^{-4}` (keeps :math:`\log s` finite).
 ENCODER_MIN_SCALE = 1e-4

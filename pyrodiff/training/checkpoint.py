@@ -34,14 +34,7 @@ import torch
 
 from .. import checks
 
-__all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "write_atomically",
-    "remove_stale_temporaries",
-    "CheckpointError",
-    "FORMAT",
-]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 FORMAT = "pyrodiff-checkpoint-1"
 _KEYS = ("format", "spec", "step", "network", "ema", "optimizer")

@@ -71,7 +71,7 @@ from .graphed import elbo_on_device
 from .optimisation import OptimisationLoop
 from .spec import Spec, as_spec, build
 
-__all__ = ["train", "TrainingError", "TrainingInterrupted", "TrainResult", "RUN_KEYS", "HYPERPARAMETERS"]
+__all__ = ["train", "TrainResult", "TrainingError", "TrainingInterrupted"]
 
 CHECKPOINT = "checkpoint.pt"
 LOSSES = "losses.csv"

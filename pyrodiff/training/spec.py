@@ -47,22 +47,7 @@ from ..chain.timesteps import check_subsample_steps
 from ..data import DATASETS, Dataset, load_dataset
 from ..networks import MLPDenoiser, UNet
 
-__all__ = [
-    "Spec",
-    "DataSpec",
-    "ScheduleSpec",
-    "ModelSpec",
-    "NetworkSpec",
-    "TrainingSpec",
-    "SpecError",
-    "load_spec",
-    "find_spec",
-    "spec_folders",
-    "as_spec",
-    "build",
-    "Built",
-    "TIMESTEP_SAMPLERS",
-]
+__all__ = ["load_spec", "Spec", "SpecError", "Built"]
 
 #: How training draws timesteps: uniformly, or by Nichol & Dhariwal's importance sampler.
 TIMESTEP_SAMPLERS = ("uniform", "importance")
