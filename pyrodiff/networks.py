@@ -26,8 +26,8 @@ def _embedding_width(name: str, value: int) -> int:
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     r"""Sinusoidal embedding :math:`[\cos(t\,\omega_i), \sin(t\,\omega_i)]`, :math:`\omega_i = P^{-i/(d/2)}`,
-    of integer timesteps ``t`` (shape ``(B,)``) into ``(B, dim)``; ``dim`` must be even."""
-    half = dim // 2
+    of integer timesteps ``t`` (shape ``(B,)``) into ``(B, dim)``; an odd ``dim`` is refused (it has no even split)."""
+    half = _embedding_width("dim", dim) // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

@@ -60,3 +60,10 @@ def test_timestep_embedding_is_the_sinusoidal_code(dim, max_period):
     assert e.shape == (len(t), dim) and e.dtype == torch.float32
     tolerance = 4 * t.max() * np.finfo(np.float32).eps
     np.testing.assert_allclose(e.double().numpy(), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dim", [7, 1, 0, 8.0, True])
+def test_timestep_embedding_refuses_a_width_that_is_not_even(dim):
+    """Half cosines, half sines: an odd width would silently lose a column (dim 7 gave 6), so it is refused."""
+    with pytest.raises(ValueError, match=r"dim must be an even integer >= 2"):
+        timestep_embedding(torch.tensor([1, 2]), dim)
