@@ -186,7 +186,6 @@ _ONE_COLUMN = (
 _XLIM_MARGIN = (
     "the margins of the terms plot's x-range around k = 0 .. T (test_plots checks that every term is in view)"
 )
-_STEP_SIGN = "_shifted reads only the sign of its step (its callers pass +1 and -1)"
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     "pyrodiff/chain/decoders.py": [
         (
@@ -206,12 +205,12 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "(its low bits are finer than the index's grid; none found in a search near the threshold)",
         ),
         (
-            'upper = torch.where(value > 1 - h, float("inf"), (value + h - self.loc) / self.scale)',
+            'upper = ((value + h - self.loc) / self.scale).masked_fill(value > 1 - h, float("inf"))',
             "`>` -> `>=` in `value > 1 - h`",
             "1 - h is the midpoint between the two top levels: no value on the grid (the decoder's support) equals it",
         ),
         (
-            'lower = torch.where(value < -1 + h, float("-inf"), (value - h - self.loc) / self.scale)',
+            'lower = ((value - h - self.loc) / self.scale).masked_fill(value < -1 + h, float("-inf"))',
             "`<` -> `<=` in `value < -1 + h`",
             "-1 + h is the midpoint between the two bottom levels: no value on the grid equals it",
         ),
@@ -300,11 +299,6 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
     ],
     "pyrodiff/chain/reverse.py": [
         (
-            "step_var = torch.where(is_decoder, 1.0, var)",
-            "`1.0` -> `2.0`",
-            "a placeholder variance for the rows at t = 1, which the site's mask t >= 2 leaves out",
-        ),
-        (
             "if self._sampled is not None and path is self._sampled[0]:",
             "index `0` -> `-1` in `self._sampled[0]`",
             "the cache is then never hit and predictions(path) recomputes the same mu(x_1, 1), sigma_1^2 "
@@ -315,10 +309,8 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "index `0` -> `1` in `self._sampled[0]`",
             "as above: the cache is never hit and the same values are recomputed",
         ),
-    ],
-    "pyrodiff/chain/samplers.py": [
         (
-            'for t in tqdm(range(T, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False):',
+            'range(chain.schedule.num_steps, 1, -1), desc="sample", disable=not progress, mininterval=1.0, leave=False',
             "`not` dropped in `not progress`",
             "shows or hides the progress bar only (on stderr); the draws are the same",
         ),
@@ -335,19 +327,6 @@ EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
             "return torch.arange(1, T + 1, device=device).unsqueeze(-1).expand(batch_shape)",
             "`-` dropped in `-1`",
             "arange is 1-D, so unsqueeze(1) = unsqueeze(-1)",
-        ),
-    ],
-    "pyrodiff/chain/forward.py": [
-        ("if step > 0:", "`>` -> `>=` in `step > 0`", _STEP_SIGN + "; step is never 0"),
-        (
-            "loc = at_timesteps(c.alphas, t, self.event_dim).sqrt() * self._shifted(value, -1)",
-            "`1` -> `2`",
-            _STEP_SIGN,
-        ),
-        (
-            "loc, var = q_posterior(self.schedule, self.x0, self._shifted(value, +1), t_parent)",
-            "`1` -> `2`",
-            _STEP_SIGN,
         ),
     ],
     "pyrodiff/chain/schedule.py": [
