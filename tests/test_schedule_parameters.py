@@ -169,6 +169,17 @@ class _FreeLogSNR(Schedule):
         return ScheduleTables.from_log_snr(self.log_snr)
 
 
+class _LogOfParameter(Schedule):
+    """A schedule whose log-SNR is the log of its (finite) parameter: a zero entry gives a log-SNR of -inf there."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__(len(values), {"kind": "log"})
+        self.values = nn.Parameter(torch.tensor(values, dtype=torch.float64))
+
+    def tables(self) -> ScheduleTables:
+        return ScheduleTables.from_log_snr(torch.log(self.values))
+
+
 def _nan_endpoint() -> Schedule:
     schedule = EndpointSchedule(4)
     with torch.no_grad():
@@ -189,6 +200,24 @@ def _nan_endpoint() -> Schedule:
             r"^invalid schedule: its log-SNR is not strictly decreasing: log snr_3 = 2 after log snr_2 = 1$",
         ),
         (lambda: _FreeLogSNR([3.0, 1.0, 1.0, -1.0]), "log snr_3 = 1 after log snr_2 = 1"),
+        # the first of two rises is named, and the endpoints are compared as such (log snr_2 > log snr_1 and
+        # log snr_3 > log snr_1 here, with log snr_1 > log snr_T): no endpoints message
+        (
+            lambda: _FreeLogSNR([3.0, 4.0, 1.0, 2.0, -1.0]),
+            r"^invalid schedule: its log-SNR is not strictly decreasing: log snr_2 = 4 after log snr_1 = 3$",
+        ),
+        (
+            lambda: _FreeLogSNR([3.0, -2.0, 4.0, -1.0]),
+            r"^invalid schedule: its log-SNR is not strictly decreasing: log snr_3 = 4 after log snr_2 = -2$",
+        ),
+        # equal endpoints, and T = 2, are out of order (not a rise in the interior)
+        (lambda: EndpointSchedule(4, 1.0, 1.0), r"endpoints are out of order \(log snr_1 = 1, log snr_T = 1\)"),
+        (lambda: EndpointSchedule(2, -2.0, 3.0), r"endpoints are out of order \(log snr_1 = -2, log snr_T = 3\)"),
+        # a log-SNR that is not finite from finite parameters: the first such t is named (log 0 = -inf at t = 2, 4)
+        (
+            lambda: _LogOfParameter([20.0, 0.0, 1.0, 0.0]),
+            r"^invalid schedule: its log-SNR at t = 2 is not finite \(-inf\)$",
+        ),
         (
             lambda: _FreeLogSNR([3.0, 1.0, -800.0]),
             r"beta_3 = 1\.0 is not strictly inside \(0, 1\)",
