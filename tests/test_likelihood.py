@@ -30,9 +30,12 @@ from pyro.infer import RenyiELBO
 
 from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule
 from pyrodiff.evaluation.likelihood import (
+    KHAT_FINITE_VARIANCE,
+    KHAT_UNRELIABLE,
     MIN_PARTICLES_FOR_KHAT,
     LikelihoodBound,
     default_chunk_size,
+    khat_threshold,
     log_likelihood_bound,
     pareto_khat,
 )
@@ -415,6 +418,19 @@ def test_khat_is_nan_below_the_minimum_number_of_particles():
     tiny = lw[3].clone()
     tiny[:5] = -1e3  # weights of exp(-1000): the same fit as zero weights
     assert torch.allclose(k[3], pareto_khat(tiny[None])[0].to(k))
+
+
+def test_khat_thresholds_are_vehtari_et_al_s():
+    """min(1 - 1/log10 S, 0.7), against values computed by hand: log10 21 = 1.3222193, log10 64 = 1.8061800,
+    log10 1000 = 3; it reaches 0.7 between S = 2154 (log10 = 3.3332457) and 2155 (3.3334473)."""
+    assert (KHAT_FINITE_VARIANCE, KHAT_UNRELIABLE) == (0.5, 0.7)
+    hand = {21: 0.2436958, 64: 0.4463453, 100: 0.5, 1000: 0.6666667, 2154: 0.6999921, 2155: 0.7, 10**6: 0.7}
+    for draws, expected in hand.items():
+        assert khat_threshold(draws) == pytest.approx(expected, abs=1e-7), draws
+    with pytest.raises(ValueError, match="num_draws must be an integer >= 21, got 20"):
+        khat_threshold(20)
+    with pytest.raises(TypeError, match="num_draws must be an integer"):
+        khat_threshold(100.0)
 
 
 # ---------------------------------------------------------------- chunks and bad input

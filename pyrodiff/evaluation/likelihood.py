@@ -43,7 +43,14 @@ from ..chain.forward import DiffusionGuide, check_batch
 from ..chain.traces import trace_terms
 from .bound import nats_to_bits_per_dim
 
-__all__ = ["log_likelihood_bound", "LikelihoodBound", "pareto_khat"]
+__all__ = [
+    "log_likelihood_bound",
+    "LikelihoodBound",
+    "pareto_khat",
+    "khat_threshold",
+    "KHAT_FINITE_VARIANCE",
+    "KHAT_UNRELIABLE",
+]
 
 #: network inputs per particle chunk by default, the bound's 4096: a chunk of P particles for N examples makes one
 #: network call over P * N * T inputs, and on a CPU larger calls are slower per input; the full chain needs N * T
@@ -53,6 +60,23 @@ DEFAULT_BUDGET = 2**12
 #: ArviZ's PSIS fits the generalized Pareto to the M = ceil(min(K / 5, 3 sqrt(K))) largest weights and
 #: needs M >= 5 of them, i.e. K >= 21; below that k-hat is undefined (NaN here)
 MIN_PARTICLES_FOR_KHAT = 21
+
+#: Vehtari et al. (2024): weights with a Pareto tail of shape k have finite moments of order < 1/k only, so their
+#: variance is finite for k < 0.5 and infinite above
+KHAT_FINITE_VARIANCE = 0.5
+#: Vehtari et al. (2024): above it an importance-sampling estimate is unreliable, whatever the number of draws
+KHAT_UNRELIABLE = 0.7
+
+
+def khat_threshold(num_draws: int) -> float:
+    r"""Vehtari et al.'s (2024, "Pareto smoothed importance sampling", JMLR) sample-size-dependent
+    threshold :math:`\min(1 - 1/\log_{10} S, 0.7)` for S draws: with :math:`\hat k` above it the (Pareto-smoothed)
+    estimate is unreliable, and the draws needed to make it reliable grow impractically.  It is below
+    :data:`KHAT_UNRELIABLE` for S < 2155 (0.5 at S = 100).  The thresholds' reading is docs/MATH.md, section 12,
+    "Pareto k-hat".  ``num_draws`` must be an int of at least :data:`MIN_PARTICLES_FOR_KHAT`, the fewest draws
+    for which :func:`pareto_khat` is defined."""
+    checks.integer("num_draws", num_draws, minimum=MIN_PARTICLES_FOR_KHAT)
+    return min(1.0 - 1.0 / math.log10(num_draws), KHAT_UNRELIABLE)
 
 
 def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -64,8 +88,9 @@ def pareto_khat(log_weights: torch.Tensor) -> torch.Tensor:
     weight is NaN or +inf or all are -inf.  Zero weights (log weight -inf) are valid.
 
     Reading it: weights with a Pareto tail of shape k have finite moments of order < 1/k only, so
-    :math:`\hat k > 0.5` says their variance is (in practice) infinite and the standard error is not to be
-    trusted; Vehtari et al. take :math:`\hat k < \min(1 - 1/\log_{10} K, 0.7)` for a reliable estimate."""
+    :math:`\hat k >` :data:`KHAT_FINITE_VARIANCE` (0.5) says their variance is infinite and the standard error is
+    not to be trusted; above :func:`khat_threshold` (K), :math:`\min(1 - 1/\log_{10} K, 0.7)`, Vehtari et al. call
+    the estimate unreliable, and above :data:`KHAT_UNRELIABLE` (0.7) unreliable whatever K."""
     if log_weights.dim() != 2:
         raise ValueError(f"log_weights must have shape (N, K), got {tuple(log_weights.shape)}")
     N, K = log_weights.shape
