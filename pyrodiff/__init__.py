@@ -16,6 +16,11 @@ __version__ = "0.1.0"
 #: answers an argument error, ``--version``, or Ctrl-C) before torch and Pyro load.
 _EXPORTS = {
     "BoundTerms": "evaluation.bound",
+    "ContinuousDiffusionModel": "chain.continuous",
+    "ContinuousGuide": "chain.continuous",
+    "LearnedSchedule": "chain.log_snr",
+    "LinearLogSNR": "chain.log_snr",
+    "NoiseLevelInput": "chain.log_snr",
     "Dataset": "data",
     "DiffusionGuide": "chain.forward",
     "DiffusionModel": "chain.reverse",

@@ -40,6 +40,7 @@ from ..cuda_graph import GraphedStep
 from .decoders import Decoder, parse_decoder
 from .forward import DDPM, ETA_ZERO_HAS_NO_BOUND, SCHEDULE_KEY, InferenceFamily, check_batch, q_marginal
 from .gaussian import at_timesteps, expand_event, normal_kl, normal_log_prob
+from .log_snr import NoiseLevelInput
 from .parameterization import DDIMVariance, ReverseVariance, Target, parse_target, parse_variance
 from .path import PathDistribution, path_timesteps
 from .schedule import Schedule
@@ -294,6 +295,13 @@ class DiffusionModel(ReverseChain):
     :param data_shape: shape ``D`` of one example, needed to sample; by default the network's ``data_shape``
         attribute where it has one (:class:`~pyrodiff.networks.MLPDenoiser`: ``(dim,)``), else learnt from the first
         batch scored without error.  A ``data_shape`` other than the network's is refused.
+    :param noise_level: ``None`` (default): the network is called with the math timestep t.  A
+        :class:`~pyrodiff.chain.log_snr.NoiseLevelInput`: it is called with the step's noise level
+        :math:`c(\gamma_t)`, :math:`\gamma_t = -\lambda_t` (as a continuous-time model is, so that the same network
+        serves the chain at every T and a learned schedule's steps keep their meaning), and the decoder at t = 1 is
+        VDM's (Kingma et al. 2021, eq. 31): mean :math:`x_1 / \sqrt{\bar\alpha_1}` and variance
+        :math:`(1 - \bar\alpha_1)/\bar\alpha_1 = 1/\mathrm{SNR}_1`, the network unused there, so that the chain's
+        decoder term is the continuous-time bound's at every T (docs/MATH.md, section 15).
     :param family: the inference family (:class:`~pyrodiff.chain.forward.InferenceFamily`) whose posterior at
         :math:`\hat x_0` is the mean, :math:`\mu_\theta = E_{q}[x_{t-1} \mid x_t, \hat x_0]`: DDPM's (default) or,
         through :meth:`ddim`, DDIM's.
@@ -312,8 +320,11 @@ class DiffusionModel(ReverseChain):
         levels: int | None = None,
         data_shape: tuple[int, ...] | None = None,
         family: InferenceFamily = DDPM,
+        noise_level: NoiseLevelInput | None = None,
     ) -> None:
         prediction, variance = parse_target(prediction), parse_variance(variance)
+        if noise_level is not None and not isinstance(noise_level, NoiseLevelInput):
+            raise TypeError(f"noise_level must be a NoiseLevelInput or None, got {type(noise_level).__name__}")
         if not isinstance(family, InferenceFamily):
             raise TypeError(f"family must be an InferenceFamily, got {type(family).__name__}")
         declared = getattr(network, "data_shape", None)
@@ -324,6 +335,9 @@ class DiffusionModel(ReverseChain):
         self.variance = variance
         self.family = family
         self.network = network
+        #: how the network is told the step: None, the math timestep t; a :class:`NoiseLevelInput`, the noise level
+        #: :math:`c(-\lambda_t)` of the step (and then the decoder at t = 1 is VDM's, without the network)
+        self.noise_level = noise_level
         #: if set (e.g. ``torch.bfloat16``), the network runs under autocast to this dtype; its output
         #: is cast back to the data's dtype, so every log-density stays in full precision
         self.autocast_dtype: torch.dtype | None = None
@@ -365,6 +379,7 @@ class DiffusionModel(ReverseChain):
             None,
             self.data_shape,
             family or self.family,
+            self.noise_level,
         )
 
     def respaced(self, steps: int | Sequence[int] | torch.Tensor) -> DiffusionModel:
@@ -378,6 +393,8 @@ class DiffusionModel(ReverseChain):
             timesteps = self.schedule.evenly_spaced_timesteps(steps)
         else:
             timesteps = self.schedule.validated_timesteps(steps)
+        if self.noise_level is not None:  # the network is told the noise level, which respacing keeps
+            return self._with(self.network, self.schedule.respace(timesteps))
         return self._with(_RespacedNetwork(self.network, timesteps), self.schedule.respace(timesteps))
 
     def ddim(self, eta: float) -> DiffusionModel:
@@ -401,13 +418,19 @@ class DiffusionModel(ReverseChain):
         r"""One network call on a batch of any leading shape ``t.shape``: :math:`\mu_\theta(x_t, t)`,
         :math:`\sigma_t^2` and :math:`\hat x_0`."""
         flat_x = xt.reshape((-1,) + xt.shape[t.dim() :])
-        out = self._network_output(flat_x, t.reshape(-1))
+        c = self.schedule.coefficients(xt.device, xt.dtype)
+        step = t.reshape(-1) if self.noise_level is None else self.noise_level(-c.log_snr[t.reshape(-1) - 1])
+        out = self._network_output(flat_x, step)
         out, v = out.chunk(2, dim=1) if self.variance.learned else (out, None)
         event_dim = xt.dim() - t.dim()
-        abar = at_timesteps(self.schedule.coefficients(xt.device, xt.dtype).alphas_cumprod, t, event_dim)
+        abar = at_timesteps(c.alphas_cumprod, t, event_dim)
         x0_hat = self.prediction.to_x0(out.reshape(xt.shape), xt, abar)
+        if self.noise_level is not None:  # VDM's decoder at t = 1: the latent rescaled, not the network
+            x0_hat = torch.where(expand_event(t == 1, event_dim), xt / abar.sqrt(), x0_hat)
         mean, _ = self.posterior(x0_hat, xt, t)
         variance = self.variance.variance(self.schedule, t, event_dim, xt, None if v is None else v.reshape(xt.shape))
+        if self.noise_level is not None:
+            variance = torch.where(expand_event(t == 1, event_dim), (1 - abar) / abar, variance)
         return GaussianStep(mean, variance, x0_hat)
 
     def _network_output(self, flat_x: torch.Tensor, flat_t: torch.Tensor) -> torch.Tensor:

@@ -46,15 +46,20 @@ class _Subsample(_PyroSubsample):
         num_steps: int,
         device: torch.device,
         probs: torch.Tensor | None = None,
+        continuous: bool = False,
     ) -> None:
         super().__init__(num_steps, subsample_steps, device=device)
         self.num_examples = num_examples
         self.probs = probs
+        self.continuous = continuous
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         if sample_shape:
             raise NotImplementedError("timestep subsample sites are not vectorised over particles")
         T, k, N = self.size, self.subsample_size, self.num_examples
+        if self.continuous:  # VDM's low-discrepancy times: one uniform shift of an even grid, shape (N,)
+            u = torch.rand((), dtype=torch.float64, device=self.device)
+            return torch.remainder(u + torch.arange(N, dtype=torch.float64, device=self.device) / N, 1.0)
         if self.probs is not None:  # inverse CDF: unlike torch.multinomial, never a host read (nor for one draw)
             cdf = self.probs.cumsum(0)
             u = torch.rand(k * N, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
@@ -81,6 +86,14 @@ def draw_timesteps(num_examples: int, subsample_steps: int, num_steps: int, devi
     """The subsample site ``"t"``: timesteps of shape ``(k, N)``, shared by guide and model."""
     check_subsample_steps(subsample_steps, num_steps)
     return pyro.sample("t", _Subsample(num_examples, subsample_steps, num_steps, device))
+
+
+def draw_times(num_examples: int, device: torch.device) -> torch.Tensor:
+    r"""The subsample site ``"t"`` of a continuous-time program: one time in [0, 1) per example, shape ``(N,)``
+    (float64), :math:`t_i = (u + i/N) \bmod 1` with one :math:`u \sim U[0, 1)` for the batch (Kingma et al. 2021,
+    VDM, appendix I.1: each :math:`t_i` is uniform, and the batch covers [0, 1) evenly, which lowers the variance of
+    the batch's mean); shared by guide and model, and pruned from the ELBO like the timesteps."""
+    return pyro.sample("t", _Subsample(num_examples, 1, 1, device, continuous=True))
 
 
 def step_scale(t: torch.Tensor, num_steps: int) -> float:
