@@ -75,7 +75,11 @@ def test_the_specification_is_typed_frozen_and_filled_with_defaults(tmp_path):
     assert spec.name == "tiny"  # the file's stem
     assert spec.training.batch_size == 8 and spec.training.lr == 2e-4 and spec.training.subsample_steps == 1
     assert spec.schedule.num_steps == 10 and dict(spec.schedule.params) == {"beta_start": 1e-4, "beta_end": 0.02}
-    assert spec.network.kind == "mlp" and dict(spec.network.params) == {"hidden": 8, "depth": 1}
+    assert spec.network.kind == "mlp" and dict(spec.network.params) == {
+        "hidden": 8,
+        "depth": 1,
+        "fourier_exponents": (),
+    }
     assert spec.model.prediction == "epsilon" and spec.model.levels is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.training.lr = 1.0
@@ -91,6 +95,17 @@ def test_a_checkpoint_s_plain_specification_loads_as_the_file_does(tmp_path):
     assert Spec.from_dict({**old, "training": {"steps": 2, "batch_size": 8, "lr": 1}}).training.lr == 1.0
     with pytest.raises(SpecError, match=r"^checkpoint c\.pt: name must be a folder name"):
         Spec.from_dict({**old, "name": "../../x"}, source="checkpoint c.pt")
+
+
+def test_fourier_exponents_are_read_once_and_build_the_network(tmp_path):
+    """``fourier_exponents = [0, 3]`` in [network] is a tuple of the spec, kept through the plain form a checkpoint
+    holds, and builds a network whose first layer sees the 2-D data's 2 entries and their 4 features each."""
+    spec = load_spec(_write(tmp_path, {"network": {"fourier_exponents": [0, 3]}}))
+    assert spec.network.params["fourier_exponents"] == (0, 3)
+    assert spec.to_dict()["network"]["fourier_exponents"] == [0, 3] and Spec.from_dict(spec.to_dict()) == spec
+    network = build(spec).model.network
+    assert network.fourier_exponents == (0, 3) and network.inp.in_features == 2 * 5
+    assert build(load_spec(_write(tmp_path))).model.network.inp.in_features == 2
 
 
 def test_all_timesteps_is_the_full_chain(tmp_path):
@@ -150,7 +165,10 @@ BAD = [
         ["schedule.num_steps: must be the number of betas, 2, got 3"],
     ),
     # [network]: keys and types of the chosen kind's constructor
-    ({"network": {"channels": 8}}, ["unknown key network.channels", "network keys: depth, hidden, kind"]),
+    (
+        {"network": {"channels": 8}},
+        ["unknown key network.channels", "network keys: depth, fourier_exponents, hidden, kind"],
+    ),
     ({"network": {"hidden": 2.5}}, ["network.hidden", "integer"]),
     ({"network": {"kind": "resnet"}}, ["network.kind", '"unet", "mlp"']),
     # [network]: values the network cannot be built from (a zero-width MLP trained without a word before)
@@ -179,6 +197,15 @@ BAD = [
         {"network": {"kind": "unet", "hidden": DROP, "depth": DROP, "channel_mult": [1, "2"]}},
         ["network.channel_mult", "list of integers"],
     ),
+    # [network]: Fourier features' exponents, distinct integers in 0..16
+    (
+        {"network": {"fourier_exponents": [3, 3]}},
+        ["network.fourier_exponents", "distinct integers in 0..16", "[3, 3] (list)"],
+    ),
+    ({"network": {"fourier_exponents": [4, 17]}}, ["network.fourier_exponents", "distinct integers in 0..16", "17"]),
+    ({"network": {"fourier_exponents": [-1]}}, ["network.fourier_exponents", "integer >= 0", "[-1]"]),
+    ({"network": {"fourier_exponents": [2.5]}}, ["network.fourier_exponents", "list of integers", "2.5"]),
+    ({"network": {"fourier_exponents": 3}}, ["network.fourier_exponents", "list of integers", "3 (int)"]),
     # unknown keys in every table, with a suggestion
     ({"data": {"nmae": "digits"}}, ["unknown key data.nmae", "did you mean name?", "data keys: name, root"]),
     ({"model": {"levls": 17}}, ["unknown key model.levls", "did you mean levels?"]),

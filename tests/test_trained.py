@@ -64,6 +64,18 @@ def test_load_trained_rebuilds_the_specification_with_the_ema_weights(tmp_path):
     assert all(p.device.type == "cpu" for p in model.network.parameters())
 
 
+def test_load_trained_rebuilds_a_network_with_fourier_features(tmp_path):
+    """The exponents are part of the specification a checkpoint holds: the loaded network has them, the EMA weights
+    and the outputs of the averaged network."""
+    spec = TINY_2D.with_changes({"network": {"fourier_exponents": [1, 5]}})
+    _, ema = _checkpoint(tmp_path / "checkpoint.pt", spec)
+    built, model = load_trained(tmp_path / "checkpoint.pt")
+    assert built.spec == spec and model.network.fourier_exponents == (1, 5) and model.network.inp.in_features == 10
+    x, t = torch.randn(4, 2, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 5, 10, 20])
+    with torch.no_grad():
+        assert torch.equal(model.network(x, t), ema.module.eval()(x, t))
+
+
 def test_a_checkpoint_that_does_not_fit_its_specification_is_refused_naming_it(tmp_path):
     _checkpoint(tmp_path / "wide.pt", TINY_2D.with_changes({"network": {"hidden": 24}}))
     state = torch.load(tmp_path / "wide.pt", weights_only=True)

@@ -81,7 +81,8 @@ def _show(value: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    return f"{_show(value)} ({type(value).__name__})"
+    """``value`` as TOML writes it, with its type as the file has it (a list read into a tuple is a list)."""
+    return f"{_show(value)} ({type(_plain(value)).__name__})"
 
 
 def _integer(minimum: int) -> Callable[[str, Any], int]:
