@@ -33,6 +33,9 @@ from .schedule import Schedule, ScheduleTables, check_num_steps
 
 __all__ = ["LogSNRSchedule", "LinearLogSNR", "LearnedSchedule", "DiscretisedSchedule", "LogSNRAt", "NoiseLevelInput"]
 
+#: the number of evenly spaced times in [0, 1] at which :meth:`LogSNRSchedule.check` requires :math:`\gamma'(t) > 0`
+RATE_CHECK_POINTS = 1025
+
 
 class LogSNRAt(NamedTuple):
     r""":math:`\gamma` and its derivative at times t (float64, the shape of t), and the interior they are made of."""
@@ -119,14 +122,27 @@ class LogSNRSchedule(Schedule):
         return DiscretisedSchedule(self, num_steps)
 
     def check(self) -> LogSNRSchedule:
-        """The checks of :meth:`Schedule.check` (non-finite parameters, endpoints out of order, a log-SNR that is not
-        strictly decreasing at the T steps), and the endpoints themselves in order."""
+        r"""The checks of :meth:`Schedule.check` (non-finite parameters, endpoints out of order, a log-SNR that is not
+        strictly decreasing at the T steps), the endpoints themselves in order, and :math:`\gamma'(t) > 0` on a grid of
+        :data:`RATE_CHECK_POINTS` times in [0, 1] (the continuous-time bound draws t anywhere, not only at the T
+        steps)."""
         gamma_0, gamma_1 = float(self.gamma_0.detach()), float(self.gamma_1.detach())
         if math.isfinite(gamma_0) and math.isfinite(gamma_1) and not gamma_1 > gamma_0:
             raise ValueError(
                 f"invalid schedule: its endpoints are out of order (gamma_0 = {gamma_0:.6g}, gamma_1 = "
                 f"{gamma_1:.6g}): gamma must increase from t = 0 to t = 1"
             )
+        if all(torch.isfinite(p).all() for p in self.parameters()):  # else Schedule.check names the parameter
+            t = torch.linspace(0.0, 1.0, RATE_CHECK_POINTS, dtype=torch.float64, device=self.gamma_0.device)
+            with torch.no_grad():
+                rate = self.at(t).rate.cpu()
+            bad = ~(rate > 0)
+            if bad.any():
+                i = int(torch.nonzero(bad)[0])
+                raise ValueError(
+                    f"invalid schedule: gamma(t) is not strictly increasing: gamma'(t) = {rate[i].item():.6g} at "
+                    f"t = {t[i].item():.6g}"
+                )
         super().check()
         return self
 
