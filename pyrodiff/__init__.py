@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 #: answers an argument error, ``--version``, or Ctrl-C) before torch and Pyro load.
 _EXPORTS = {
     "BoundTerms": "evaluation.bound",
+    "ContinuousBound": "evaluation.continuous_bound",
     "ContinuousDiffusionModel": "chain.continuous",
     "ContinuousGuide": "chain.continuous",
     "LearnedSchedule": "chain.log_snr",
@@ -35,6 +36,7 @@ _EXPORTS = {
     "UNet": "networks",
     "adapters": "adapters",
     "bound_terms": "evaluation.bound",
+    "continuous_bound": "evaluation.continuous_bound",
     "load_dataset": "data",
     "load_spec": "training.spec",
     "load_trained": "training.trained",

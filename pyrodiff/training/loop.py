@@ -53,10 +53,12 @@ from pyro import poutine
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..chain.continuous import ContinuousDiffusionModel
 from ..chain.importance import ImportanceSampler
 from ..chain.objectives import objective_weights, parse_estimator, reweight
 from ..chain.traces import drawn_terms
 from ..evaluation.bound import bound_terms
+from ..evaluation.continuous_bound import continuous_bound
 from ..evaluation.plots import save_samples_figure
 from ..evaluation.report import summarise
 from .checkpoint import (
@@ -87,6 +89,10 @@ RUN_KEYS = ("steps", "checkpoint_every", "log_every", "eval_examples", "graph")
 #: The optimisation hyperparameters a resume may change when asked (``change_hyperparameters=True``).
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
 log = logging.getLogger(__name__)
+
+
+#: draws of the continuous-time bound per test example at the end of training (stratified times)
+CONTINUOUS_DRAWS = 100
 
 
 class TrainingError(RuntimeError):
@@ -260,6 +266,8 @@ class _Run(OptimisationLoop):
         self.seconds: float | None = 0.0
         self._clock: tuple[float, float | None] | None = None  # (time and seconds when this run's training began)
 
+        #: the terms drawn per example (None: the full chain, or the continuous-time bound's one time per example)
+        self.subsample_steps = None if spec.model.time == "continuous" else tr.subsample_steps
         self.model_fn, self.guide_fn = self.model, self.built.guide
         if tr.objective != "elbo":
             weights = objective_weights(schedule, tr.objective, self.model.variance)
@@ -392,7 +400,7 @@ class _Run(OptimisationLoop):
     def step_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Back-propagate this rank's micro-batches of ``batch``; the global-batch loss (per example).  Each
         micro-batch draws from its own random stream, except in a graphed step, whose one stream the replay holds."""
-        k, world = self.spec.training.subsample_steps, self.world
+        k, world = self.subsample_steps, self.world
         total = torch.zeros((), device=world.device)
         drawn = []
         for j, micro in enumerate(self._micro_batches(batch)):
@@ -419,7 +427,7 @@ class _Run(OptimisationLoop):
         total = torch.zeros((), device=self.world.device)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for micro in self._micro_batches(batch):
-                total = total + self.loss_module(micro, self.spec.training.subsample_steps)
+                total = total + self.loss_module(micro, self.subsample_steps)
         return self.world.all_sum(total) / self.B
 
     def replay_context(self) -> contextlib.AbstractContextManager:
@@ -491,7 +499,6 @@ class _Run(OptimisationLoop):
         schedule = None if self.schedule_ema is None else self.schedule_ema.module
         trained = self.model.with_network(self.ema.module, schedule).eval()
         test = data.test[: tr.eval_examples].to(device)
-        terms = bound_terms(trained, test, progress=progress)
         meta = {
             "name": self.spec.name,
             "split": "test",
@@ -500,7 +507,11 @@ class _Run(OptimisationLoop):
             "train_seconds": self.seconds,
         }
         log_q = data.log_density(test) if data.log_density is not None else None
-        report = summarise(terms, meta, log_q)
+        if isinstance(trained, ContinuousDiffusionModel):
+            generator = torch.Generator(device).manual_seed(tr.seed)
+            report = continuous_bound(trained, test, CONTINUOUS_DRAWS, generator=generator).summary(meta)
+        else:
+            report = summarise(bound_terms(trained, test, progress=progress), meta, log_q)
         write_atomically(out / TEST_BOUND, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
         samples_path = out / SAMPLES
         n = num_samples or (64 if self.train_data.dim() == 4 else 2000)

@@ -37,8 +37,10 @@ else:  # pragma: no cover
 from torch import nn
 
 from .. import checks
+from ..chain.continuous import INTERIOR_OBJECTIVES, ContinuousDiffusionModel, ContinuousGuide
 from ..chain.decoders import parse_decoder
 from ..chain.forward import DiffusionGuide
+from ..chain.log_snr import LearnedSchedule, LinearLogSNR, LogSNRSchedule, NoiseLevelInput
 from ..chain.objectives import ESTIMATORS, parse_objective
 from ..chain.parameterization import parse_target, parse_variance
 from ..chain.reverse import DiffusionModel
@@ -53,13 +55,19 @@ __all__ = ["load_spec", "Spec", "SpecError", "Built"]
 TIMESTEP_SAMPLERS = ("uniform", "importance")
 #: ``amp``: full precision, or bf16 autocast around the network.
 AMP = (False, "bf16")
-#: The schedule kinds and their constructors (whose keyword arguments are the table's other keys).
-SCHEDULES: dict[str, Callable[..., NoiseSchedule]] = {
+#: The schedule kinds and their constructors (whose keyword arguments are the table's other keys): the fixed
+#: tables, and the schedules in continuous time (:mod:`pyrodiff.chain.log_snr`), VDM's linear log-SNR and the learned
+#: one, whose networks are told the noise level (:class:`~pyrodiff.chain.log_snr.NoiseLevelInput`).
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "linear": NoiseSchedule.linear,
     "cosine": NoiseSchedule.cosine,
     "sigmoid": NoiseSchedule.sigmoid,
     "betas": NoiseSchedule.from_betas,
+    "linear_log_snr": LinearLogSNR,
+    "learned": LearnedSchedule,
 }
+#: ``model.time``: the chain of T steps, or the continuous-time bound (a ``linear_log_snr`` or ``learned`` schedule)
+TIMES = ("discrete", "continuous")
 #: The network kinds, their constructors, and the constructor arguments set from the data, not the table.
 NETWORKS: dict[str, tuple[type[nn.Module], tuple[str, str]]] = {
     "unet": (UNet, ("in_channels", "out_channels")),
@@ -252,7 +260,12 @@ class ScheduleSpec:
             raise SpecError(f"{t.source}: [schedule] {e}") from None
         return spec
 
-    def build(self) -> NoiseSchedule:
+    @property
+    def is_log_snr(self) -> bool:
+        """Whether the schedule is defined in continuous time (a :class:`~pyrodiff.chain.log_snr.LogSNRSchedule`)."""
+        return self.kind in ("linear_log_snr", "learned")
+
+    def build(self) -> Schedule:
         if self.kind == "betas":
             return NoiseSchedule.from_betas(list(self.params["betas"]))
         return SCHEDULES[self.kind](self.num_steps, **self.params)
@@ -264,12 +277,16 @@ class ScheduleSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """``[model]``: what the network predicts, the reverse variance, the decoder and its levels
-    (None: the data's own levels, the only ones accepted)."""
+    (None: the data's own levels, the only ones accepted); ``time``: the chain of T steps (``"discrete"``) or the
+    continuous-time bound (``"continuous"``, :mod:`pyrodiff.chain.continuous`: epsilon prediction, trained by the
+    bound), and ``interior``: what trains a learned schedule's interior there (``"bound"`` or ``"variance"``)."""
 
     prediction: str = "epsilon"
     variance: str = "small"
     decoder: str = "gaussian"
     levels: int | None = None
+    time: str = "discrete"
+    interior: str = "bound"
 
     @classmethod
     def read(cls, t: _Table) -> ModelSpec:
@@ -278,7 +295,17 @@ class ModelSpec:
             t.get("variance", _parsed_by(parse_variance), cls.variance),
             t.get("decoder", _string, cls.decoder),
             t.get("levels", _integer(2), None),
+            t.get("time", _choice(TIMES), cls.time),
+            t.get("interior", _choice(INTERIOR_OBJECTIVES), cls.interior),
         )
+        if model.time == "continuous" and (model.prediction != "epsilon" or model.variance != "small"):
+            raise t.error(
+                "time",
+                "'continuous' predicts epsilon with the 'small' variance in its discretisations, got prediction = "
+                f"{model.prediction!r}, variance = {model.variance!r}",
+            )
+        if model.time == "discrete" and model.interior != "bound":
+            raise t.error("interior", "'variance' trains the interior of a continuous-time schedule: set time = 'continuous'")
         t.finish()
         if model.levels is not None or model.decoder != "discretized":  # else the data's levels, at build
             try:
@@ -289,6 +316,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         d = {"prediction": self.prediction, "variance": self.variance, "decoder": self.decoder}
+        d |= {"time": self.time, "interior": self.interior}
         return d | ({} if self.levels is None else {"levels": self.levels})
 
 
@@ -472,6 +500,21 @@ class Spec:
         """The choices that depend on each other: timesteps per example against T, the objective against
         the variance and the full chain, the importance sampler against the full chain."""
         tr, training = self.training, tables["training"]
+        if self.model.time == "continuous":
+            if not self.schedule.is_log_snr:
+                raise tables["model"].error(
+                    "time",
+                    "'continuous' needs a schedule defined for every t in [0, 1]: schedule.kind = 'learned' or "
+                    f"'linear_log_snr', got {self.schedule.kind!r}",
+                )
+            if tr.objective != "elbo" or tr.timestep_sampler != "uniform":
+                raise training.error(
+                    "objective",
+                    "the continuous-time bound is trained as the bound, with its own low-discrepancy times: it needs "
+                    f"objective = 'elbo' and timestep_sampler = 'uniform', got {tr.objective!r}, "
+                    f"{tr.timestep_sampler!r}",
+                )
+            return  # subsample_steps is not used: one time per example
         if tr.subsample_steps is None:
             if tr.objective != "elbo" or tr.timestep_sampler != "uniform":
                 raise training.error(
@@ -582,8 +625,8 @@ class Built:
     spec: Spec
     data: Dataset
     schedule: Schedule
-    model: DiffusionModel
-    guide: DiffusionGuide
+    model: DiffusionModel | ContinuousDiffusionModel
+    guide: DiffusionGuide | ContinuousGuide
 
 
 def build(spec: Spec | Mapping, data_root: str | Path | None = None) -> Built:
@@ -610,5 +653,11 @@ def build(spec: Spec | Mapping, data_root: str | Path | None = None) -> Built:
         network = spec.network.build(data.data_shape, parse_variance(m.variance).output_channels(data.data_shape[0]))
     except (ValueError, TypeError) as e:
         raise SpecError(f"{spec.source}: {e}") from None
-    model = DiffusionModel(network, schedule, m.prediction, m.variance, m.decoder, levels, data.data_shape)
+    if m.time == "continuous":
+        model = ContinuousDiffusionModel(network, schedule, m.decoder, levels, data.data_shape, m.interior)
+        return Built(spec, data, schedule, model, ContinuousGuide(schedule))
+    noise_level = NoiseLevelInput() if isinstance(schedule, LogSNRSchedule) else None
+    model = DiffusionModel(
+        network, schedule, m.prediction, m.variance, m.decoder, levels, data.data_shape, noise_level=noise_level
+    )
     return Built(spec, data, schedule, model, DiffusionGuide(schedule, order="posterior"))
