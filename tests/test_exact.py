@@ -577,7 +577,7 @@ def test_refuses_bad_data_and_laws():
         E.joint_kl(chain, torch.zeros(3), torch.eye(3))
     with pytest.raises(ValueError, match="'learned'"):
         E.best_affine(chain.schedule, m, torch.eye(2), "learned")
-    with pytest.raises(TypeError, match="NoiseSchedule"):
+    with pytest.raises(TypeError, match="schedule must be a Schedule"):
         E.true_reverse([0.1, 0.2], m, torch.eye(2))
 
 

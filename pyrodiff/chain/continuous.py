@@ -220,10 +220,11 @@ class ContinuousDiffusionModel(nn.Module):
         z = alpha * x0 + sigma * eps
         sum_event = tuple(range(1, x0.dim()))
         loss = 0.5 * at.rate.to(x0.dtype) * (eps - self.eps_hat(z, at.gamma)).pow(2).sum(sum_event)
-        if self.interior == "variance" and at.interior.requires_grad and torch.is_grad_enabled():
+        if self.interior == "variance" and torch.is_grad_enabled():
             scale = 2 * loss.detach().to(torch.float64)
-            at.interior.register_hook(lambda grad: grad * scale)
-            at.interior_rate.register_hook(lambda grad: grad * scale)
+            for interior in (at.interior, at.interior_rate):
+                if interior.requires_grad:  # a constant s'(t) (a linear interior) has no gradient to scale
+                    interior.register_hook(lambda grad: grad * scale)
         return loss
 
     def decoder_law(self, z0: torch.Tensor) -> dist.TorchDistribution:

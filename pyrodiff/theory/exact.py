@@ -33,15 +33,17 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from .. import checks
+from ..chain.continuous import ContinuousDiffusionModel
 from ..chain.forward import check_batch
 from ..chain.parameterization import parse_variance
 from ..chain.reverse import DiffusionModel
-from ..chain.schedule import NoiseSchedule
+from ..chain.schedule import Schedule
 
 __all__ = [
     "AffineDenoiser",
@@ -61,6 +63,10 @@ __all__ = [
     "joint_kl",
     "gaussian_entropy",
     "perspectives",
+    "noise_prediction_map",
+    "continuous_elbo_terms",
+    "expected_continuous_elbo_terms",
+    "diffusion_estimator_moments",
 ]
 
 _F64 = torch.float64
@@ -112,7 +118,7 @@ class GaussianReverseChain:
     Tensors are converted to float64 (a no-op that keeps autograd for float64 ones) and validated.
     """
 
-    schedule: NoiseSchedule
+    schedule: Schedule
     weights: torch.Tensor
     offsets: torch.Tensor
     covariances: torch.Tensor
@@ -120,8 +126,8 @@ class GaussianReverseChain:
     prior_cov: torch.Tensor
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a NoiseSchedule, got {type(self.schedule).__name__}")
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(self.schedule).__name__}")
         for name in ("weights", "offsets", "covariances", "prior_mean", "prior_cov"):
             value = getattr(self, name)
             if not torch.is_tensor(value):
@@ -243,25 +249,17 @@ def reverse_chain(
     device = model.device_and_dtype()[0]
     work = copy.deepcopy(model).to(_F64)
     work.autocast_dtype = None
-    probes = torch.randn(check_points, D, generator=torch.Generator().manual_seed(0), dtype=_F64).to(device)
-    points = torch.cat([probes.new_zeros(1, D), torch.eye(D, dtype=_F64, device=device), probes])
+    points, probes = _affine_probes(D, check_points, device)
     K = points.shape[0]
     x = points.expand(T, K, D).reshape((T, K) + shape)
     t = torch.arange(1, T + 1, device=device)[:, None].expand(T, K)
     with torch.no_grad():
         prediction = work.predict(x, t)
-    mean = prediction.mean.reshape(T, K, D)
-    offsets = mean[:, 0]
-    weights = (mean[:, 1 : D + 1] - offsets[:, None]).transpose(1, 2)
-    fitted = torch.einsum("tij,kj->tki", weights, probes) + offsets[:, None]
-    error = (fitted - mean[:, D + 1 :]).abs().amax((1, 2))
-    scale = 1 + mean.abs().amax((1, 2))
-    bad = ~(error <= 1e-8 * scale)
-    if bad.any():
-        step = int(torch.nonzero(bad)[0]) + 1
+    weights, offsets, bad, error = _affine_fit(prediction.mean.reshape(T, K, D), probes)
+    if bad is not None:
         raise ValueError(
-            f"the model's network is not affine in x_t at t = {step} (at a test point its reverse mean is off the "
-            f"affine map through 0 and the unit vectors by {error[step - 1].item():.3g}); the exact Gaussian "
+            f"the model's network is not affine in x_t at t = {bad + 1} (at a test point its reverse mean is off the "
+            f"affine map through 0 and the unit vectors by {error:.3g}); the exact Gaussian "
             "account needs mu_theta(x_t, t) = C_t x_t + d_t"
         )
     variance = prediction.variance.reshape(T, K, -1)[:, 0, 0]
@@ -271,7 +269,7 @@ def reverse_chain(
     )
 
 
-def true_reverse(schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor) -> GaussianReverseChain:
+def true_reverse(schedule: Schedule, mean: torch.Tensor, cov: torch.Tensor) -> GaussianReverseChain:
     r"""The exact reverse of :math:`q(x_{0:T}) = N(x_0; m, S) \prod_t q(x_t \mid x_{t-1})`: prior :math:`q(x_T)` and
     steps :math:`q(x_{t-1} \mid x_t)`, so that :math:`p = q` jointly.
 
@@ -297,7 +295,7 @@ def true_reverse(schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor)
 
 
 def best_affine(
-    schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor, variance: str = "small"
+    schedule: Schedule, mean: torch.Tensor, cov: torch.Tensor, variance: str = "small"
 ) -> GaussianReverseChain:
     r"""The maximiser of :math:`E_{q(x_0)}\,\mathrm{ELBO}(x_0)` over reverse chains with affine means
     :math:`C_t x_t + d_t`, the fixed variances :math:`\sigma_t^2 I` named by ``variance`` ("small" or "large", with
@@ -322,7 +320,7 @@ def best_affine(
 
 # ---------------------------------------------------------------------- the forward chain's joint law
 def forward_joint(
-    schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor | None = None
+    schedule: Schedule, mean: torch.Tensor, cov: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Mean and covariance of :math:`q(x_{0:T})` (the vector :math:`(x_0, \dots, x_T)`, dimension :math:`(T+1) D`) for
     :math:`x_0 \sim N(m, S)`; with ``cov=None`` the law of the path given the point :math:`x_0 = m` (the :math:`x_0` block
@@ -510,8 +508,194 @@ def perspectives(
     }
 
 
+# ---------------------------------------------------------------------- the continuous-time bound
+def noise_prediction_map(
+    model: ContinuousDiffusionModel,
+    gamma: torch.Tensor,
+    data_shape: tuple[int, ...] | None = None,
+    check_points: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`A(\gamma)` ``(G, D, D)`` and :math:`b(\gamma)` ``(G, D)`` of a continuous-time model whose network is
+    affine in :math:`z` at each noise level, :math:`\hat\epsilon_\theta(z, c(\gamma)) = A(\gamma) z + b(\gamma)`, at the
+    G levels ``gamma`` (float64 snapshot, no gradients): read from a float64 copy of the network at :math:`z = 0` and
+    the unit vectors, affinity checked at ``check_points`` further points (a ``ValueError`` names the first level where
+    it fails), as :func:`reverse_chain` reads a chain."""
+    if not isinstance(model, ContinuousDiffusionModel):
+        raise TypeError(f"expected a ContinuousDiffusionModel, got {type(model).__name__}")
+    checks.positive_int("check_points", check_points)
+    shape = _data_shape(model, data_shape)
+    D = math.prod(shape)
+    device = model.device_and_dtype()[0]
+    network = copy.deepcopy(model.network).to(_F64)
+    gamma = torch.as_tensor(gamma).detach().to(device=device, dtype=_F64).reshape(-1)
+    points, probes = _affine_probes(D, check_points, device)
+    G, P = gamma.numel(), points.shape[0]
+    z = points.expand(G, P, D).reshape((G * P,) + shape)
+    with torch.no_grad():
+        out = network(z, model.noise_level(gamma).repeat_interleave(P))
+    A, b, bad, error = _affine_fit(out.reshape(G, P, D), probes)
+    if bad is not None:
+        raise ValueError(
+            f"the model's network is not affine in z at gamma = {gamma[bad].item():.6g} (at a test point it is off "
+            f"the affine map through 0 and the unit vectors by {error:.3g}); the exact continuous-time account needs "
+            "eps_hat(z, gamma) = A(gamma) z + b(gamma)"
+        )
+    return A, b
+
+
+def continuous_elbo_terms(model: ContinuousDiffusionModel, x0: torch.Tensor, nodes: int = 256) -> torch.Tensor:
+    r"""The three terms of the continuous-time bound (:mod:`pyrodiff.chain.continuous`; docs/MATH.md, section 16,
+    "Continuous time and learned schedules") of each example exactly, shape ``(N, 3)`` (nats): prior, decoder,
+    diffusion, for a network affine in :math:`z` (:func:`noise_prediction_map`) and the Gaussian decoder.
+
+    - prior: :math:`\mathrm{KL}(N(\alpha_1 x, \sigma_1^2 I) \,\|\, N(0, I)) = \tfrac12(D\sigma_1^2 + \alpha_1^2\Vert x\Vert^2
+      - D - D\log\sigma_1^2)`;
+    - decoder: :math:`E[-\log N(x; z_0/\alpha_0, e^{\gamma_0} I)] = \tfrac D2 \log(2\pi e^{\gamma_0}) + \tfrac D2`
+      (:math:`z_0/\alpha_0 - x = e^{\gamma_0/2}\epsilon`);
+    - diffusion: :math:`\tfrac12\int_{\gamma_0}^{\gamma_1} F(\gamma)\,d\gamma` (the change of variable
+      :math:`\gamma = \gamma(t)`: only the endpoints enter) with :math:`F(\gamma) = E_\epsilon\Vert\epsilon -
+      A z_\gamma - b\Vert^2 = \Vert I - \sigma A\Vert_F^2 + \Vert\alpha A x + b\Vert^2`, by Gauss-Legendre quadrature
+      with ``nodes`` nodes in float64.
+    """
+    check_batch(x0)
+    x = x0.reshape(x0.shape[0], -1).to(_F64)
+    return _continuous_terms(model, x, None, tuple(x0.shape[1:]), nodes)
+
+
+def expected_continuous_elbo_terms(
+    model: ContinuousDiffusionModel, mean: torch.Tensor, cov: torch.Tensor, nodes: int = 256
+) -> torch.Tensor:
+    r""":math:`E_{x \sim N(m, S)}` of the three terms of :func:`continuous_elbo_terms`, shape ``(3,)`` (nats): each
+    is quadratic in :math:`x`, so the prior adds :math:`\tfrac12\alpha_1^2\,\mathrm{tr}\,S` and :math:`F(\gamma)` adds
+    :math:`\alpha^2\,\mathrm{tr}(A S A^\top)` to their values at :math:`x = m`."""
+    if not torch.is_tensor(mean):
+        raise TypeError(f"mean must be a torch tensor, got {type(mean).__name__}")
+    m, S = _check_law(mean.reshape(-1), cov)
+    return _continuous_terms(model, m[None], S, None if model.data_shape else tuple(mean.shape), nodes)[0]
+
+
+def diffusion_estimator_moments(
+    model: ContinuousDiffusionModel, x0: torch.Tensor, nodes: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The first two moments, each shape ``(N,)``, of the one-draw estimator of the diffusion term of each example,
+    :math:`L = \tfrac12\gamma'(t)\Vert\epsilon - \hat\epsilon(z_t, \gamma(t))\Vert^2` with :math:`t \sim U(0, 1)` and
+    :math:`\epsilon \sim N(0, I)` (:meth:`ContinuousDiffusionModel.diffusion_loss`), by Gauss-Legendre quadrature in
+    **t** through the model's schedule (so its interior enters): with the residual
+    :math:`r = (I - \sigma A)\epsilon - (\alpha A x + b) \sim N(-\mu, C)`, :math:`Q = \Vert r\Vert^2` has
+    :math:`E Q = \mathrm{tr}\,C + \Vert\mu\Vert^2` and :math:`\mathrm{Var}\,Q = 2\,\mathrm{tr}(C^2) + 4\mu^\top C\mu`, so
+
+    .. math:: E L = \tfrac12\int_0^1 \gamma'(t)\, E Q\, dt, \qquad
+        E L^2 = \tfrac14\int_0^1 \gamma'(t)^2\,(\mathrm{Var}\,Q + (E Q)^2)\, dt.
+
+    The first equals the diffusion term of :func:`continuous_elbo_terms` for every interior with the same endpoints;
+    the second is what ``interior="variance"`` minimises (docs/MATH.md, section 16)."""
+    check_batch(x0)
+    x = x0.reshape(x0.shape[0], -1).to(_F64)
+    _check_continuous(model)
+    device = model.device_and_dtype()[0]
+    t, w = _gauss_legendre(0.0, 1.0, nodes, device)
+    with torch.no_grad():
+        at = model.schedule.at(t)
+    gamma, rate = at.gamma.detach(), at.rate.detach()
+    mean_q, var_q = _residual_moments(model, gamma, x, None, tuple(x0.shape[1:]))
+    first = 0.5 * torch.einsum("g,g,gn->n", w, rate, mean_q)
+    second = 0.25 * torch.einsum("g,g,gn->n", w, rate.pow(2), var_q + mean_q.pow(2))
+    return first, second
+
+
+def _check_continuous(model) -> None:
+    if not isinstance(model, ContinuousDiffusionModel):
+        raise TypeError(f"expected a ContinuousDiffusionModel, got {type(model).__name__}")
+    if model.decoder.name != "gaussian":
+        raise ValueError(
+            f"the exact Gaussian account needs the Gaussian decoder; the model's decoder is {model.decoder.name!r}"
+        )
+
+
+def _gauss_legendre(low: float, high: float, nodes: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Nodes and weights of ``nodes``-point Gauss-Legendre quadrature on [low, high] (float64): exact for
+    polynomials of degree < 2 ``nodes``."""
+    checks.positive_int("nodes", nodes)
+    u, w = np.polynomial.legendre.leggauss(nodes)
+    half = 0.5 * (high - low)
+    nodes_ = torch.as_tensor(low + half * (u + 1), dtype=_F64, device=device)
+    return nodes_, torch.as_tensor(half * w, dtype=_F64, device=device)
+
+
+def _residual_moments(
+    model: ContinuousDiffusionModel,
+    gamma: torch.Tensor,
+    means: torch.Tensor,
+    cov: torch.Tensor | None,
+    data_shape: tuple[int, ...] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`E Q` and :math:`\mathrm{Var}\,Q`, each ``(G, N)``, of :math:`Q = \Vert\epsilon - \hat\epsilon(z_\gamma,
+    \gamma)\Vert^2` at the G levels ``gamma`` for :math:`x \sim N(\text{means}_n, \text{cov})` (``cov=None``: the point),
+    :math:`\epsilon \sim N(0, I)` (:func:`diffusion_estimator_moments`)."""
+    A, b = noise_prediction_map(model, gamma, data_shape)
+    D = A.shape[-1]
+    alpha = torch.sigmoid(-gamma).sqrt()[:, None, None]
+    sigma = torch.sigmoid(gamma).sqrt()[:, None, None]
+    M = torch.eye(D, dtype=_F64, device=A.device) - sigma * A
+    C = M @ M.transpose(1, 2)
+    if cov is not None:
+        C = C + alpha.pow(2) * A @ cov.to(A.device) @ A.transpose(1, 2)
+    mu = torch.einsum("gij,nj->gni", alpha * A, means.to(A.device)) + b[:, None]
+    trace = C.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None]
+    mean_q = trace + mu.pow(2).sum(-1)
+    var_q = 2 * (C * C).sum((-2, -1))[:, None] + 4 * torch.einsum("gni,gij,gnj->gn", mu, C, mu)
+    return mean_q, var_q
+
+
+def _continuous_terms(
+    model: ContinuousDiffusionModel,
+    means: torch.Tensor,
+    cov: torch.Tensor | None,
+    data_shape: tuple[int, ...] | None,
+    nodes: int,
+) -> torch.Tensor:
+    """Prior, decoder and diffusion terms ``(N, 3)`` for :math:`x \\sim N(\\text{means}_n, \\text{cov})`
+    (``cov=None``: the points); :func:`continuous_elbo_terms`."""
+    _check_continuous(model)
+    device = model.device_and_dtype()[0]
+    gamma_0, gamma_1 = (float(g.detach()) for g in model.schedule.endpoints())
+    D = means.shape[1]
+    gamma, w = _gauss_legendre(gamma_0, gamma_1, nodes, device)
+    mean_q, _ = _residual_moments(model, gamma, means, cov, data_shape)
+    diffusion = 0.5 * (w[:, None] * mean_q).sum(0)
+    a2, s2 = torch.sigmoid(torch.tensor(-gamma_1, dtype=_F64)), torch.sigmoid(torch.tensor(gamma_1, dtype=_F64))
+    square = means.pow(2).sum(-1).to(device) + (0 if cov is None else cov.diagonal().sum().to(device))
+    prior = 0.5 * (D * s2 + a2 * square - D - D * s2.log())
+    decoder = torch.full_like(prior, 0.5 * D * (_LOG_2PI + gamma_0 + 1))
+    return torch.stack([prior, decoder, diffusion], dim=-1)
+
+
 # ---------------------------------------------------------------------- helpers
-def _data_shape(model: DiffusionModel, data_shape) -> tuple[int, ...]:
+def _affine_probes(D: int, check_points: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points ``(D + 1 + check_points, D)`` where a map is read as an affine one: 0, the D unit vectors, and
+    ``check_points`` further points drawn from a fixed seed (also returned alone)."""
+    probes = torch.randn(check_points, D, generator=torch.Generator().manual_seed(0), dtype=_F64).to(device)
+    return torch.cat([probes.new_zeros(1, D), torch.eye(D, dtype=_F64, device=device), probes]), probes
+
+
+def _affine_fit(values: torch.Tensor, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None, float]:
+    r"""The affine maps :math:`y = W x + c` of G functions from their values ``(G, P, D)`` at :func:`_affine_probes`'
+    points: :math:`c` at 0, :math:`W` from the unit vectors; returns ``(W (G, D, D), c (G, D), first, error)``,
+    ``first`` the index of the first function off its affine map at a further probe by more than 1e-8 of its scale
+    (None if none) and ``error`` that distance."""
+    D = values.shape[-1]
+    offsets = values[:, 0]
+    weights = (values[:, 1 : D + 1] - offsets[:, None]).transpose(1, 2)
+    fitted = torch.einsum("gij,kj->gki", weights, probes) + offsets[:, None]
+    error = (fitted - values[:, D + 1 :]).abs().amax((1, 2))
+    bad = ~(error <= 1e-8 * (1 + values.abs().amax((1, 2))))
+    if not bad.any():
+        return weights, offsets, None, 0.0
+    first = int(torch.nonzero(bad)[0])
+    return weights, offsets, first, error[first].item()
+
+
+def _data_shape(model: DiffusionModel | ContinuousDiffusionModel, data_shape) -> tuple[int, ...]:
     if data_shape is not None:
         data_shape = tuple(int(s) for s in data_shape)
         if model.data_shape is not None and data_shape != tuple(model.data_shape):
@@ -606,8 +790,8 @@ def _normal(mean: torch.Tensor, cov: torch.Tensor, what: str) -> MultivariateNor
 
 
 def _check_schedule(schedule) -> None:
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule (e.g. a NoiseSchedule), got {type(schedule).__name__}")
 
 
 def _from_eigen(U: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
