@@ -192,6 +192,28 @@ def test_the_elbo_on_the_device_reads_nothing_on_the_host(estimator, host_reads)
     assert [f"{what} at {_where(frames)}" for what, frames in host_reads.reads] == []
 
 
+@pytest.mark.parametrize("estimator", ["mean_field", "trace"])
+@pytest.mark.parametrize("interior", ["bound", "variance"])
+def test_the_continuous_time_step_with_a_learned_schedule_reads_nothing_on_the_host(estimator, interior, host_reads):
+    """One continuous-time step (loss and backward) with a learned schedule: the low-discrepancy times, gamma(t) and
+    its closed-form rate, the prior and decoder at the learned endpoints and, with interior="variance", the gradient
+    hooks that rescale the interior's gradient all stay on the device."""
+    from pyrodiff import ContinuousDiffusionModel, ContinuousGuide, LearnedSchedule, MLPDenoiser
+
+    schedule = LearnedSchedule(100, hidden=16)
+    model = ContinuousDiffusionModel(MLPDenoiser(2, hidden=16, depth=1), schedule, "gaussian", interior=interior)
+    guide = ContinuousGuide(schedule)
+    model.register_with_pyro = guide.register_with_pyro = False
+    loss_module = elbo_on_device(parse_estimator(estimator)())(model, guide)
+    x = torch.randn(8, 2)
+    host_reads.active = True
+    with host_reads, pyro.validation_enabled(False):
+        loss_module(x).backward()
+    host_reads.active = False
+    assert [f"{what} at {_where(frames)}" for what, frames in host_reads.reads] == []
+    assert schedule.w2.grad is not None and schedule.gamma_0.grad is not None  # it did reach the schedule
+
+
 @pytest.mark.parametrize(
     ("estimator", "reads"),
     [

@@ -227,7 +227,7 @@ class LearnedSchedule(LogSNRSchedule):
 
     def interior(self, t):
         g, dg = self._g(t)
-        ends, _ = self._g(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))
+        ends, _ = self._g(torch.arange(2, dtype=torch.float64, device=t.device))  # t = 0, 1 made on the device
         width = ends[1] - ends[0]
         return (g - ends[0]) / width, dg / width
 
