@@ -73,6 +73,10 @@ class Target:
     def to_x0(self, out: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def to_eps(self, out: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        r"""The noise :math:`\hat\epsilon` that the output implies (the conversions of the module docstring)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class EpsilonTarget(Target):
@@ -82,6 +86,9 @@ class EpsilonTarget(Target):
 
     def to_x0(self, out, xt, abar):
         return eps_to_x0(out, xt, abar)
+
+    def to_eps(self, out, xt, abar):
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,9 @@ class X0Target(Target):
     def to_x0(self, out, xt, abar):
         return out
 
+    def to_eps(self, out, xt, abar):
+        return x0_to_eps(out, xt, abar)
+
 
 @dataclass(frozen=True)
 class VTarget(Target):
@@ -102,6 +112,9 @@ class VTarget(Target):
 
     def to_x0(self, out, xt, abar):
         return v_to_x0(out, xt, abar)
+
+    def to_eps(self, out, xt, abar):
+        return v_to_eps(out, xt, abar)
 
 
 # ---------------------------------------------------------------------- reverse variances

@@ -433,6 +433,18 @@ class DiffusionModel(ReverseChain):
             variance = torch.where(expand_event(t == 1, event_dim), (1 - abar) / abar, variance)
         return GaussianStep(mean, variance, x0_hat)
 
+    def predicted_noise(self, xt: torch.Tensor, t: torch.Tensor, abar: torch.Tensor | None = None) -> torch.Tensor:
+        r"""The noise :math:`\hat\epsilon_\theta(x_t, t)` that one network call implies (whatever it predicts:
+        ``prediction.to_eps``), for a batch of any leading shape ``t.shape``.  ``t`` holds math timesteps 1..T, whose
+        :math:`\bar\alpha_t` is read from the schedule, or, with ``abar`` given (broadcast against ``xt``), any times
+        the network accepts: the continuous extension of :mod:`pyrodiff.chain.probability_flow` passes real ``t``."""
+        flat_x = xt.reshape((-1,) + xt.shape[t.dim() :])
+        out = self._network_output(flat_x, t.reshape(-1))
+        out = out.chunk(2, dim=1)[0] if self.variance.learned else out
+        if abar is None:
+            abar = at_timesteps(self.schedule.coefficients(xt.device, xt.dtype).alphas_cumprod, t, xt.dim() - t.dim())
+        return self.prediction.to_eps(out.reshape(xt.shape), xt, abar)
+
     def _network_output(self, flat_x: torch.Tensor, flat_t: torch.Tensor) -> torch.Tensor:
         try:
             with torch.autocast(

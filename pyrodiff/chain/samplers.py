@@ -17,20 +17,27 @@ single transition is :func:`reverse_step`):
   (:meth:`DiffusionModel.ddim(eta) <pyrodiff.chain.reverse.DiffusionModel.ddim>`); :math:`\eta = 1` is the ancestral
   sampler with the "small" variance on the same timesteps, :math:`\eta = 0` is deterministic given :math:`x_T`.
 
+- :func:`ode`: the probability-flow ODE (Song et al. 2021, eq. 13) of the model's continuous extension
+  (:class:`~pyrodiff.chain.probability_flow.ProbabilityFlow`), solved by an adaptive solver (torchdiffeq) from
+  :math:`x_T` at :math:`\lambda_T` to the first step's noise level :math:`\lambda_1`: deterministic given :math:`x_T`;
+  its samples follow the law whose density :func:`pyrodiff.evaluation.ode_likelihood.ode_log_likelihood` computes.
+
 ``clip=True`` clamps every prediction :math:`\hat x_0` to [-1, 1] and recomputes the step from it (the
 references' ``clip_denoised``): the clipped sampler is not the model whose bound pyrodiff scores.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
 from .. import checks
-from .reverse import ReverseChain, reverse_step, sample_chain
+from .probability_flow import ProbabilityFlow, solve
+from .reverse import DiffusionModel, ReverseChain, _start, reverse_step, sample_chain
 
-__all__ = ["ancestral", "ddim", "reverse_step"]
+__all__ = ["ancestral", "ddim", "ode", "reverse_step"]
 
 
 def ancestral(
@@ -111,6 +118,40 @@ def ddim(
         progress=progress,
         graph=graph,
     )
+
+
+def ode(
+    model: DiffusionModel | ProbabilityFlow,
+    x_T: torch.Tensor | int,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    generator: torch.Generator | None = None,
+    return_info: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict]:
+    r"""The probability-flow ODE sampler: :math:`x` solved deterministically from :math:`x_T` at the noise end to the
+    data end of the model's :class:`~pyrodiff.chain.probability_flow.ProbabilityFlow` (for a
+    :class:`~pyrodiff.chain.reverse.DiffusionModel`, from :math:`\lambda_T` to :math:`\lambda_1`: the samples are
+    :math:`x` at the first step's noise level, the law :math:`p^\text{ODE}_\theta` whose log-density
+    :func:`~pyrodiff.evaluation.ode_likelihood.ode_log_likelihood` computes; no decoder step follows).
+
+    :param x_T: the starting noise ``(N, *D)``, or a number N of samples drawn from :math:`N(0, I)` with
+        ``generator`` (a DiffusionModel with a ``data_shape``).
+    :param rtol: the solver's relative tolerance.
+    :param atol: the solver's absolute tolerance.
+    :param method: an adaptive ``torchdiffeq.odeint`` method (:data:`~pyrodiff.chain.probability_flow.METHODS`).
+    :param return_info: also return ``{"nfe", "seconds", "rtol", "atol", "method"}``, ``nfe`` the number of drift
+        evaluations (one network call each).
+    """
+    flow = ProbabilityFlow.of(model)
+    if not torch.is_tensor(x_T) and not isinstance(model, DiffusionModel):
+        raise ValueError("a ProbabilityFlow does not know its data shape: give x_T as a tensor")
+    x_T = _start(model, x_T, generator) if isinstance(model, DiffusionModel) else x_T
+    began = time.perf_counter()
+    x, nfe = solve(flow.drift, x_T, flow.end, flow.start, rtol, atol, method, flow.knots)
+    info = {"nfe": nfe, "seconds": time.perf_counter() - began, "rtol": rtol, "atol": atol, "method": method}
+    return (x, info) if return_info else x
 
 
 def _respaced(model: ReverseChain, steps: int | None, timesteps: Sequence[int] | torch.Tensor | None) -> ReverseChain:

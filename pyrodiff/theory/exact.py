@@ -42,11 +42,14 @@ from .. import checks
 from ..chain.continuous import ContinuousDiffusionModel
 from ..chain.forward import check_batch
 from ..chain.parameterization import parse_variance
+from ..chain.probability_flow import continuous_log_snr
 from ..chain.reverse import DiffusionModel
 from ..chain.schedule import Schedule
 
 __all__ = [
     "AffineDenoiser",
+    "GaussianScore",
+    "probability_flow_marginal",
     "GaussianReverseChain",
     "reverse_chain",
     "true_reverse",
@@ -95,11 +98,75 @@ class AffineDenoiser(nn.Module):
         self.bias = nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """At integer t the step's ``W[t-1] x + b[t-1]``; at real t in [1, T] (the continuous extension of
+        :mod:`pyrodiff.chain.probability_flow`) the weights and bias interpolated linearly between the steps."""
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"AffineDenoiser(dim={self.dim}) got inputs of {flat.shape[1]} values each")
-        out = torch.einsum("bij,bj->bi", self.weight[t - 1], flat) + self.bias[t - 1]
+        if t.is_floating_point():
+            T = self.weight.shape[0]
+            i = t.floor().long().clamp(1, T - 1)
+            frac = (t - i).to(self.weight.dtype)
+            weight = self.weight[i - 1] + frac[:, None, None] * (self.weight[i] - self.weight[i - 1])
+            bias = self.bias[i - 1] + frac[:, None] * (self.bias[i] - self.bias[i - 1])
+        else:
+            weight, bias = self.weight[t - 1], self.bias[t - 1]
+        out = torch.einsum("bij,bj->bi", weight, flat) + bias
         return out.reshape(x.shape)
+
+
+class GaussianScore(nn.Module):
+    r"""The exact noise prediction for data :math:`N(m, S)`, a network on the continuous extension of ``schedule``
+    (:func:`pyrodiff.chain.probability_flow.continuous_log_snr`): at real timestep u with log-SNR :math:`\lambda(u)`,
+    :math:`\alpha^2 = \mathrm{sigmoid}(\lambda)`, :math:`\sigma^2 = \mathrm{sigmoid}(-\lambda)`,
+    :math:`V = \alpha^2 S + \sigma^2 I`, ``network(x, u)`` :math:`= E[\epsilon \mid x] = \sigma V^{-1}(x - \alpha m)`, i.e.
+    the score :math:`-V^{-1}(x - \alpha m)` of :math:`q(x_\lambda) = N(\alpha m, V)`.  As a ``"epsilon"`` model's network
+    it is, at the integer steps, the optimal affine chain (:func:`best_affine`); its probability-flow ODE is linear, with
+    the closed-form marginal :func:`probability_flow_marginal`.  Float64, on the CPU."""
+
+    def __init__(self, schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        super().__init__()
+        _check_schedule(schedule)
+        m, S = _check_law(mean, cov)
+        values, U = torch.linalg.eigh(S)
+        self.register_buffer("mean", m)
+        self.register_buffer("eigenvalues", values)
+        self.register_buffer("eigenvectors", U)
+        self.register_buffer("log_snr", schedule.tables().log_snr.to(_F64))
+
+    def noise(self, x: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        r""":math:`E[\epsilon \mid x_\lambda = x] = \sigma V^{-1}(x - \alpha m)` at log-SNR ``log_snr`` (a number, a 0-dim
+        tensor or one per example), for ``x`` of shape ``(N, D)``; float64."""
+        lam = torch.as_tensor(log_snr, dtype=_F64).reshape(-1, 1)
+        alpha, sigma2 = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam)
+        centred = (x.to(_F64) - alpha * self.mean) @ self.eigenvectors
+        return (sigma2.sqrt() * centred / (alpha**2 * self.eigenvalues + sigma2)) @ self.eigenvectors.T
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        lam = continuous_log_snr(self.log_snr, t.to(_F64))
+        return self.noise(x.reshape(x.shape[0], -1), lam).to(x.dtype).reshape(x.shape)
+
+
+def probability_flow_marginal(
+    schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and covariance of :math:`x(\lambda_1)` under the probability-flow ODE of the exact score of data
+    :math:`N(m, S)` (:class:`GaussianScore`) started from :math:`N(0, I)` at :math:`\lambda_T` (docs/MATH.md, "The score
+    and the probability-flow ODE").  In the eigenbasis of :math:`S`, :math:`y = x - \alpha m` solves
+    :math:`dy_i/d\lambda = \tfrac12\sigma^2(1 - 1/v_i)\,y_i = \tfrac12 (d\log v_i/d\lambda)\,y_i` with
+    :math:`v_i = \alpha^2 s_i + \sigma^2`, so :math:`y(\lambda_1) = R\,y(\lambda_T)`,
+    :math:`R = U\,\mathrm{diag}(\sqrt{v_i(\lambda_1)/v_i(\lambda_T)})\,U^\top`: the mean is
+    :math:`\alpha_1 m - \alpha_T R m` and the covariance :math:`R R^\top` (:math:`= V_1` only if the prior were
+    :math:`q(x_{\lambda_T})`)."""
+    _check_schedule(schedule)
+    m, S = _check_law(mean, cov)
+    values, U = torch.linalg.eigh(S)
+    lam = schedule.tables().log_snr.to(_F64)[[0, -1]].to(m.device)
+    alpha2, sigma2 = torch.sigmoid(lam), torch.sigmoid(-lam)
+    v = alpha2[:, None] * values + sigma2[:, None]  # (2, D): v_i at lambda_1 and lambda_T
+    ratio = v[0] / v[1]
+    R = _from_eigen(U, ratio.sqrt())
+    return alpha2[0].sqrt() * m - alpha2[1].sqrt() * (R @ m), _from_eigen(U, ratio)
 
 
 # ---------------------------------------------------------------------- the chain

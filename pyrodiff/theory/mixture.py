@@ -292,6 +292,26 @@ class IsotropicGaussianMixture:
         return self.moment_matched().entropy().item() - kl, se
 
     # ------------------------------------------------------------------ the forward and reverse chains
+    def noise(self, x: torch.Tensor, log_snr: torch.Tensor | float) -> torch.Tensor:
+        r"""The exact noise prediction :math:`E[\epsilon \mid x_\lambda = x]` of this data law at log-SNR ``log_snr``
+        (a number, a 0-dim tensor or one per row of ``x``), shape of ``x`` ``(N, *D)``: with
+        :math:`\alpha^2 = \mathrm{sigmoid}(\lambda)`, :math:`\sigma^2 = \mathrm{sigmoid}(-\lambda)`,
+        :math:`P = \alpha^2 s^2 + \sigma^2` and the component posteriors
+        :math:`w_j(x) \propto \pi_j N(x; \alpha\mu_j, P I)`, the score of :math:`q(x_\lambda)` is
+        :math:`\sum_j w_j(x)(\alpha\mu_j - x)/P` and :math:`E[\epsilon \mid x] = -\sigma\,\text{score}
+        = \sigma(x - \alpha\sum_j w_j\mu_j)/P` (Tweedie; docs/MATH.md, "The score and the probability-flow ODE").
+        Works under ``torch.func`` transforms (no host reads)."""
+        c = self._components_for(x)
+        flat = x.to(c.centred.dtype).flatten(1)
+        lam = torch.as_tensor(log_snr, dtype=flat.dtype, device=flat.device).reshape(-1, 1)
+        alpha2, sigma2 = torch.sigmoid(lam), torch.sigmoid(-lam)
+        alpha = alpha2.sqrt()
+        P = alpha2 * self.variance + sigma2
+        r = flat - alpha * c.centre
+        logits = c.log_weights - c.sq_distances(r, alpha) / (2 * P)
+        mean = torch.softmax(logits, 1) @ c.centred  # sum_j w_j mu_j, centred
+        return (sigma2.sqrt() * (r - alpha * mean) / P).to(x.dtype).reshape(x.shape)
+
     def marginal(self, schedule: NoiseSchedule, t: int) -> IsotropicGaussianMixture:
         r"""The law of :math:`x_t`, :math:`q(x_t) = \sum_j \pi_j N(\sqrt{\bar\alpha_t}\mu_j, P_t I)` with
         :math:`P_t = \bar\alpha_t s^2 + 1 - \bar\alpha_t` (the convolution of each component with
