@@ -19,6 +19,8 @@ from scipy.special import expit
 from torch.distributions import MultivariateNormal
 
 from pyrodiff import DiffusionModel, MLPDenoiser, NoiseSchedule, UNet, samplers
+from pyrodiff.chain.continuous import ContinuousDiffusionModel
+from pyrodiff.chain.log_snr import LinearLogSNR, NoiseLevelInput
 from pyrodiff.chain.probability_flow import ProbabilityFlow, continuous_log_snr, continuous_timestep
 from pyrodiff.evaluation.ode_likelihood import ode_log_likelihood
 from pyrodiff.theory.exact import (
@@ -45,12 +47,17 @@ def _schedule() -> NoiseSchedule:
     return NoiseSchedule.linear(50, 1e-3, 0.3)
 
 
+def _ends(schedule: NoiseSchedule) -> tuple[float, float]:
+    log_snr = schedule.tables().log_snr
+    return log_snr[0].item(), log_snr[-1].item()
+
+
 def test_exact_gaussian_score_likelihood_is_the_closed_form():
     schedule, (m, S) = _schedule(), _law(3, 0)
     model = DiffusionModel(GaussianScore(schedule, m, S), schedule, data_shape=(3,))
     x = MultivariateNormal(m, S).sample((4,))
     result = ode_log_likelihood(model, x, rtol=RTOL, atol=RTOL)
-    mean, cov = probability_flow_marginal(schedule, m, S)
+    mean, cov = probability_flow_marginal(m, S, *_ends(schedule))
     expected = MultivariateNormal(mean, cov).log_prob(x)
     assert (result.log_likelihood - expected).abs().max() < TOL
     assert result.divergence == "exact" and result.nfe > 0 and result.rtol == RTOL
@@ -68,6 +75,26 @@ def test_exact_gaussian_score_over_a_wide_range_recovers_the_data_law():
     # sigma^2 = sigmoid(-14) ~ 8e-7 at the start and alpha = sigmoid(-30)^(1/2) ~ 3e-7 at the end: each moves log p
     # by ~1e-6
     assert (result.log_likelihood - MultivariateNormal(m, S).log_prob(x)).abs().max() < 1e-5
+
+
+def test_continuous_time_model_likelihood_is_the_closed_form():
+    """A continuous-time model whose network is the exact noise prediction at its noise level c(gamma): the flow runs
+    from -gamma_0 to -gamma_1 and its density is the closed form, whatever the schedule's interior."""
+    m, S = _law(2, 10)
+    score = GaussianScore(_schedule(), m, S)
+    level = NoiseLevelInput()
+
+    class Exact(torch.nn.Module):
+        def forward(self, z, c):
+            return score.noise(z, -level.gamma(c))
+
+    schedule = LinearLogSNR(10, gamma_min=-8.0, gamma_max=6.0)
+    model = ContinuousDiffusionModel(Exact(), schedule, decoder="gaussian", data_shape=(2,))
+    x = MultivariateNormal(m, S).sample((4,))
+    result = ode_log_likelihood(model, x, rtol=RTOL, atol=RTOL)
+    assert (result.start, result.end) == (8.0, -6.0)
+    mean, cov = probability_flow_marginal(m, S, 8.0, -6.0)
+    assert (result.log_likelihood - MultivariateNormal(mean, cov).log_prob(x)).abs().max() < TOL
 
 
 def _affine_marginal(model: DiffusionModel, weight: np.ndarray, bias: np.ndarray, prediction: str):
@@ -159,7 +186,7 @@ def test_ode_sampler_draws_the_closed_form_law_and_is_deterministic():
     n = 4000
     x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
     x, info = samplers.ode(model, x_T, rtol=1e-6, atol=1e-6, return_info=True)
-    mean, cov = probability_flow_marginal(schedule, m, S)
+    mean, cov = probability_flow_marginal(m, S, *_ends(schedule))
     se_mean = (torch.diagonal(cov) / n).sqrt()
     assert ((x.mean(0) - mean).abs() < 4 * se_mean).all()
     se_cov = ((torch.diagonal(cov)[:, None] * torch.diagonal(cov)[None] + cov**2) / n).sqrt()
@@ -229,5 +256,5 @@ def test_refusals():
         ode_log_likelihood(model, torch.full((2, 2), float("nan"), dtype=F64))
     with pytest.raises(ValueError, match="off the grid"):
         ode_log_likelihood(model, torch.full((2, 2), 0.3, dtype=F64), levels=3)
-    with pytest.raises(TypeError, match="DiffusionModel or a ProbabilityFlow"):
+    with pytest.raises(TypeError, match="or a ProbabilityFlow"):
         ProbabilityFlow.of(object())

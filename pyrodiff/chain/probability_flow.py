@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import checks
+from .continuous import ContinuousDiffusionModel
 from .reverse import DiffusionModel, _RespacedNetwork
 
 __all__ = ["ProbabilityFlow", "continuous_timestep", "continuous_log_snr", "solve", "METHODS", "MAX_KNOTS"]
@@ -66,31 +67,48 @@ class ProbabilityFlow:
         self.knots = tuple(float(k) for k in knots if min(start, end) < k < max(start, end))
 
     @classmethod
-    def of(cls, model: DiffusionModel | ProbabilityFlow) -> ProbabilityFlow:
-        r"""The flow of a model: a flow passes through; a :class:`~pyrodiff.chain.reverse.DiffusionModel` gives the
+    def of(cls, model: DiffusionModel | ContinuousDiffusionModel | ProbabilityFlow) -> ProbabilityFlow:
+        r"""The flow of a model: a flow passes through; a continuous-time
+        :class:`~pyrodiff.chain.continuous.ContinuousDiffusionModel` runs in :math:`\tau = \lambda = -\gamma` from
+        :math:`-\gamma_0` to :math:`-\gamma_1` with its network at :math:`c(\gamma)` (the schedule's interior plays no
+        part: in :math:`\lambda` the flow does not depend on it); a :class:`~pyrodiff.chain.reverse.DiffusionModel` gives the
         continuous extension of its schedule (module docstring), time :math:`\tau = \lambda` from :math:`\lambda_1` to
         :math:`\lambda_T`, the network fed :math:`u(\lambda)` and its output read as :math:`\hat\epsilon` by the model's
-        prediction target with :math:`\bar\alpha = \mathrm{sigmoid}(\lambda)`; for T <= :data:`MAX_KNOTS` the solver
+        prediction target with :math:`\bar\alpha = \mathrm{sigmoid}(\lambda)` (a model with a ``noise_level`` input is
+        fed :math:`c(-\lambda)` instead, continuous in :math:`\lambda` without interpolation); for T <= :data:`MAX_KNOTS` the solver
         steps onto every :math:`\lambda_t` (where :math:`u(\lambda)` has its kinks; above that the kinks are slight and
         stepping onto each would cost T steps).  A respaced model is refused (the
         adaptive solver chooses its own steps: pass the original model)."""
         if isinstance(model, ProbabilityFlow):
             return model
+        if isinstance(model, ContinuousDiffusionModel):
+            gamma_0, gamma_1 = (g.item() for g in model.schedule.endpoints())
+
+            def level(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+                return model.eps_hat(x, (-lam).clamp(gamma_0, gamma_1).to(x.dtype).expand(x.shape[0]))
+
+            return cls(_identity, level, -gamma_0, -gamma_1)
         if not isinstance(model, DiffusionModel):
-            raise TypeError(f"expected a DiffusionModel or a ProbabilityFlow, got {type(model).__name__}")
+            raise TypeError(
+                f"expected a DiffusionModel, a ContinuousDiffusionModel or a ProbabilityFlow, got {type(model).__name__}"
+            )
         if isinstance(model.network, _RespacedNetwork):
             raise ValueError(
                 "the probability-flow ODE of a respaced model is that of its original network: pass the original "
                 "model (the adaptive solver chooses its own steps)"
             )
         table = model.schedule.tables().log_snr.detach()
+        level = model.noise_level
 
         def noise(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-            u = continuous_timestep(table.to(lam.device), lam).to(x.dtype)
+            if level is None:
+                step = continuous_timestep(table.to(lam.device), lam)
+            else:
+                step = level(-lam.clamp(table[-1].item(), table[0].item()))
             abar = torch.sigmoid(lam).to(x.dtype)
-            return model.predicted_noise(x, u.expand(x.shape[0]), abar)
+            return model.predicted_noise(x, step.to(x.dtype).expand(x.shape[0]), abar)
 
-        knots = table[1:-1].tolist() if len(table) <= MAX_KNOTS else ()
+        knots = table[1:-1].tolist() if level is None and len(table) <= MAX_KNOTS else ()
         return cls(_identity, noise, table[0].item(), table[-1].item(), knots)
 
     def drift(self, tau: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -435,14 +435,20 @@ class DiffusionModel(ReverseChain):
 
     def predicted_noise(self, xt: torch.Tensor, t: torch.Tensor, abar: torch.Tensor | None = None) -> torch.Tensor:
         r"""The noise :math:`\hat\epsilon_\theta(x_t, t)` that one network call implies (whatever it predicts:
-        ``prediction.to_eps``), for a batch of any leading shape ``t.shape``.  ``t`` holds math timesteps 1..T, whose
-        :math:`\bar\alpha_t` is read from the schedule, or, with ``abar`` given (broadcast against ``xt``), any times
-        the network accepts: the continuous extension of :mod:`pyrodiff.chain.probability_flow` passes real ``t``."""
+        ``prediction.to_eps``), for a batch of any leading shape ``t.shape``.  An integer ``t`` holds math timesteps
+        1..T (the network is given t, or the step's noise level with ``noise_level``; :math:`\bar\alpha_t` is the
+        schedule's); a real ``t`` is given to the network as it is, with ``abar`` (broadcast against ``xt``) its
+        :math:`\bar\alpha`: the continuous extension of :mod:`pyrodiff.chain.probability_flow` passes real inputs."""
         flat_x = xt.reshape((-1,) + xt.shape[t.dim() :])
-        out = self._network_output(flat_x, t.reshape(-1))
+        step = t.reshape(-1)
+        if not t.is_floating_point():
+            c = self.schedule.coefficients(xt.device, xt.dtype)
+            step = step if self.noise_level is None else self.noise_level(-c.log_snr[step - 1])
+            abar = at_timesteps(c.alphas_cumprod, t, xt.dim() - t.dim())
+        elif abar is None:
+            raise ValueError("predicted_noise at real times t needs their abar")
+        out = self._network_output(flat_x, step)
         out = out.chunk(2, dim=1)[0] if self.variance.learned else out
-        if abar is None:
-            abar = at_timesteps(self.schedule.coefficients(xt.device, xt.dtype).alphas_cumprod, t, xt.dim() - t.dim())
         return self.prediction.to_eps(out.reshape(xt.shape), xt, abar)
 
     def _network_output(self, flat_x: torch.Tensor, flat_t: torch.Tensor) -> torch.Tensor:

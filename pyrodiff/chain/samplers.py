@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import checks
+from .continuous import ContinuousDiffusionModel
 from .probability_flow import ProbabilityFlow, solve
 from .reverse import DiffusionModel, ReverseChain, _start, reverse_step, sample_chain
 
@@ -121,7 +122,7 @@ def ddim(
 
 
 def ode(
-    model: DiffusionModel | ProbabilityFlow,
+    model: DiffusionModel | ContinuousDiffusionModel | ProbabilityFlow,
     x_T: torch.Tensor | int,
     *,
     rtol: float = 1e-5,
@@ -131,13 +132,14 @@ def ode(
     return_info: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict]:
     r"""The probability-flow ODE sampler: :math:`x` solved deterministically from :math:`x_T` at the noise end to the
-    data end of the model's :class:`~pyrodiff.chain.probability_flow.ProbabilityFlow` (for a
+    data end of the model's :class:`~pyrodiff.chain.probability_flow.ProbabilityFlow` (a continuous-time model's from
+    :math:`\gamma_1` to :math:`\gamma_0`; for a
     :class:`~pyrodiff.chain.reverse.DiffusionModel`, from :math:`\lambda_T` to :math:`\lambda_1`: the samples are
     :math:`x` at the first step's noise level, the law :math:`p^\text{ODE}_\theta` whose log-density
     :func:`~pyrodiff.evaluation.ode_likelihood.ode_log_likelihood` computes; no decoder step follows).
 
     :param x_T: the starting noise ``(N, *D)``, or a number N of samples drawn from :math:`N(0, I)` with
-        ``generator`` (a DiffusionModel with a ``data_shape``).
+        ``generator`` (a model with a ``data_shape``).
     :param rtol: the solver's relative tolerance.
     :param atol: the solver's absolute tolerance.
     :param method: an adaptive ``torchdiffeq.odeint`` method (:data:`~pyrodiff.chain.probability_flow.METHODS`).
@@ -145,9 +147,9 @@ def ode(
         evaluations (one network call each).
     """
     flow = ProbabilityFlow.of(model)
-    if not torch.is_tensor(x_T) and not isinstance(model, DiffusionModel):
+    if isinstance(model, ProbabilityFlow) and not torch.is_tensor(x_T):
         raise ValueError("a ProbabilityFlow does not know its data shape: give x_T as a tensor")
-    x_T = _start(model, x_T, generator) if isinstance(model, DiffusionModel) else x_T
+    x_T = x_T if isinstance(model, ProbabilityFlow) else _start(model, x_T, generator)
     began = time.perf_counter()
     x, nfe = solve(flow.drift, x_T, flow.end, flow.start, rtol, atol, method, flow.knots)
     info = {"nfe": nfe, "seconds": time.perf_counter() - began, "rtol": rtol, "atol": atol, "method": method}

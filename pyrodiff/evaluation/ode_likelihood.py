@@ -15,8 +15,9 @@ docs/MATH.md, "The score and the probability-flow ODE").  The divergence is
   drawn once per example and held fixed along the solve (FFJORD, Grathwohl et al. 2019): each probe gives an unbiased
   estimate of the log-likelihood, and their spread its standard error (NaN for K = 1).
 
-**Where it starts.**  The ODE cannot start at :math:`\lambda = \infty`.  For a discrete-time model it starts at the
-first step's log-SNR :math:`\lambda_1` (the decoder's noise level, :math:`\sigma_1^2 = 1 - \bar\alpha_1`): the number
+**Where it starts.**  The ODE cannot start at :math:`\lambda = \infty`.  A continuous-time model starts at
+:math:`\lambda = -\gamma_0` (VDM's :math:`\gamma_0 = -13.3`: :math:`\sigma^2 \approx 1.7 \times 10^{-6}`).  A
+discrete-time model starts at the first step's log-SNR :math:`\lambda_1` (the decoder's noise level, :math:`\sigma_1^2 = 1 - \bar\alpha_1`): the number
 is the density of :math:`x` as the flow's variable at that noise level, :math:`p^\text{ODE}_\theta(x_{\lambda_1})`,
 with the data taken as that variable (the :math:`\epsilon = 10^{-5}` caveat of Song et al. 2021): a smoothed model of
 the data, not the reverse chain's :math:`p_\theta(x_0)` with its decoder.
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import checks
+from ..chain.continuous import ContinuousDiffusionModel
 from ..chain.decoders import check_levels_grid
 from ..chain.forward import check_batch
 from ..chain.probability_flow import ProbabilityFlow, solve
@@ -118,7 +120,7 @@ class ODELikelihood:
 
 
 def ode_log_likelihood(
-    model: DiffusionModel | ProbabilityFlow,
+    model: DiffusionModel | ContinuousDiffusionModel | ProbabilityFlow,
     x0: torch.Tensor,
     *,
     rtol: float = 1e-5,
@@ -135,8 +137,9 @@ def ode_log_likelihood(
     docstring), solved with ``torchdiffeq.odeint`` in the data's dtype and on its device (float64 data and network
     recommended: the tolerances then bind, not rounding).
 
-    :param model: a :class:`~pyrodiff.chain.reverse.DiffusionModel` (its continuous extension,
-        :meth:`ProbabilityFlow.of <pyrodiff.chain.probability_flow.ProbabilityFlow.of>`) or a ``ProbabilityFlow``.
+    :param model: a :class:`~pyrodiff.chain.reverse.DiffusionModel` (its continuous extension), a
+        :class:`~pyrodiff.chain.continuous.ContinuousDiffusionModel` (:meth:`ProbabilityFlow.of
+        <pyrodiff.chain.probability_flow.ProbabilityFlow.of>`) or a ``ProbabilityFlow``.
     :param x0: data ``(N, *D)``.
     :param rtol: the solver's relative tolerance (on :math:`x` and the integrated divergence alike).
     :param atol: the solver's absolute tolerance.
@@ -159,7 +162,7 @@ def ode_log_likelihood(
     )
     checks.positive_int("num_probes", num_probes)
     checks.one_of("probe", probe, ("rademacher", "gaussian"))
-    if levels is None and isinstance(model, DiffusionModel):
+    if levels is None and not isinstance(model, ProbabilityFlow):
         levels = model.decoder.levels
     x = x0
     if levels is not None:

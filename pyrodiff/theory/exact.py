@@ -122,7 +122,8 @@ class GaussianScore(nn.Module):
     :math:`V = \alpha^2 S + \sigma^2 I`, ``network(x, u)`` :math:`= E[\epsilon \mid x] = \sigma V^{-1}(x - \alpha m)`, i.e.
     the score :math:`-V^{-1}(x - \alpha m)` of :math:`q(x_\lambda) = N(\alpha m, V)`.  As a ``"epsilon"`` model's network
     it is, at the integer steps, the optimal affine chain (:func:`best_affine`); its probability-flow ODE is linear, with
-    the closed-form marginal :func:`probability_flow_marginal`.  Float64, on the CPU."""
+    the closed-form marginal :func:`probability_flow_marginal` (:meth:`noise` serves any log-SNR, e.g. for a
+    continuous-time model).  Float64, on the CPU."""
 
     def __init__(self, schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor) -> None:
         super().__init__()
@@ -148,22 +149,22 @@ class GaussianScore(nn.Module):
 
 
 def probability_flow_marginal(
-    schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor
+    mean: torch.Tensor, cov: torch.Tensor, start: float, end: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Mean and covariance of :math:`x(\lambda_1)` under the probability-flow ODE of the exact score of data
-    :math:`N(m, S)` (:class:`GaussianScore`) started from :math:`N(0, I)` at :math:`\lambda_T` (docs/MATH.md, "The score
-    and the probability-flow ODE").  In the eigenbasis of :math:`S`, :math:`y = x - \alpha m` solves
-    :math:`dy_i/d\lambda = \tfrac12\sigma^2(1 - 1/v_i)\,y_i = \tfrac12 (d\log v_i/d\lambda)\,y_i` with
-    :math:`v_i = \alpha^2 s_i + \sigma^2`, so :math:`y(\lambda_1) = R\,y(\lambda_T)`,
-    :math:`R = U\,\mathrm{diag}(\sqrt{v_i(\lambda_1)/v_i(\lambda_T)})\,U^\top`: the mean is
-    :math:`\alpha_1 m - \alpha_T R m` and the covariance :math:`R R^\top` (:math:`= V_1` only if the prior were
-    :math:`q(x_{\lambda_T})`)."""
-    _check_schedule(schedule)
+    r"""Mean and covariance of :math:`x(\lambda_0)`, ``start`` :math:`= \lambda_0`, under the probability-flow ODE of the
+    exact score of data :math:`N(m, S)` (:class:`GaussianScore`) started from :math:`N(0, I)` at ``end``
+    :math:`= \lambda_1` (log-SNRs; for a discrete model :math:`\lambda_1` and :math:`\lambda_T` of its schedule;
+    docs/MATH.md, "The score and the probability-flow ODE").  In the eigenbasis of :math:`S`, :math:`y = x - \alpha m`
+    solves :math:`dy_i/d\lambda = \tfrac12\sigma^2(1 - 1/v_i)\,y_i = \tfrac12 (d\log v_i/d\lambda)\,y_i` with
+    :math:`v_i = \alpha^2 s_i + \sigma^2`, so :math:`y(\lambda_0) = R\,y(\lambda_1)`,
+    :math:`R = U\,\mathrm{diag}(\sqrt{v_i(\lambda_0)/v_i(\lambda_1)})\,U^\top`: the mean is
+    :math:`\alpha_0 m - \alpha_1 R m` and the covariance :math:`R R^\top` (which would be :math:`V(\lambda_0)` if the
+    prior were :math:`q(x_{\lambda_1})`)."""
     m, S = _check_law(mean, cov)
     values, U = torch.linalg.eigh(S)
-    lam = schedule.tables().log_snr.to(_F64)[[0, -1]].to(m.device)
+    lam = torch.tensor([checks.number("start", start), checks.number("end", end)], dtype=_F64, device=m.device)
     alpha2, sigma2 = torch.sigmoid(lam), torch.sigmoid(-lam)
-    v = alpha2[:, None] * values + sigma2[:, None]  # (2, D): v_i at lambda_1 and lambda_T
+    v = alpha2[:, None] * values + sigma2[:, None]  # (2, D): v_i at the start and the end
     ratio = v[0] / v[1]
     R = _from_eigen(U, ratio.sqrt())
     return alpha2[0].sqrt() * m - alpha2[1].sqrt() * (R @ m), _from_eigen(U, ratio)
