@@ -125,7 +125,7 @@ class GaussianScore(nn.Module):
     the closed-form marginal :func:`probability_flow_marginal` (:meth:`noise` serves any log-SNR, e.g. for a
     continuous-time model).  Float64, on the CPU."""
 
-    def __init__(self, schedule: NoiseSchedule, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    def __init__(self, schedule: Schedule, mean: torch.Tensor, cov: torch.Tensor) -> None:
         super().__init__()
         _check_schedule(schedule)
         m, S = _check_law(mean, cov)
