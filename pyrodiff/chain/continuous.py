@@ -1,7 +1,7 @@
 r"""The continuous-time bound (:math:`T \to \infty`) of a variance-preserving diffusion as a Pyro program.
 
 Variational Diffusion Models (Kingma et al. 2021, VDM, eq. 17 and appendix E) write the negative ELBO of
-:math:`x` as three terms (docs/MATH.md, section 15, "Continuous time and learned schedules"):
+:math:`x` as three terms (docs/MATH.md, section 16, "Continuous time and learned schedules"):
 
 .. math:: -\log p(x) \le \underbrace{\mathrm{KL}(q(z_1 \mid x) \,\|\, N(0, I))}_{\text{prior}}
     + \underbrace{E_{q(z_0 \mid x)}[-\log p(x \mid z_0)]}_{\text{decoder}}

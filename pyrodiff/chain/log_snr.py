@@ -2,7 +2,7 @@ r"""Schedules given by a log-SNR in continuous time: :math:`\gamma(t) = -\log\ma
 
 Variational Diffusion Models (Kingma et al. 2021, VDM) write the forward process through
 :math:`\gamma(t)`, increasing in t: :math:`\alpha_t^2 = \sigma(-\gamma(t))`, :math:`\sigma_t^2 = \sigma(\gamma(t))`
-(:math:`\sigma(\cdot)` the logistic function), :math:`z_t = \alpha_t x + \sigma_t \epsilon` (docs/MATH.md, section 15,
+(:math:`\sigma(\cdot)` the logistic function), :math:`z_t = \alpha_t x + \sigma_t \epsilon` (docs/MATH.md, section 16,
 "Continuous time and learned schedules").  Its endpoints :math:`\gamma_0 = \gamma(0)` (the least noise,
 :math:`\mathrm{SNR}_\max = e^{-\gamma_0}`) and :math:`\gamma_1 = \gamma(1)` (the most) are all that the continuous-time
 bound depends on; the interior changes only the variance of its estimator.  Here

@@ -301,7 +301,8 @@ class DiffusionModel(ReverseChain):
         serves the chain at every T and a learned schedule's steps keep their meaning), and the decoder at t = 1 is
         VDM's (Kingma et al. 2021, eq. 31): mean :math:`x_1 / \sqrt{\bar\alpha_1}` and variance
         :math:`(1 - \bar\alpha_1)/\bar\alpha_1 = 1/\mathrm{SNR}_1`, the network unused there, so that the chain's
-        decoder term is the continuous-time bound's at every T (docs/MATH.md, section 15).
+        decoder term is the continuous-time bound's at every T (docs/MATH.md, section 16, "Continuous time and
+        learned schedules").
     :param family: the inference family (:class:`~pyrodiff.chain.forward.InferenceFamily`) whose posterior at
         :math:`\hat x_0` is the mean, :math:`\mu_\theta = E_{q}[x_{t-1} \mid x_t, \hat x_0]`: DDPM's (default) or,
         through :meth:`ddim`, DDIM's.
