@@ -439,6 +439,9 @@ def test_the_chains_decoder_is_vdms():
     assert step.mean.reshape(-1).tolist() == pytest.approx((x1 / math.sqrt(abar)).reshape(-1).tolist(), rel=1e-13)
     assert step.variance.reshape(-1).tolist() == pytest.approx([(1 - abar) / abar] * 3, rel=1e-10)
     assert step.variance.reshape(-1)[0].item() == pytest.approx(math.exp(GAMMA_MIN), rel=1e-10)
+    float32 = ContinuousDiffusionModel(_Spy().float(), LinearLogSNR(100), decoder="gaussian").discretised()
+    step = float32.predict(x1.float(), torch.ones(3, dtype=torch.long))  # 1 - abar_1 = 1.7e-6 cancels in float32
+    assert step.variance.reshape(-1).tolist() == pytest.approx([math.exp(-13.3)] * 3, rel=1e-5)
     other = chain.predict(x1, torch.full((3,), 3))  # elsewhere the network's step and the "small" variance
     tables = chain.schedule.tables()
     assert other.variance.reshape(-1).tolist() == pytest.approx([tables.posterior_variance[2].item()] * 3, rel=1e-12)

@@ -430,8 +430,9 @@ class DiffusionModel(ReverseChain):
             x0_hat = torch.where(expand_event(t == 1, event_dim), xt / abar.sqrt(), x0_hat)
         mean, _ = self.posterior(x0_hat, xt, t)
         variance = self.variance.variance(self.schedule, t, event_dim, xt, None if v is None else v.reshape(xt.shape))
-        if self.noise_level is not None:
-            variance = torch.where(expand_event(t == 1, event_dim), (1 - abar) / abar, variance)
+        if self.noise_level is not None:  # (1 - abar_1)/abar_1 = 1/SNR_1, without the cancellation of 1 - abar_1
+            inverse_snr = at_timesteps(c.log_snr, t, event_dim).neg().exp()
+            variance = torch.where(expand_event(t == 1, event_dim), inverse_snr, variance)
         return GaussianStep(mean, variance, x0_hat)
 
     def predicted_noise(self, xt: torch.Tensor, t: torch.Tensor, abar: torch.Tensor | None = None) -> torch.Tensor:
