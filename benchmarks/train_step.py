@@ -3,9 +3,17 @@ guide)``, subsample_steps=1, AdamW) against a plain PyTorch DDPM step that compu
 (the same analytic per-timestep KLs, decoder term and prior term) with the same network, batch,
 optimizer and random timesteps, measured side by side in one run.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--steps 30] [--repeats 5]
+The same pyrodiff step with a learned schedule (``LearnedSchedule(1000)``, VDM's monotone network with learned
+endpoints, shared by the model and the guide, its parameters in a second AdamW group as ``pyrodiff train`` puts them)
+is timed against the step with the fixed linear schedule, interleaved with the others.
 
-Goal (issue 4): ratio <= 1.05.
+    python benchmarks/train_step.py [--device cpu|cuda] [--steps 30] [--repeats 5] [--schedule-hidden 1024] [--cpu-time]
+
+``--cpu-time`` times with the process's CPU time instead of the wall clock (CPU only): steadier on a shared machine,
+best with one thread (``OMP_NUM_THREADS=1``).
+
+Goals: the Pyro step <= 1.05 x the plain PyTorch one (issue 4); the learned schedule's step <= 1.1 x the fixed
+schedule's (issue 17).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from pyrodiff import DiffusionGuide, DiffusionModel, NoiseSchedule, UNet
+from pyrodiff import DiffusionGuide, DiffusionModel, LearnedSchedule, NoiseSchedule, UNet
 from pyrodiff.chain.forward import q_marginal, q_posterior
 from pyrodiff.chain.gaussian import expand_event, normal_kl
 from pyrodiff.data import load_dataset
@@ -47,7 +55,12 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--validation", action="store_true", help="keep Pyro's validation on (pyrodiff train turns it off)")
+    p.add_argument("--schedule-hidden", type=int, default=1024, help="width of the learned schedule's network (VDM's)")
+    p.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (CPU device only)")
     args = p.parse_args()
+    if args.cpu_time and torch.device(args.device).type != "cpu":
+        p.error("--cpu-time measures the host's CPU time: use it with --device cpu")
+    clock = time.process_time if args.cpu_time else time.perf_counter
     pyro.enable_validation(args.validation)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -59,35 +72,48 @@ def main():
     loss_module = TraceMeanField_ELBO()(model, DiffusionGuide(schedule))
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **kwargs)
+    # the same step with a learned schedule, shared by model and guide (neither registers with Pyro: AdamW holds them)
+    learned = LearnedSchedule(1000, hidden=args.schedule_hidden).to(device)
+    learned_model = DiffusionModel(net, learned, decoder="discretized", levels=17)
+    learned_guide = DiffusionGuide(learned)
+    learned_model.register_with_pyro = learned_guide.register_with_pyro = False
+    learned_loss = TraceMeanField_ELBO()(learned_model, learned_guide)
+    learned_opt = torch.optim.AdamW(
+        [{"params": net.parameters()}, {"params": learned.parameters(), "weight_decay": 0.0}], lr=1e-4, **kwargs
+    )
     batches = [data[torch.randint(len(data), (args.batch_size,))] for _ in range(args.steps)]
 
-    def run(loss_fn):
+    def run(loss_fn, opt=opt):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         for x0 in batches:
             opt.zero_grad(set_to_none=True)
             loss_fn(x0).backward()
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) / len(batches)
+        return (clock() - start) / len(batches)
 
     pyro_step = lambda x0: loss_module(x0, 1)  # noqa: E731
     torch_step = lambda x0: plain_pytorch_loss(model, x0)  # noqa: E731
-    run(pyro_step), run(torch_step)  # warm-up
-    times = {"plain PyTorch": [], "pyrodiff (Pyro program)": []}
+    learned_step = lambda x0: learned_loss(x0, 1)  # noqa: E731
+    run(pyro_step), run(torch_step), run(learned_step, learned_opt)  # warm-up
+    plain, fixed, with_learned = "plain PyTorch", "pyrodiff (Pyro program)", "pyrodiff, learned schedule"
+    times = {plain: [], fixed: [], with_learned: []}
     for _ in range(args.repeats):  # interleaved
-        times["plain PyTorch"].append(run(torch_step))
-        times["pyrodiff (Pyro program)"].append(run(pyro_step))
-    base = statistics.median(times["plain PyTorch"])
+        times[plain].append(run(torch_step))
+        times[fixed].append(run(pyro_step))
+        times[with_learned].append(run(learned_step, learned_opt))
+    medians = {label: statistics.median(ts) for label, ts in times.items()}
     print(
         f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; digits U-Net, "
-        f"batch {args.batch_size}; Pyro validation {'on' if args.validation else 'off'}"
+        f"batch {args.batch_size}; Pyro validation {'on' if args.validation else 'off'}; learned schedule: "
+        f"LearnedSchedule(1000, hidden={args.schedule_hidden}); {'CPU' if args.cpu_time else 'wall-clock'} time"
     )
-    for label, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {label:26s} {med * 1e3:8.2f} ms/step   ratio {med / base:.3f}")
+    for label, med in medians.items():
+        print(f"  {label:26s} {med * 1e3:8.2f} ms/step   ratio {med / medians[plain]:.3f}")
+    print(f"  learned schedule / fixed schedule (both pyrodiff): {medians[with_learned] / medians[fixed]:.3f}")
 
 
 if __name__ == "__main__":
