@@ -445,3 +445,24 @@ def test_the_chains_decoder_is_vdms():
     other = chain.predict(x1, torch.full((3,), 3))  # elsewhere the network's step and the "small" variance
     tables = chain.schedule.tables()
     assert other.variance.reshape(-1).tolist() == pytest.approx([tables.posterior_variance[2].item()] * 3, rel=1e-12)
+
+
+def test_plain_svi_trains_the_schedule_and_the_network_together():
+    """The guide registers the schedule (pyro.module), the model the network: one SVI step moves both, and a step
+    lowers the closed-form bound of a model far from its optimum."""
+    from pyro.infer import SVI
+    from pyro.optim import Adam
+
+    model = _model(_suboptimal(gain=0.5), _learned())
+    guide = ContinuousGuide(model.schedule)
+    x = _draw(256, 15)
+    before = {k: v.detach().clone() for k, v in [*model.schedule.named_parameters(), ("gain", model.network.gain)]}
+    bound = E.continuous_elbo_terms(model, x).sum().item()
+    svi = SVI(model, guide, Adam({"lr": 0.02}), TraceMeanField_ELBO())
+    for _ in range(5):
+        svi.step(x)
+    store = pyro.get_param_store()
+    assert {"schedule$$$gamma_0", "schedule$$$w2", "network$$$gain"} <= set(store.keys())
+    after = dict([*model.schedule.named_parameters(), ("gain", model.network.gain)])
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    assert E.continuous_elbo_terms(model, x).sum().item() < bound
