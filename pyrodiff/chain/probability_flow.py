@@ -130,6 +130,21 @@ class ProbabilityFlow:
         values, products = torch.func.vmap(one, chunk_size=chunk_size)(directions)
         return values[0], products
 
+    def drift_and_divergence(
+        self, tau: torch.Tensor, x: torch.Tensor, probes: torch.Tensor | None = None, chunk_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The drift and its divergence :math:`\nabla_x\cdot f` for each example: exact (``probes`` None), the trace
+        from D Jacobian-vector products along the unit vectors, shape ``(1, N)``; or Hutchinson's estimates
+        :math:`v^\top(\partial f/\partial x)v` for each probe ``probes[k]`` (``(K, N, *D)``, entries of mean 0 and
+        covariance I), shape ``(K, N)``, each unbiased (Hutchinson 1990)."""
+        if probes is not None:
+            drift, products = self.drift_and_jvps(tau, x, probes, chunk_size)
+            return drift, (probes * products).flatten(2).sum(2)
+        N, D = x.shape[0], x[0].numel()
+        basis = torch.eye(D, dtype=x.dtype, device=x.device).reshape((D, 1) + x.shape[1:])
+        drift, products = self.drift_and_jvps(tau, x, basis.expand((D,) + x.shape), chunk_size)
+        return drift, products.reshape(D, N, D).diagonal(dim1=0, dim2=2).sum(1)[None]  # sum_i d f_i / d x_i
+
 
 def continuous_timestep(log_snr: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     r"""The continuous timestep :math:`u \in [1, T]` at log-SNR ``lam`` (a 0-dim tensor) on the piecewise-linear

@@ -172,24 +172,16 @@ def ode_log_likelihood(
         u = torch.rand(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         x = x0 + (u - 0.5) * width
     N = x.shape[0]
-    if divergence == "exact":
-        basis = torch.eye(D, dtype=x.dtype, device=x.device).reshape((D, 1) + x.shape[1:])
-        directions = basis.expand((D,) + x.shape)
-    else:
+    probes = None
+    if divergence == "hutchinson":
         shape = (num_probes,) + x.shape
-        v = torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
-        directions = (
-            v
-            if probe == "gaussian"
-            else torch.sign(torch.rand(shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5)
-        )
+        if probe == "gaussian":
+            probes = torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
+        else:
+            probes = torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
 
     def augmented(tau: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        drift, products = flow.drift_and_jvps(tau, state[0], directions, chunk_size)
-        if divergence == "exact":
-            diagonal = products.reshape(D, N, D).diagonal(dim1=0, dim2=2)  # (N, D): d f_i / d x_i
-            return drift, diagonal.sum(1)[None]
-        return drift, (directions * products).flatten(2).sum(2)
+        return flow.drift_and_divergence(tau, state[0], probes, chunk_size)
 
     K = 1 if divergence == "exact" else num_probes
     began = time.perf_counter()
