@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="default: ode-likelihood beside the checkpoint")
     return p
 
 
@@ -81,13 +81,20 @@ def score_errors(model, law, x0, steps, generator) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    from pyrodiff.refusal import run_refusing
+
+    return run_refusing(PROG, lambda: run(args, argv))
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     from pyrodiff import bound_terms, load_trained, log_likelihood_bound, ode_log_likelihood
     from pyrodiff.chain.probability_flow import ProbabilityFlow
     from pyrodiff.data import GAUSSIANS8_ENTROPY
-    from pyrodiff.evaluation.likelihood import khat_threshold
+    from pyrodiff.evaluation.likelihood import MIN_PARTICLES_FOR_KHAT, khat_threshold
     from pyrodiff.theory.mixture import IsotropicGaussianMixture
 
     torch.manual_seed(args.seed)
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
     report: dict = {
-        "command": "python analysis/ode_likelihood.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python analysis/ode_likelihood.py " + shlex.join(argv),
         "checkpoint": str(args.checkpoint),
         "data": built.spec.data.name,
         "examples": len(x),
@@ -121,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             iwae = log_likelihood_bound(model, x, num_particles=args.particles)
         neg_iwae = -iwae.estimate.double()
-        threshold = khat_threshold(args.particles)
+        # k-hat needs K >= 21 (MIN_PARTICLES_FOR_KHAT); below that it is NaN and no threshold applies
+        threshold = khat_threshold(args.particles) if args.particles >= MIN_PARTICLES_FOR_KHAT else float("nan")
         report["iwae"] = {
             **_mean_se(neg_iwae, "negative_iwae_nats", "stderr_nats"),
             "particles": args.particles,
             "khat_median": iwae.khat.nanmedian().item(),
             "khat_threshold": threshold,
-            "share_khat_above_threshold": (iwae.khat > threshold).double().mean().item(),
+            "share_khat_above_threshold": (
+                (iwae.khat > threshold).double().mean().item() if threshold == threshold else float("nan")
+            ),
             "seconds": time.perf_counter() - began,
         }
         rows["iwae"] = neg_iwae

@@ -19,6 +19,7 @@ SCRIPTS = {
     "bound_vs_steps": ROOT / "analysis" / "bound_vs_steps.py",
     "sample_quality": ROOT / "analysis" / "sample_quality.py",
     "compare_bounds": ROOT / "analysis" / "compare_bounds.py",
+    "ode_likelihood": ROOT / "analysis" / "ode_likelihood.py",
     "perspectives": ROOT / "analysis" / "perspectives.py",
     "timestep_variance": ROOT / "benchmarks" / "timestep_variance.py",
 }
@@ -99,7 +100,7 @@ def test_perspectives_runs_on_the_main_install():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", ["bound_vs_steps", "sample_quality", "perspectives"])
+@pytest.mark.parametrize("name", ["bound_vs_steps", "sample_quality", "perspectives", "ode_likelihood"])
 def test_default_outputs_are_not_the_committed_docs(name):
     args = runpy.run_path(str(SCRIPTS[name]))["build_parser"]().parse_args([] if name == "perspectives" else ["x.pt"])
     assert args.out is None or not str(args.out).startswith("docs"), args.out
@@ -146,6 +147,38 @@ def test_bound_vs_steps_refuses_an_eta_outside_0_1_before_any_work(trained, tmp_
     assert _main("bound_vs_steps")(argv) == 2
     assert "--etas must lie in [0, 1], got [1.5]" in _error(capsys, "bound_vs_steps")
     assert not (tmp_path / "b").exists()
+
+
+def test_ode_likelihood_reports_the_library_calls_numbers(trained, tmp_path):
+    """Every number of the report is the library call's on the same examples: the ODE NLL, the bound, IWAE, the
+    entropy of gaussians8, the paired KLs and the exact score's ODE NLL."""
+    import torch
+
+    from pyrodiff import bound_terms, load_trained, ode_log_likelihood
+    from pyrodiff.data import GAUSSIANS8_ENTROPY
+    from pyrodiff.theory.mixture import IsotropicGaussianMixture
+
+    argv = [str(trained), "--examples", "12", "--particles", "3", "--out", str(tmp_path)]
+    assert _main("ode_likelihood")(argv) == 0
+    report = json.loads((tmp_path / "ode_likelihood.json").read_text())
+    assert report["command"] == "python analysis/ode_likelihood.py " + " ".join(argv)
+    built, model = load_trained(trained)
+    x = built.data.test[:12].double()
+    ode = ode_log_likelihood(model.double(), x)
+    assert report["ode"]["negative_log_likelihood_nats"] == pytest.approx(-ode.log_likelihood.mean().item(), rel=1e-9)
+    assert report["ode"]["nfe"] == ode.nfe and report["ode"]["rtol"] == 1e-5
+    assert report["entropy_nats"] == GAUSSIANS8_ENTROPY
+    log_q = IsotropicGaussianMixture.of(built.data).log_prob(x)
+    kl = report["paired_kl_nats"]["ode"]["mean"]
+    assert kl == pytest.approx((-ode.log_likelihood - (-log_q)).mean().item(), rel=1e-9)
+    with torch.no_grad():
+        neg_elbo = bound_terms(model, x, generator=torch.Generator().manual_seed(0)).total.double()
+    assert report["elbo"]["negative_elbo_nats"] == pytest.approx(neg_elbo.mean().item(), rel=1e-9)
+    assert report["paired_kl_nats"]["elbo"]["mean"] == pytest.approx((neg_elbo + log_q).mean().item(), rel=1e-9)
+    assert report["iwae"]["particles"] == 3
+    assert [row["t"] for row in report["score_error"]] == sorted({row["t"] for row in report["score_error"]})
+    assert torch.isfinite(torch.tensor([row["relative_squared_error"] for row in report["score_error"]])).all()
+    assert (tmp_path / "ode_likelihood.md").read_text().startswith("# The probability-flow ODE's likelihood")
 
 
 def test_sample_quality_beside_the_checkpoint_with_the_command_line(trained, capsys):
