@@ -114,6 +114,18 @@ def test_linear_log_snr_is_linear():
     assert LinearLogSNR(5, -6.0, 2.0, learn_endpoints=True).has_parameters
 
 
+def test_the_defaults_are_vdms():
+    """gamma from -13.3 to 5 (SNR_max = e^13.3), 1000 steps, a 1024-wide monotone network that starts close to linear,
+    and the noise-level input mapping [-13.3, 5] onto DDPM's timestep range [0, 1000]."""
+    for schedule in (LinearLogSNR(), LearnedSchedule()):
+        assert [g.item() for g in schedule.endpoints()] == [-13.3, 5.0] and schedule.num_steps == 1000
+    learned = LearnedSchedule()
+    assert learned.w2.numel() == 1024
+    t = torch.linspace(0, 1, 101, dtype=F64)
+    assert (learned.at(t).interior - t).abs().max().item() < 0.01
+    assert NoiseLevelInput()(torch.tensor([-13.3, 5.0], dtype=F64)).tolist() == pytest.approx([0.0, 1000.0], abs=1e-12)
+
+
 # ---------------------------------------------------------------------- the discretisation
 @pytest.mark.parametrize("num_steps", [2, 7, 50])
 def test_tables_are_the_discretisation_at_evenly_spaced_times(num_steps):
@@ -170,6 +182,7 @@ def test_the_noise_level_input_and_its_inverse():
     gamma = torch.tensor([-10.0, -2.0, 6.0], dtype=F64)
     assert level(gamma).tolist() == [0.0, 500.0, 1000.0]
     assert level.gamma(level(gamma)).tolist() == pytest.approx(gamma.tolist(), rel=1e-15)
+    assert NoiseLevelInput(scale=0.5)(torch.tensor([5.0], dtype=F64)).item() == pytest.approx(0.5, rel=1e-15)
     for bad in ({"low": 1.0, "high": 1.0}, {"scale": 0.0}, {"low": float("nan")}):
         with pytest.raises((ValueError, TypeError), match="noise-level input"):
             NoiseLevelInput(**bad)
@@ -191,6 +204,10 @@ def test_endpoints_moved_out_of_order_are_refused():
     with torch.no_grad():
         schedule.gamma_1.fill_(-6.0)
     with pytest.raises(ValueError, match=r"endpoints are out of order \(gamma_0 = -5, gamma_1 = -6\)"):
+        schedule.check()
+    with torch.no_grad():
+        schedule.gamma_1.fill_(-5.0)
+    with pytest.raises(ValueError, match=r"endpoints are out of order \(gamma_0 = -5, gamma_1 = -5\)"):
         schedule.check()
 
 
@@ -232,7 +249,25 @@ def test_a_non_monotone_interior_is_refused_even_between_the_steps():
         ContinuousDiffusionModel(_Noise(), _Wavy(3), decoder="gaussian")
 
 
-def test_fewer_than_two_steps_are_refused():
+class _Cubic(LogSNRSchedule):
+    """s(t) = (4t - t^3)/3: s(0) = 0, s(1) = 1, s'(t) = (4 - 3t^2)/3 >= 1/3 on [0, 1]; it turns down only beyond t = 1.15,
+    outside the process."""
+
+    def __init__(self) -> None:
+        super().__init__(5, -5.0, 5.0, False, {"kind": "cubic"})
+
+    def interior(self, t):
+        return (4 * t - t**3) / 3, (4 - 3 * t**2) / 3
+
+
+def test_only_the_times_in_0_1_are_checked():
+    assert _Cubic().check().at(torch.tensor([1.0], dtype=F64)).rate.item() == pytest.approx(10 / 3, rel=1e-15)
+
+
+def test_fewer_than_two_steps_are_refused_two_are_enough():
+    schedule = LearnedSchedule(10, -4.0, 3.0, hidden=2)
+    assert schedule.discretised(2).tables().log_snr.tolist() == pytest.approx([4.0, -3.0], rel=1e-14)
+    assert LinearLogSNR(2, -4.0, 3.0).tables().log_snr.tolist() == pytest.approx([4.0, -3.0], rel=1e-14)
     with pytest.raises(ValueError, match="T >= 2 steps, got num_steps = 1"):
         LinearLogSNR(1)
     with pytest.raises(ValueError, match="T >= 2 steps"):
