@@ -466,3 +466,20 @@ def test_plain_svi_trains_the_schedule_and_the_network_together():
     after = dict([*model.schedule.named_parameters(), ("gain", model.network.gain)])
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert E.continuous_elbo_terms(model, x).sum().item() < bound
+
+
+def test_the_data_shape_is_the_networks_or_learnt_from_the_first_batch():
+    """A data_shape equal to the network's is accepted, another refused; without either, the first batch scored gives
+    it (one example's shape), and later data of another shape is refused; the model then samples."""
+    assert _model(AffineNoise()).data_shape == (2,)
+    assert ContinuousDiffusionModel(AffineNoise(), LinearLogSNR(10), "gaussian", data_shape=(2,)).data_shape == (2,)
+    with pytest.raises(ValueError, match=r"data_shape \(3,\) does not fit the network's data shape \(2,\)"):
+        ContinuousDiffusionModel(AffineNoise(), LinearLogSNR(10), "gaussian", data_shape=(3,))
+    model = ContinuousDiffusionModel(_Spy(), LinearLogSNR(10), "gaussian")
+    with pytest.raises(ValueError, match="does not know the shape of one example"):
+        model(None, batch_size=2)
+    Trace_ELBO().loss(model, ContinuousGuide(model.schedule), _draw(5, 16))
+    assert model.data_shape == (2,)
+    with pytest.raises(ValueError, match=r"data of shape \(3,\) does not fit the model's data shape \(2,\)"):
+        model(torch.zeros(4, 3, dtype=F64))
+    assert model.sample(3).shape == (3, 2)

@@ -90,6 +90,8 @@ FORMULA_MODULES = (
     "pyrodiff/chain/kl.py",
     "pyrodiff/chain/traces.py",
     "pyrodiff/chain/path.py",
+    "pyrodiff/chain/log_snr.py",
+    "pyrodiff/chain/continuous.py",
     "pyrodiff/theory/exact.py",
     "pyrodiff/evaluation/likelihood.py",
     "pyrodiff/theory/mixture.py",
@@ -100,7 +102,9 @@ FORMULA_MODULES = (
 #: the fast test files that guard each module, those most likely to catch a change first (``-x`` stops
 #: at the first failure); files missing from the copy are skipped
 DEFAULT_TESTS = {
-    "pyrodiff/theory/exact.py": ["tests/test_exact.py"],
+    "pyrodiff/theory/exact.py": ["tests/test_exact.py", "tests/test_continuous.py"],
+    "pyrodiff/chain/log_snr.py": ["tests/test_log_snr.py", "tests/test_continuous.py"],
+    "pyrodiff/chain/continuous.py": ["tests/test_continuous.py", "tests/test_log_snr.py"],
     "pyrodiff/evaluation/likelihood.py": ["tests/test_likelihood.py"],
     "pyrodiff/theory/mixture.py": ["tests/test_mixture.py", "tests/test_empirical.py"],
     "pyrodiff/theory/empirical.py": ["tests/test_empirical.py"],
@@ -187,6 +191,25 @@ _XLIM_MARGIN = (
     "the margins of the terms plot's x-range around k = 0 .. T (test_plots checks that every term is in view)"
 )
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "pyrodiff/chain/continuous.py": [
+        (
+            'pyro.sample("x_0", self.decoder_law(alpha_0 * x0 + sigma_0 * eps_0), obs=x0)',
+            "`+` -> `-` in `alpha_0 * x0 + sigma_0 * eps_0`",
+            "eps_0 is standard normal in guide and model alike: -eps_0 has its law, so z_0 and the decoder term too",
+        ),
+    ],
+    "pyrodiff/chain/log_snr.py": [
+        (
+            "RATE_CHECK_POINTS = 1025",
+            "`1025` -> `1026`",
+            "a grid one point finer: the check refuses the same schedules unless a dip is narrower than 1/1024",
+        ),
+        (
+            "ends, _ = self._g(torch.arange(2, dtype=torch.float64, device=t.device))  # t = 0, 1 made on the device",
+            "`2` -> `3`",
+            "g is also evaluated at t = 2, which is never read (only ends[0] and ends[1] are)",
+        ),
+    ],
     "pyrodiff/chain/decoders.py": [
         (
             "flip = lower > 0",
