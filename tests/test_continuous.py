@@ -36,13 +36,14 @@ LEVEL = NoiseLevelInput()
 
 
 class AffineNoise(nn.Module):
-    r"""eps_hat(z, c) = gain A(gamma) z + b(gamma), gamma = NoiseLevelInput.gamma(c), with
-    A(gamma) = sigma (alpha^2 S' + sigma^2 I)^{-1} and b(gamma) = -alpha A m' + shift (sin gamma, cos gamma):
-    with (m', S') the data's law, shift = 0 and gain = 1 it is E[eps | z_gamma] (the optimal predictor)."""
+    r"""eps_hat(z, c) = (gain A(gamma) + skew cos(gamma) J) z + b(gamma), gamma = NoiseLevelInput.gamma(c), with
+    A(gamma) = sigma (alpha^2 S' + sigma^2 I)^{-1}, J = [[0, 1], [-1, 0]] (so that the matrix need not be symmetric)
+    and b(gamma) = -alpha A m' + shift (sin gamma, cos gamma): with (m', S') the data's law, shift = skew = 0 and
+    gain = 1 it is E[eps | z_gamma] (the optimal predictor)."""
 
-    def __init__(self, mean=MEAN, cov=COV, shift: float = 0.0, gain: float = 1.0) -> None:
+    def __init__(self, mean=MEAN, cov=COV, shift: float = 0.0, gain: float = 1.0, skew: float = 0.0) -> None:
         super().__init__()
-        self.mean, self.cov, self.shift = mean, cov, shift
+        self.mean, self.cov, self.shift, self.skew = mean, cov, shift, skew
         self.gain = nn.Parameter(torch.tensor(gain, dtype=F64))
         self.data_shape = (mean.numel(),)
 
@@ -50,7 +51,8 @@ class AffineNoise(nn.Module):
         a2, s2 = torch.sigmoid(-gamma)[:, None, None], torch.sigmoid(gamma)[:, None, None]
         A = s2.sqrt() * torch.linalg.inv(a2 * self.cov + s2 * torch.eye(self.mean.numel(), dtype=F64))
         b = -a2[..., 0].sqrt() * (A @ self.mean) + self.shift * torch.stack([gamma.sin(), gamma.cos()], -1)
-        return self.gain * A, b
+        J = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=F64)
+        return self.gain * A + self.skew * gamma.cos()[:, None, None] * J, b
 
     def forward(self, z, c):
         A, b = self.coefficients(LEVEL.gamma(c))
@@ -59,7 +61,9 @@ class AffineNoise(nn.Module):
 
 #: a predictor that is not the optimal one: another law and an offset that turns with gamma
 def _suboptimal(gain: float = 1.0) -> AffineNoise:
-    return AffineNoise(torch.tensor([0.1, 0.2], dtype=F64), torch.diag(torch.tensor([0.3, 1.5])).double(), 0.3, gain)
+    return AffineNoise(
+        torch.tensor([0.1, 0.2], dtype=F64), torch.diag(torch.tensor([0.3, 1.5])).double(), 0.3, gain, 0.4
+    )
 
 
 def _learned(gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX, seed=2, hidden=4) -> LearnedSchedule:
@@ -483,3 +487,26 @@ def test_the_data_shape_is_the_networks_or_learnt_from_the_first_batch():
     with pytest.raises(ValueError, match=r"data of shape \(3,\) does not fit the model's data shape \(2,\)"):
         model(torch.zeros(4, 3, dtype=F64))
     assert model.sample(3).shape == (3, 2)
+
+
+class _Bent(AffineNoise):
+    """Affine in z except at high noise (gamma > 0), where it bends by tanh."""
+
+    def forward(self, z, c):
+        out = super().forward(z, c)
+        high = (LEVEL.gamma(c) > 0)[:, None]
+        return torch.where(high, out + 0.1 * torch.tanh(z), out)
+
+
+def test_the_exact_account_refuses_what_it_cannot_read():
+    nodes = GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * (np.polynomial.legendre.leggauss(256)[0] + 1) / 2
+    first = f"{nodes[nodes > 0].min():.6g}"  # the first quadrature node where the network bends is named
+    with pytest.raises(ValueError, match=rf"not affine in z at gamma = {first} \(at a test point it is off"):
+        E.continuous_elbo_terms(_model(_Bent()), _draw(2, 17))
+    E.continuous_elbo_terms(_model(_Bent(), LinearLogSNR(10, GAMMA_MIN, -0.5)), _draw(2, 17))  # affine where used
+    with pytest.raises(ValueError, match="needs the Gaussian decoder; the model's decoder is 'discretized'"):
+        E.expected_continuous_elbo_terms(
+            ContinuousDiffusionModel(AffineNoise(), LinearLogSNR(10), "discretized", levels=17), MEAN, COV
+        )
+    with pytest.raises(TypeError, match="expected a ContinuousDiffusionModel"):
+        E.diffusion_estimator_moments(_model().discretised(10), _draw(2, 17))
