@@ -191,6 +191,73 @@ _XLIM_MARGIN = (
     "the margins of the terms plot's x-range around k = 0 .. T (test_plots checks that every term is in view)"
 )
 EQUIVALENT: dict[str, list[tuple[str, str, str]]] = {
+    "pyrodiff/theory/exact.py": [
+        (
+            "check_points: int = 3,",
+            "`3` -> `4`",
+            "one more probe point of the affinity check: the same maps are read",
+        ),
+        (
+            "def continuous_elbo_terms(model: ContinuousDiffusionModel, x0: torch.Tensor, nodes: int = 256) -> torch.Tensor:",
+            "`256` -> `257`",
+            "one more Gauss-Legendre node: the integral of a smooth integrand is already exact to rounding",
+        ),
+        (
+            "model: ContinuousDiffusionModel, mean: torch.Tensor, cov: torch.Tensor, nodes: int = 256",
+            "`256` -> `257`",
+            "one more Gauss-Legendre node: the integral of a smooth integrand is already exact to rounding",
+        ),
+        (
+            "model: ContinuousDiffusionModel, x0: torch.Tensor, nodes: int = 512",
+            "`512` -> `513`",
+            "one more Gauss-Legendre node: the integral of a smooth integrand is already exact to rounding",
+        ),
+        (
+            "return _continuous_terms(model, m[None], S, None if model.data_shape else tuple(mean.shape), nodes)[0]",
+            "index `0` -> `-1` in `_continuous_terms(model, m[None], S, None if model.data_shape else tuple(mean.shape), nodes)[0]`",
+            "the terms have one row (the law's mean): row 0 is row -1",
+        ),
+        (
+            "D = A.shape[-1]",
+            "index `-1` -> `-2` in `A.shape[-1]`",
+            "A is (G, D, D): its last two sizes are both D",
+        ),
+        (
+            "D = A.shape[-1]",
+            "`-` dropped in `-1`",
+            "A is (G, D, D): its last two sizes are both D",
+        ),
+        (
+            "trace = C.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None]",
+            "`-` dropped in `-1`",
+            "the tensor is 2-D: dim 1 is dim -1",
+        ),
+        (
+            "square = means.pow(2).sum(-1).to(device) + (0 if cov is None else cov.diagonal().sum().to(device))",
+            "`-` dropped in `-1`",
+            "the tensor is 2-D: dim 1 is dim -1",
+        ),
+        (
+            "return torch.stack([prior, decoder, diffusion], dim=-1)",
+            "`-` dropped in `-1`",
+            "the stacked terms are 1-D (N,): dim=1 is dim=-1 of the result",
+        ),
+        (
+            "probes = torch.randn(check_points, D, generator=torch.Generator().manual_seed(0), dtype=_F64).to(device)",
+            "`0` -> `1`",
+            "other random probe points of the affinity check: the same maps are read",
+        ),
+        (
+            "bad = ~(error <= 1e-8 * (1 + values.abs().amax((1, 2))))",
+            "`<=` -> `<` in `error <= 1e-08 * (1 + values.abs().amax((1, 2)))`",
+            "differs only when the error equals the tolerance exactly",
+        ),
+        (
+            "return weights, offsets, None, 0.0",
+            "`0.0` -> `1.0`",
+            "the error is read only when a map is not affine (first is not None)",
+        ),
+    ],
     "pyrodiff/chain/continuous.py": [
         (
             'pyro.sample("x_0", self.decoder_law(alpha_0 * x0 + sigma_0 * eps_0), obs=x0)',
