@@ -1,7 +1,7 @@
 """The probability-flow ODE's exact likelihood of a trained model beside its ELBO, IWAE and the data's entropy.
 
     python analysis/ode_likelihood.py runs/gaussians8/checkpoint.pt [--examples 200] [--particles 50]
-        [--rtol 1e-5] [--atol 1e-5] [--out DIR]
+        [--rtol 1e-5] [--atol 1e-5] [--threads N] [--out DIR]
 
 On the first ``--examples`` test examples (float64 copies of the EMA model), each per example and then averaged with
 a standard error across examples:
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch's CPU threads (default: torch's; 1 on a shared machine)"
+    )
     p.add_argument("--out", type=Path, default=None, help="default: ode-likelihood beside the checkpoint")
     return p
 
@@ -98,6 +101,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from pyrodiff.theory.mixture import IsotropicGaussianMixture
 
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     built, model = load_trained(args.checkpoint)
     model = model.to(torch.float64)
     x = built.data.test[: args.examples].to(torch.float64)
@@ -111,6 +116,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         "data": built.spec.data.name,
         "examples": len(x),
         "dims": D,
+        "threads": torch.get_num_threads(),
         "model": model.describe(),
     }
 
@@ -171,7 +177,8 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`",
         "",
-        f"{r['examples']} test examples, D = {r['dims']}; nats per example, mean +- standard error across examples.",
+        f"{r['examples']} test examples, D = {r['dims']}, {r['threads']} CPU thread(s); nats per example, mean +- "
+        "standard error across examples.",
         "",
         "| quantity | nats | paired E[log q - log p] |",
         "| --- | --- | --- |",
