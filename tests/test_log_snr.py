@@ -286,3 +286,35 @@ def test_a_guide_and_model_on_different_schedule_objects_are_refused():
         ContinuousGuide(NoiseSchedule.linear(10))
     with pytest.raises(TypeError, match="LogSNRSchedule"):
         ContinuousDiffusionModel(_Noise(), NoiseSchedule.linear(10))
+
+
+@pytest.mark.parametrize("subsample_steps", [None, 2])
+def test_the_chains_elbo_gradient_reaches_the_learned_schedule(subsample_steps):
+    """At finite T a learned schedule is a schedule: the discrete chain's Trace_ELBO (the reparameterised path and
+    every KL term) has the gradient of its central finite difference in every parameter kind, with common random
+    numbers."""
+    from pyrodiff import DiffusionGuide, DiffusionModel, MLPDenoiser
+
+    schedule = _learned(11, hidden=4, num_steps=6)
+    torch.manual_seed(1)
+    model = DiffusionModel(MLPDenoiser(2, hidden=8, depth=1).double(), schedule)
+    guide = DiffusionGuide(schedule)
+    x = torch.randn(5, 2, dtype=F64) * 0.5
+
+    def loss():
+        pyro.set_rng_seed(3)
+        return Trace_ELBO().differentiable_loss(model, guide, x, subsample_steps)
+
+    params = dict(schedule.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(loss(), list(params.values())), strict=True))
+    h = 1e-6
+    for name in ("gamma_0", "gamma_1", "w1", "b1", "w2", "w3"):
+        p = params[name]
+        with torch.no_grad():
+            p.view(-1)[0] += h
+            up = loss().item()
+            p.view(-1)[0] -= 2 * h
+            down = loss().item()
+            p.view(-1)[0] += h
+        assert grads[name].view(-1)[0].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-6), name
+        assert grads[name].view(-1)[0].item() != 0, name
