@@ -254,6 +254,30 @@ def test_continuous_extension_agrees_with_the_discrete_network_at_the_steps():
         assert torch.equal(network(x, t.to(F64)), network(x, t))
 
 
+@pytest.mark.parametrize(("prediction", "variance"), [("epsilon", "learned"), ("v", "small"), ("x0", "large")])
+def test_the_flows_noise_at_each_knot_is_the_discrete_models(prediction, variance):
+    torch.manual_seed(0)
+    channels = 4 if variance == "learned" else 2
+    network = _TwoHeads(MLPDenoiser(2, hidden=8, depth=1), channels).to(F64)
+    model = DiffusionModel(network, NoiseSchedule.linear(30), prediction, variance, data_shape=(2,))
+    flow = ProbabilityFlow.of(model)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(14), dtype=F64)
+    for t, lam in zip((1, 13, 30), model.schedule.tables().log_snr[[0, 12, 29]], strict=True):
+        # equal up to the rounding of abar = sigmoid(lambda_t) against the table (amplified by 1 / sigma_1 for x0)
+        assert torch.allclose(flow.noise(x, lam), model.predicted_noise(x, torch.full((5,), t)), rtol=1e-9, atol=1e-12)
+
+
+class _TwoHeads(torch.nn.Module):
+    """An MLP denoiser with ``channels`` outputs (4: the prediction and learned-variance channels)."""
+
+    def __init__(self, body: MLPDenoiser, channels: int) -> None:
+        super().__init__()
+        self.body, self.head = body, torch.nn.Linear(2, channels)
+
+    def forward(self, x, t):
+        return self.head(self.body(x, t))
+
+
 def test_exact_gaussian_score_is_the_optimal_affine_chain_at_the_steps():
     schedule, (m, S) = _schedule(), _law(2, 8)
     model = DiffusionModel(GaussianScore(schedule, m, S), schedule, data_shape=(2,))
