@@ -23,6 +23,7 @@ SCRIPTS = {
     "perspectives": ROOT / "analysis" / "perspectives.py",
     "timestep_variance": ROOT / "benchmarks" / "timestep_variance.py",
 }
+LEARNED_SCHEDULE = ROOT / "analysis" / "learned_schedule.py"  # no checkpoint argument: not in SCRIPTS
 TINY = (
     '[data]\nname = "gaussians8"\n[schedule]\nnum_steps = 10\n[model]\ndecoder = "gaussian"\n'
     '[network]\nkind = "mlp"\nhidden = 8\ndepth = 1\n'
@@ -73,7 +74,7 @@ def test_arguments_are_checked_before_torch_loads():
     """A bad argument exits with status 2 from the parser, with neither torch nor Pyro imported."""
     code = (
         "import runpy, sys\n"
-        f"for path in {[str(p) for p in [*SCRIPTS.values(), ROOT / 'analysis' / 'external_bound.py']]!r}:\n"
+        f"for path in {[str(p) for p in [*SCRIPTS.values(), ROOT / 'analysis' / 'external_bound.py', LEARNED_SCHEDULE]]!r}:\n"
         "    sys.argv = [path, '--no-such-option']\n"
         "    try:\n"
         "        runpy.run_path(path, run_name='__main__')\n"
@@ -389,3 +390,97 @@ def test_external_refuses_a_scheduler_with_other_steps_than_the_weights_record(t
     state["betas"] = torch.linspace(1e-4, 0.02, 12)
     torch.save({"ema": state}, tmp_path / "ckpt.pt")
     assert _external([*argv, "--num-train-timesteps", "12", "--out", str(tmp_path / "b")]) == 0
+
+
+@pytest.fixture(scope="module")
+def learned_schedule_quick(tmp_path_factory) -> tuple[list[str], Path]:
+    """analysis/learned_schedule.py --quick, run once for the tests below."""
+    out = tmp_path_factory.mktemp("learned-schedule")
+    argv = ["--quick", "--out", str(out)]
+    assert runpy.run_path(str(LEARNED_SCHEDULE))["main"](argv) == 0
+    return argv, out
+
+
+def test_learned_schedule_small_T_rows_are_the_library_calls_numbers(learned_schedule_quick):
+    """Each T = 5 row: the test bound is `bound_terms` of the trained checkpoint on the whole test split (seeded), the
+    paired difference is per example, the floor is `moment_matched_bound` of the row's schedule (the linear one the
+    T = 1000 schedule respaced), and the entropy is the data module's."""
+    import torch
+
+    from pyrodiff import NoiseSchedule, bound_terms, load_trained
+    from pyrodiff.data import GAUSSIANS8_ENTROPY
+    from pyrodiff.theory.mixture import IsotropicGaussianMixture, moment_matched_bound
+
+    argv, out = learned_schedule_quick
+    report = json.loads((out / "learned_schedule.json").read_text())
+    assert report["command"] == "python analysis/learned_schedule.py " + " ".join(argv)
+    assert report["entropy_nats"] == GAUSSIANS8_ENTROPY
+    rows, per_example = report["small_T"]["5"], {}
+    for kind in ("linear", "cosine", "linear_log_snr", "learned"):
+        built, model = load_trained(rows[kind]["checkpoint"])
+        x = built.data.test
+        with torch.no_grad():
+            nats = bound_terms(model, x, generator=torch.Generator().manual_seed(0)).total.mean(0).double()
+        per_example[kind] = nats
+        assert rows[kind]["bound_nats"]["mean"] == pytest.approx(nats.mean().item(), rel=1e-9)
+        assert rows[kind]["bound_nats"]["stderr"] == pytest.approx((nats.std() / len(nats) ** 0.5).item(), rel=1e-9)
+        law = IsotropicGaussianMixture.of(built.data)
+        floor = moment_matched_bound(law, model.schedule, 200, torch.Generator().manual_seed(5), GAUSSIANS8_ENTROPY)
+        assert rows[kind]["moment_matched_bound_nats"]["mean"] == pytest.approx(floor.bound, rel=1e-9)
+    assert report["test_negative_log_q_nats"]["mean"] == pytest.approx(-law.log_prob(x).mean().item(), rel=1e-9)
+    base = NoiseSchedule.linear(1000)
+    respaced = base.respace(base.evenly_spaced_timesteps(5)).tables().log_snr
+    assert rows["linear"]["log_snr_ends"] == pytest.approx([respaced[0].item(), respaced[-1].item()], rel=1e-12)
+    difference = (per_example["cosine"] - per_example["learned"]).mean().item()
+    assert rows["cosine"]["minus_learned_nats"]["mean"] == pytest.approx(difference, rel=1e-9)
+    assert "| 5 | learned |" in (out / "learned_schedule.md").read_text()
+
+
+def test_learned_schedule_estimators_are_unbiased_for_continuous_bound(learned_schedule_quick):
+    """Each estimator's mean bound of the fixed batch agrees with `continuous_bound` on it within 4 standard errors
+    (the importance-sampled one too: its weights undo its density), and the paired comparisons are the cells'."""
+    import torch
+
+    from pyrodiff import load_trained
+    from pyrodiff.evaluation.continuous_bound import continuous_bound
+
+    _, out = learned_schedule_quick
+    report = json.loads((out / "learned_schedule.json").read_text())
+    c = report["continuous"]
+    built, model = load_trained(c["runs"]["bound"]["checkpoint"])
+    x = built.data.test[:256]
+    draws = continuous_bound(model, x, num_samples=64, generator=torch.Generator().manual_seed(1)).per_example()
+    reference, reference_se = draws.mean().item(), (draws.std() / len(draws) ** 0.5).item()
+    for estimator in ("uniform", "low_discrepancy", "importance"):
+        cell = c["cells"][f"bound|bound|{estimator}|fixed_batch"]
+        # the fixed batch's bound is a constant: only the estimator's noise (cell stderr) and the reference's count;
+        # the reference's per-example spread overstates its own noise, which keeps the check conservative
+        z = (cell["mean"] - reference) / (cell["stderr"] ** 2 + reference_se**2) ** 0.5
+        assert abs(z) < 4, (estimator, cell, reference, reference_se)
+    a, b = c["cells"]["variance|variance|importance|test_batches"], c["cells"]["variance|bound|importance|test_batches"]
+    paired = c["paired"]["variance|variance-bound|importance|test_batches"]
+    assert paired["difference"]["mean"] == pytest.approx(a["mean"] - b["mean"], abs=1e-9)
+    assert paired["std_ratio"]["ratio"] == pytest.approx(a["std_std"] / b["std_std"], rel=1e-9)
+
+
+def test_learned_schedule_importance_density_integrates_exactly():
+    """The importance density's inverse CDF and weights: on an even grid of u (bin edges on grid edges), the weighted
+    mean of f(t(u)) is the integral of f over [0, 1] (f(t) = t^2 + 1, bins of unequal mass; the midpoint rule's
+    error is O(1e-11) here), and the bins are visited in proportion to their mass."""
+    import torch
+
+    density = runpy.run_path(str(LEARNED_SCHEDULE))["ImportanceDensity"](torch.tensor([1.0, 9.0, 4.0, 4.0]))
+    u = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+    t, weight = density.draw(u)
+    assert (weight * (t**2 + 1)).mean().item() == pytest.approx(4 / 3, rel=1e-9)
+    visits = torch.bincount((t * 4).long().clamp(max=3), minlength=4).double() / len(t)
+    assert visits.tolist() == pytest.approx([1 / 8, 3 / 8, 2 / 8, 2 / 8], abs=1e-12)
+
+
+def test_learned_schedule_refuses_too_few_draws_in_one_line(tmp_path, capsys):
+    main = runpy.run_path(str(LEARNED_SCHEDULE))["main"]
+    assert main(["--quick", "--batches", "1", "--out", str(tmp_path / "l")]) == 2
+    assert "--batches must be at least 2 (a standard deviation needs two draws), got 1" in _error(
+        capsys, "learned_schedule"
+    )
+    assert not (tmp_path / "l").exists()
