@@ -19,8 +19,9 @@ guide built on another), so their tables cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import NamedTuple, TypeVar
 
@@ -151,6 +152,8 @@ class Schedule(nn.Module):
         self.description = {"kind": description["kind"], "num_steps": num_steps, **description}
         # the derived tables of a schedule without parameters, by (derivation, device, dtype)
         self._derived: dict[tuple[object, torch.device, torch.dtype], object] = {}
+        # those of a schedule with parameters inside :meth:`memoised` (None outside)
+        self._memo: dict[tuple[object, torch.device, torch.dtype], object] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -184,7 +187,8 @@ class Schedule(nn.Module):
         them.  ``derivation`` is named by value: a module-level function, or a method of a hashable value object (a
         frozen dataclass such as :class:`~pyrodiff.chain.forward.InferenceFamily`), never a closure made per call."""
         key = (_derivation_key(derivation), torch.device(device), dtype)
-        value = self._derived.get(key)  # only a schedule without parameters keeps any
+        store = self._memo if self.has_parameters else self._derived
+        value = None if store is None else store.get(key)
         if value is None:
             name = getattr(derivation, "__qualname__", repr(derivation))
             if "<lambda>" in name or getattr(derivation, "__closure__", None) is not None:
@@ -193,9 +197,24 @@ class Schedule(nn.Module):
                     f"dataclass), not a lambda or closure: {name} would be a new cache entry per call"
                 )
             value = _cast(derivation(self), key[1], dtype)
-            if not self.has_parameters:
-                self._derived[key] = value
+            if store is not None:
+                store[key] = value
         return value
+
+    @contextlib.contextmanager
+    def memoised(self) -> Iterator[Schedule]:
+        """Within this context a schedule with parameters computes each derived table once and reuses it: for one
+        evaluation of a loss (model and guide call :meth:`coefficients` several times), whose one backward pass then
+        carries every use to the parameters.  Leave it before the parameters change or the graph is freed (the
+        training loop enters it around each micro-batch's loss).  A schedule without parameters caches anyway;
+        nested contexts share the outer one's tables."""
+        outer = self._memo
+        if outer is None:
+            self._memo = {}
+        try:
+            yield self
+        finally:
+            self._memo = outer
 
     def check(self) -> Schedule:
         """Refuse (``ValueError``, one line) a schedule whose state is no forward chain: a parameter that is not

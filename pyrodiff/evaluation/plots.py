@@ -1,4 +1,4 @@
-"""Pictures of samples: a grid of images, or a scatter of 2-D samples over the data.
+"""Pictures of samples (a grid of images, or a scatter of 2-D samples over the data) and of noise schedules.
 
 Figures are made with matplotlib's object-oriented API (:class:`matplotlib.figure.Figure`, no pyplot), so
 drawing chooses no backend for the process and opens no window; matplotlib is imported at the first figure, not
@@ -16,7 +16,7 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["save_samples_figure"]
+__all__ = ["save_samples_figure", "save_schedule_figure"]
 
 
 def save_samples_figure(
@@ -28,6 +28,34 @@ def save_samples_figure(
     fig = _image_grid(samples) if samples.dim() == 4 else _scatter(samples, data)
     if title:
         fig.suptitle(title)
+    _save(fig, path)
+
+
+def save_schedule_figure(
+    times: torch.Tensor, log_snrs: dict[str, torch.Tensor], path: str | Path, title: str = ""
+) -> None:
+    r"""Write, as a PNG to ``path``, each schedule of ``log_snrs`` (a name and its log-SNR :math:`\lambda` at ``times``
+    in [0, 1]) in two panels: :math:`\log_{10}\mathrm{SNR}(t)` and :math:`\sigma(t) = \sqrt{\mathrm{sigmoid}(-\lambda)}`,
+    the noise's standard deviation in :math:`z_t = \alpha_t x + \sigma_t\epsilon`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    snr_ax, sigma_ax = fig.subplots(1, 2)
+    t = times.detach().double().cpu().numpy()
+    for name, log_snr in log_snrs.items():
+        lam = log_snr.detach().double().cpu()
+        snr_ax.plot(t, (lam / math.log(10)).numpy(), label=name)
+        sigma_ax.plot(t, torch.sigmoid(-lam).sqrt().numpy(), label=name)
+    snr_ax.set(xlabel="t", ylabel="log10 SNR(t)")
+    sigma_ax.set(xlabel="t", ylabel="sigma(t)", yscale="log")
+    snr_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> None:
+    """Write ``fig`` through a temporary file, so an existing picture is replaced only by a complete one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")

@@ -166,6 +166,26 @@ def summary_markdown(s: dict) -> str:
             f"Bound on KL(q(x_0) || p_theta(x_0)), negative ELBO + log q(x_0) paired per example: "
             f"{s['kl_bound_nats']:.4f} +- {s['kl_bound_stderr']:.4f} nats."
         )
+    if s.get("continuous_bound"):
+        c = s["continuous_bound"]
+        terms = ", ".join(
+            f"{name} {v:.4f} +- {e:.4f}"
+            for name, v, e in zip(c["terms"], c["terms_nats"], c["terms_stderr"], strict=True)
+        )
+        lines += [
+            "",
+            f"The model is trained in continuous time: this table is its chain discretised at T = {T} steps. Its "
+            f"continuous-time bound (T = infinity; {c['num_samples']} draws per example, stratified times): "
+            f"**{c['total_nats']:.4f} +- {c['total_stderr']:.4f} nats, {c['bits_per_dim']:.4f} +- "
+            f"{c['bits_per_dim_stderr']:.4f} bits/dim** ({terms} nats).",
+        ]
+    if s.get("schedule_curve"):
+        g = s["schedule_curve"]
+        lines.append(
+            f"Schedule: gamma_0 = {g['gamma'][0]:.4f} (SNR_max = {math.exp(-g['gamma'][0]):.4g}), gamma_1 = "
+            f"{g['gamma'][-1]:.4f} (SNR_min = {math.exp(-g['gamma'][-1]):.4g}); schedule.png plots it against "
+            "DDPM's fixed schedules."
+        )
     n, draws = s["num_examples"], s["num_samples"]
     lines.append(
         f"+- is the standard error across the {n} independent examples (each example's mean over its {draws} "

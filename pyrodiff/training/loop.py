@@ -85,7 +85,7 @@ SAMPLES = "samples.png"
 _FIXED_TEMPORARIES = ("samples.tmp.png", "losses.tmp")
 #: ``[training]`` keys a resume may always change: how long to train, how often to save and read the losses,
 #: what to evaluate, whether to capture the step as a CUDA graph (the same step either way).
-RUN_KEYS = ("steps", "checkpoint_every", "log_every", "eval_examples", "graph")
+RUN_KEYS = ("steps", "seconds", "checkpoint_every", "log_every", "eval_examples", "graph")
 #: The optimisation hyperparameters a resume may change when asked (``change_hyperparameters=True``).
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup_steps", "grad_clip", "ema_decay")
 log = logging.getLogger(__name__)
@@ -212,6 +212,11 @@ class _Run(OptimisationLoop):
         tr = spec.training
         self.spec, self.world, self.path, device = spec, world, path, world.device
         self.B, self.M = tr.batch_size, tr.micro_batches
+        if tr.seconds is not None and world.distributed:
+            raise ValueError(
+                "training.seconds: a time budget under torchrun would stop the ranks at different steps (each reads "
+                "its own clock); give training.steps instead"
+            )
         if self.B % (world.size * self.M):
             raise ValueError(
                 f"the batch size {self.B} must be divisible by world size x micro-batches = {world.size} x {self.M}"
@@ -404,7 +409,7 @@ class _Run(OptimisationLoop):
         total = torch.zeros((), device=world.device)
         drawn = []
         for j, micro in enumerate(self._micro_batches(batch)):
-            with contextlib.nullcontext() if self.graphed else self.streams.stream(j):
+            with contextlib.nullcontext() if self.graphed else self.streams.stream(j), self.schedule.memoised():
                 loss = self.loss_module(micro, k)
             # DDP averages gradients over ranks: scale so that the sum is d(global loss / B)
             (loss * world.size / (self.B * self.dims)).backward()
@@ -427,7 +432,8 @@ class _Run(OptimisationLoop):
         total = torch.zeros((), device=self.world.device)
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for micro in self._micro_batches(batch):
-                total = total + self.loss_module(micro, self.subsample_steps)
+                with self.schedule.memoised():
+                    total = total + self.loss_module(micro, self.subsample_steps)
         return self.world.all_sum(total) / self.B
 
     def replay_context(self) -> contextlib.AbstractContextManager:
@@ -460,11 +466,12 @@ class _Run(OptimisationLoop):
         # the training data were checked above; Pyro's per-site validation would cost time at every step
         with pyro.validation_enabled(False), bar, _StopOnInterrupt(enabled=not self.world.distributed) as stop:
             try:
-                while self.step < tr.steps:
+                while self.step < tr.steps and not self._out_of_time():
                     batch = self._next_batch()
                     self.train_step(batch)
                     stopping = stop.requested  # read once: a signal may come at any moment
-                    saving = self.step % tr.checkpoint_every == 0 or self.step == tr.steps or stopping
+                    last = self.step == tr.steps or self._out_of_time()
+                    saving = self.step % tr.checkpoint_every == 0 or last or stopping
                     if saving or self.step % tr.log_every == 0:
                         self.read_losses(bar)
                     if saving:
@@ -485,6 +492,12 @@ class _Run(OptimisationLoop):
                 ) from None
         return self.seconds  # as the last step's checkpoint records it
 
+    def _out_of_time(self) -> bool:
+        """Whether the specification's time budget (``training.seconds``) is spent (a host clock read, no device
+        synchronisation)."""
+        budget = self.spec.training.seconds
+        return budget is not None and (self._seconds_now() or 0.0) >= budget
+
     def _seconds_now(self) -> float | None:
         """The seconds spent training to the current step: the checkpoint's, plus this run's so far."""
         if self._clock is None or self._clock[1] is None:
@@ -502,7 +515,7 @@ class _Run(OptimisationLoop):
         meta = {
             "name": self.spec.name,
             "split": "test",
-            "training_steps": tr.steps,
+            "training_steps": self.step,
             "objective": tr.objective,
             "train_seconds": self.seconds,
         }
@@ -516,8 +529,8 @@ class _Run(OptimisationLoop):
         samples_path = out / SAMPLES
         n = num_samples or (64 if self.train_data.dim() == 4 else 2000)
         samples = trained.sample(n, progress=progress)
-        save_samples_figure(samples, samples_path, data=data.test, title=f"{self.spec.name}: {tr.steps} steps")
-        return TrainResult(out / CHECKPOINT, samples_path, report, tr.steps, self.seconds)
+        save_samples_figure(samples, samples_path, data=data.test, title=f"{self.spec.name}: {self.step} steps")
+        return TrainResult(out / CHECKPOINT, samples_path, report, self.step, self.seconds)
 
 
 def _with_implementation(saved: dict, optimizer: torch.optim.Optimizer) -> dict:

@@ -305,7 +305,9 @@ class ModelSpec:
                 f"{model.prediction!r}, variance = {model.variance!r}",
             )
         if model.time == "discrete" and model.interior != "bound":
-            raise t.error("interior", "'variance' trains the interior of a continuous-time schedule: set time = 'continuous'")
+            raise t.error(
+                "interior", "'variance' trains the interior of a continuous-time schedule: set time = 'continuous'"
+            )
         t.finish()
         if model.levels is not None or model.decoder != "discretized":  # else the data's levels, at build
             try:
@@ -364,9 +366,12 @@ class TrainingSpec:
     """``[training]``: the optimiser (AdamW, linear warm-up, clipping, EMA of the weights), the objective
     and its estimator, and the run.  ``subsample_steps`` None is the full chain (``"all"`` in TOML).
     ``graph``: on a CUDA device, capture the whole step as a CUDA graph (where the run allows it, see
-    :mod:`pyrodiff.training.loop`); ``log_every``: how many steps pass between the host's reads of the losses."""
+    :mod:`pyrodiff.training.loop`); ``log_every``: how many steps pass between the host's reads of the losses;
+    ``seconds``: a wall-clock budget (training stops, saves and is evaluated at the first step past it, or at ``steps``;
+    ``"none"``, the default, for no budget), to compare models at equal training time."""
 
     steps: int = 2000
+    seconds: float | None = None
     batch_size: int = 128
     micro_batches: int = 1
     lr: float = 2e-4
@@ -390,6 +395,7 @@ class TrainingSpec:
     def read(cls, t: _Table) -> TrainingSpec:
         check = {
             "steps": _integer(1),
+            "seconds": _seconds,
             "batch_size": _integer(1),
             "micro_batches": _integer(1),
             "lr": partial(checks.number, lo=0, lo_open=True),
@@ -425,7 +431,15 @@ class TrainingSpec:
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["seconds"] = "none" if self.seconds is None else self.seconds
         return d | {"subsample_steps": "all" if self.subsample_steps is None else self.subsample_steps}
+
+
+def _seconds(name: str, value: Any) -> float | None:
+    """A time budget: seconds of training (> 0), or ``"none"`` (no budget: train ``steps`` steps)."""
+    if value == "none":
+        return None
+    return checks.number(name, value, 0, lo_open=True)
 
 
 def _subsample_steps(name: str, value: Any) -> int | None:

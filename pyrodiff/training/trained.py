@@ -10,20 +10,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import checks
 from ..chain.analytic import analytic_variance
+from ..chain.continuous import ContinuousDiffusionModel
 from ..chain.forward import ETA_ZERO_HAS_NO_BOUND, InferenceFamily
+from ..chain.log_snr import LogSNRSchedule
 from ..chain.reverse import DiffusionModel
-from ..chain.schedule import Schedule
+from ..chain.schedule import NoiseSchedule, Schedule
 from ..evaluation.bound import bound_terms
+from ..evaluation.continuous_bound import continuous_bound
+from ..evaluation.plots import save_schedule_figure
 from ..evaluation.report import REPORT_FILES, write_report
 from .checkpoint import CheckpointError, load_checkpoint
 from .spec import Built, Spec, build
 
 __all__ = ["load_trained", "report_checkpoint"]
+
+#: draws per example of a continuous-time model's own bound in its report (at least; stratified times)
+CONTINUOUS_DRAWS = 100
 
 
 def load_trained(
@@ -115,6 +123,14 @@ def report_checkpoint(
     if not overwrite and out.is_dir() and any((out / f).exists() for f in REPORT_FILES):
         raise FileExistsError(f"{out} already holds a report: choose another folder or pass --overwrite")
     built, model, training_steps = _load_trained(checkpoint, device, data_root)
+    data = getattr(built.data, split)[:max_examples]
+    generator = torch.Generator(device=device)
+    continuous = None
+    if isinstance(model, ContinuousDiffusionModel):  # its own bound, then its chain at T (or K) steps
+        generator.manual_seed(seed)
+        draws_per_example = max(num_samples, CONTINUOUS_DRAWS)
+        continuous = continuous_bound(model, data.to(device), draws_per_example, generator=generator).summary()
+        model = model.discretised()
     if variance is not None:
         checks.one_of("variance", variance, ("small", "large", "analytic"))
         fixed = "small" if variance == "analytic" else variance
@@ -123,11 +139,9 @@ def report_checkpoint(
         model = model.respaced(steps)
     if eta is not None:
         model = model.ddim(eta)
-    generator = torch.Generator(device=device)
     if variance == "analytic":
         generator.manual_seed(seed)
         model = analytic_variance(model, built.data.train[:analytic_examples].to(device), generator=generator)
-    data = getattr(built.data, split)[:max_examples]
     if tuple(data.shape[1:]) != model.data_shape:
         raise ValueError(
             f"checkpoint's data shape {model.data_shape} does not match the {split} data {tuple(data.shape[1:])}"
@@ -153,6 +167,34 @@ def report_checkpoint(
         "variance": variance,
         "eta": eta,
         "seed": seed,
+        "continuous_bound": continuous,
     }
+    schedule = built.schedule
+    curve = None
+    if isinstance(schedule, LogSNRSchedule):
+        with torch.no_grad():
+            times = torch.linspace(0, 1, 101, dtype=torch.float64)
+            gamma = schedule.gamma(times).cpu()
+        meta["schedule_curve"] = curve = {"t": times.tolist(), "gamma": gamma.tolist()}
     log_q = built.data.log_density(data) if built.data.log_density else None
-    return write_report(terms, out, meta, log_q, overwrite=overwrite), out
+    summary = write_report(terms, out, meta, log_q, overwrite=overwrite)
+    if curve is not None:
+        save_schedule_figure(
+            times,
+            {"learned" if schedule.has_parameters else "this": -gamma, **_fixed_log_snrs(times)},
+            out / "schedule.png",
+            title=f"{built.spec.name}: the noise schedule",
+        )
+    return summary, out
+
+
+def _fixed_log_snrs(times: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DDPM's fixed schedules at T = 1000 (linear, cosine) as log-SNRs at ``times``, their step k at
+    t = (k - 1)/(T - 1) as a :class:`~pyrodiff.chain.log_snr.LogSNRSchedule`'s discretisation places it (linear
+    interpolation between steps)."""
+    curves = {}
+    for name, schedule in (("linear (DDPM)", NoiseSchedule.linear(1000)), ("cosine", NoiseSchedule.cosine(1000))):
+        log_snr = schedule.log_snr.cpu().numpy()
+        grid = np.linspace(0, 1, len(log_snr))
+        curves[name] = torch.from_numpy(np.interp(times.numpy(), grid, log_snr))
+    return curves
