@@ -1,5 +1,5 @@
 r"""The continuous-time bound of a :class:`~pyrodiff.chain.continuous.ContinuousDiffusionModel`, term by term, with
-standard errors (docs/MATH.md, section 15).
+standard errors (docs/MATH.md, section 16, "Continuous time and learned schedules").
 
 For each example and each of S independent draws: the prior term :math:`\mathrm{KL}(q(z_1 \mid x) \,\|\, N(0, I))`
 (exact, the same in every draw), the decoder term :math:`-\log p(x \mid z_0)` at a draw of :math:`z_0`, and the
