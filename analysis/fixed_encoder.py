@@ -187,7 +187,7 @@ def run(args: argparse.Namespace, rows: list[int], seconds: float) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for row in rows:
         print(f"row {row}: {ROWS[row][0]}", file=sys.stderr)
-        train_row(row, args.out / f"row{row}", seconds, len(test), test, data, 4 if args.quick else None)
+        train_row(row, args.out / f"row{row}", seconds, len(test), test, data, 4 if args.quick else 16)
     write_table(args.out, len(test))
 
 
