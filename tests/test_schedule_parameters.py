@@ -4,6 +4,7 @@ reparameterised path and every KL term), plain SVI and ``pyrodiff train`` optimi
 resume exactly, ``load_trained`` restores their average, a guide on another schedule object is refused, and a bad
 schedule is refused where it enters."""
 
+import contextlib
 import math
 
 import pyro
@@ -293,3 +294,37 @@ def test_a_checkpoint_with_a_bad_schedule_is_refused_on_resume_and_load(tmp_path
         train(endpoints_spec, tmp_path, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="endpoints are out of order"):
         load_trained(path)
+
+
+def test_memoised_tables_are_computed_once_per_loss_with_the_same_gradients(monkeypatch, float64):
+    """Inside ``Schedule.memoised()`` a schedule with parameters computes each derived table once for a whole loss (the
+    model and the guide ask for them several times), and the loss and every gradient are those computed without it."""
+    from pyrodiff import LearnedSchedule
+    from pyrodiff.chain.log_snr import NoiseLevelInput
+
+    torch.manual_seed(0)
+    schedule = LearnedSchedule(12, hidden=6)
+    net = MLPDenoiser(2, hidden=8, depth=1)
+    model = DiffusionModel(net, schedule, noise_level=NoiseLevelInput())
+    guide = DiffusionGuide(schedule)
+    x0 = torch.randn(5, 2)
+    calls = []
+    tables = LearnedSchedule.tables
+    monkeypatch.setattr(LearnedSchedule, "tables", lambda self: calls.append(1) or tables(self))
+
+    def loss_and_grads(memo: bool):
+        pyro.set_rng_seed(3)
+        calls.clear()
+        with schedule.memoised() if memo else contextlib.nullcontext():
+            loss = TraceMeanField_ELBO().differentiable_loss(model, guide, x0, 2)
+        params = [*schedule.parameters(), *net.parameters()]
+        return loss, torch.autograd.grad(loss, params), len(calls)
+
+    plain, plain_grads, plain_calls = loss_and_grads(False)
+    memo, memo_grads, memo_calls = loss_and_grads(True)
+    # one computation per derivation (every table; the "small" variance's), against one per use without
+    assert memo_calls == 2 and plain_calls >= 6
+    torch.testing.assert_close(memo, plain, rtol=1e-12, atol=0)
+    for a, b in zip(memo_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert schedule._memo is None  # nothing is kept after the loss
