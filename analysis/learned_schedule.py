@@ -21,11 +21,14 @@
    with low discrepancy from the density proportional to sqrt(E[L_diff(t)^2]) (estimated on a grid of bins from
    the training split, a one-time cost reported) and weighted by 1/density. For each cell: the mean and the standard
    deviation of `--batches` batch estimates with their standard errors, on a fixed batch (the estimator's own noise)
-   and on batches drawn from the test split (with the data's). The interior changes only the variance: with the
-   network and endpoints fixed the means must agree within their standard errors.
+   and on batches drawn from the test split (with the data's); the interiors of one network are scored on the same
+   random numbers, so their differences and ratios are paired. The interior changes only the variance: with the
+   network and endpoints fixed the means must agree within their standard errors. Beside them, both runs' bounds on
+   the whole test split (`continuous_bound`, paired per example).
 
 Writes ``learned_schedule.json`` and ``learned_schedule.md`` (with the command line) and the trained runs into
-``--out`` (default ``runs/learned-schedule``, ``runs/learned-schedule-quick`` with ``--quick``). ``--quick`` runs
+``--out`` (default ``runs/learned-schedule``, ``runs/learned-schedule-quick`` with ``--quick``); a run already
+finished there is reused (with the CPU seconds it recorded), so the report can be remade without training. ``--quick`` runs
 everything small (T = 5 only, few steps and draws) in under two CPU minutes: a check that the script works, not a
 result.
 """
@@ -138,18 +141,21 @@ def schedule_table(kind: str, T: int) -> dict:
 
 
 def train_run(spec_changes: dict, out: Path, seed: int) -> dict:
-    """Train models/gaussians8.toml with ``spec_changes`` into ``out`` (unless a finished run is there); the
-    checkpoint and the process CPU seconds of the training call."""
+    """Train models/gaussians8.toml with ``spec_changes`` into ``out`` (unless a finished run is there, which is
+    reused); the checkpoint and the process CPU seconds of the training call (recorded beside the run)."""
     from pyrodiff.training.loop import train
     from pyrodiff.training.spec import load_spec
 
-    checkpoint = out / "checkpoint.pt"
+    checkpoint, seconds = out / "checkpoint.pt", out / "cpu_seconds.txt"
     if (out / "test_bound.json").exists():
-        return {"checkpoint": str(checkpoint), "cpu_seconds": None, "reused": True}
+        recorded = float(seconds.read_text()) if seconds.exists() else None
+        return {"checkpoint": str(checkpoint), "cpu_seconds": recorded, "reused": True}
     spec = load_spec(Path(__file__).parents[1] / "models" / "gaussians8.toml").with_changes(spec_changes)
     began = time.process_time()
     train(spec, out, seed=seed, progress=False, num_samples=64)
-    return {"checkpoint": str(checkpoint), "cpu_seconds": time.process_time() - began, "reused": False}
+    used = time.process_time() - began
+    seconds.write_text(f"{used}\n")
+    return {"checkpoint": str(checkpoint), "cpu_seconds": used, "reused": False}
 
 
 def small_T(s: dict, out: Path, report: dict) -> None:
@@ -463,7 +469,7 @@ def markdown(r: dict) -> str:
     for T, section in r["small_T"].items():
         for kind in SCHEDULES:
             row = section[kind]
-            seconds = "reused" if row["cpu_seconds"] is None else f"{row['cpu_seconds']:.0f}"
+            seconds = "?" if row["cpu_seconds"] is None else f"{row['cpu_seconds']:.0f}"
             diff = row["minus_learned_nats"]
             lines.append(
                 f"| {T} | {kind} | {seconds} | {_pm(row['bound_nats'])} | {_pm(row['gap_to_test_entropy_nats'])} | "
@@ -475,7 +481,12 @@ def markdown(r: dict) -> str:
     c = r["continuous"]
     lines += [
         f"`ContinuousDiffusionModel` + `LearnedSchedule`, trained with interior = 'bound' and = 'variance' (same seed, "
-        f"{s['continuous_steps']} steps each, batch {s['batch_size']}). Each cell: {s['batches']} estimates of the "
+        f"{s['continuous_steps']} steps each, batch {s['batch_size']}; "
+        + ", ".join(
+            f"{k}: {'?' if v['cpu_seconds'] is None else format(v['cpu_seconds'], '.0f')} CPU s"
+            for k, v in c["runs"].items()
+        )
+        + f"). Each cell: {s['batches']} estimates of the "
         f"bound of one batch of {s['batch_size']} examples (one network call per example in every estimator), their "
         "mean and standard deviation, +- standard errors (the deviation's by the delta method). The network and its "
         "endpoints are each trained run's; only the interior s(t) is swapped. 'importance' draws t from a "
@@ -516,12 +527,18 @@ def _small_T_reading(r: dict) -> str:
         floor = section[floor_kind]["moment_matched_bound_nats"]
         above = [section[k]["bound_nats"]["mean"] - section[k]["moment_matched_bound_nats"]["mean"] for k in SCHEDULES]
         g0, g1 = learned["learned_gamma_ends"]
+        start_gamma = [-v for v in section["linear_log_snr"]["log_snr_ends"]]  # the learned schedule's start
+        moved = max(abs(g0 - start_gamma[0]), abs(g1 - start_gamma[1]))
+        versus_best = (
+            ""
+            if best == "linear_log_snr"
+            else f"; the best trained fixed row ({best}) is {_pm(d)} above it ({_significance(d['mean'], d['stderr'])})"
+        )
         out.append(
             f"- T = {T}: learned {_pm(learned['bound_nats'])} nats. Against its own frozen starting point "
             f"(linear_log_snr: same network input and decoder) learning the schedule gained {_pm(start)} "
-            f"({_significance(start['mean'], start['stderr'])}); the best trained fixed row ({best}) is "
-            f"{_pm(d)} above it ({_significance(d['mean'], d['stderr'])}). The endpoints hardly moved (gamma "
-            f"{g0:.2f} .. {g1:.2f}): the gain is the interior's, whose floor fell to "
+            f"({_significance(start['mean'], start['stderr'])}){versus_best}. Its endpoints moved by at most "
+            f"{moved:.2f} (gamma {g0:.2f} .. {g1:.2f}); the learned interior moved the schedule's floor to "
             f"{_pm(learned['moment_matched_bound_nats'])} (from {_pm(section['linear_log_snr']['moment_matched_bound_nats'])}). "
             f"The lowest fixed floor ({floor_kind}) is {_pm(floor)}; every trained row is "
             f"{min(above):.2f} .. {max(above):.2f} nats above its own floor."
