@@ -52,13 +52,16 @@ _EXPORTS = {
     "write_report": "evaluation.report",
 }
 __all__ = sorted(_EXPORTS)
+#: the public names that are modules themselves (every other name is an object of its module, even one named as its
+#: module is: ``continuous_bound``)
+_MODULE_EXPORTS = frozenset({"adapters", "samplers"})
 
 
 def __getattr__(name: str) -> object:
     """A public name (imported from its module on first use), or a subpackage such as ``pyrodiff.chain``."""
     if name in _EXPORTS:
         module = import_module(f".{_EXPORTS[name]}", __name__)
-        value = module if module.__name__.endswith(f".{name}") else getattr(module, name)
+        value = module if name in _MODULE_EXPORTS else getattr(module, name)
     elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
         value = import_module(f".{name}", __name__)
     else:

@@ -91,3 +91,14 @@ def test_the_parser_reads_names_not_prose():
     """The row parser takes backticked names (called or not) and nothing else."""
     text = '## Modules\n\n| module | names |\n| --- | --- |\n| `m` | `f(x, y=1)`, `C`, the `"t"` site |\n\nprose\n'
     assert _modules(text) == {"m": ["f", "C"]}
+
+
+def test_every_export_is_its_object_and_only_adapters_and_samplers_are_modules():
+    """`pyrodiff.continuous_bound` is the function, not its module of the same name (pyrodiff.evaluation.continuous_bound)."""
+    import types
+
+    from pyrodiff.evaluation.continuous_bound import continuous_bound
+
+    for name in pyrodiff.__all__:
+        assert isinstance(getattr(pyrodiff, name), types.ModuleType) == (name in ("adapters", "samplers")), name
+    assert pyrodiff.continuous_bound is continuous_bound
