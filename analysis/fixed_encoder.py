@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from pyrodiff import load_dataset, load_spec, train
+from pyrodiff.data import pixel_histogram_nats
 from pyrodiff.evaluation.bound import nats_to_bits_per_dim
 from pyrodiff.refusal import run_refusing
 from pyrodiff.theory.vae import negative_elbo, save_vae, train_vae
@@ -63,15 +64,6 @@ ROWS = {
 }
 
 
-def histogram_nats(train: torch.Tensor, test: torch.Tensor, levels: int) -> torch.Tensor:
-    """-log p(x) per test example under independent per-pixel categoricals over ``levels`` levels, fit to the
-    training counts with add-one smoothing (exact, nats)."""
-    index = lambda x: ((x + 1) * (levels - 1) / 2).round().long().flatten(1)  # noqa: E731
-    counts = torch.nn.functional.one_hot(index(train), levels).sum(0).double() + 1  # (D, levels)
-    log_p = (counts / counts.sum(-1, keepdim=True)).log()
-    return -log_p.gather(1, index(test).T).sum(0)
-
-
 def row_spec(row: int, seconds: float, eval_examples: int) -> dict:
     _, base, changes = ROWS[row]
     spec = load_spec(base).to_dict()
@@ -89,8 +81,8 @@ def train_row(
     if (folder / "result.json").exists():
         return
     if row == 7:
-        nats = histogram_nats(data.train, test, data.levels)
-        result = {"parameters": int(test[0].numel() * (data.levels - 1)), "seconds": 0.0, "steps": 0}
+        nats = pixel_histogram_nats(data.train, test, data.levels)
+        result = {"parameters": int(test[0].numel() * data.levels), "seconds": 0.0, "steps": 0}
     elif row == 6:
         vae, info = train_vae(data.train, seconds, seed=0)
         save_vae(folder / "vae.pt", vae, info)
