@@ -312,7 +312,7 @@ def continuous_estimator(s: dict, out: Path, report: dict) -> None:
 
     from pyrodiff import load_dataset, load_trained
     from pyrodiff.chain.log_snr import LearnedSchedule
-    from pyrodiff.evaluation.continuous_bound import continuous_bound
+    from pyrodiff.evaluation.continuous import continuous_bound
 
     data = load_dataset("gaussians8")
     T = 20  # the discretisation only matters for sampling; the bound is the continuous-time one

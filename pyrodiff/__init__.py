@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 #: answers an argument error, ``--version``, or Ctrl-C) before torch and Pyro load.
 _EXPORTS = {
     "BoundTerms": "evaluation.bound",
-    "ContinuousBound": "evaluation.continuous_bound",
+    "ContinuousBound": "evaluation.continuous",
     "ContinuousDiffusionModel": "chain.continuous",
     "ContinuousGuide": "chain.continuous",
     "LearnedSchedule": "chain.log_snr",
@@ -38,7 +38,7 @@ _EXPORTS = {
     "UNet": "networks",
     "adapters": "adapters",
     "bound_terms": "evaluation.bound",
-    "continuous_bound": "evaluation.continuous_bound",
+    "continuous_bound": "evaluation.continuous",
     "load_dataset": "data",
     "load_spec": "training.spec",
     "load_trained": "training.trained",

@@ -18,7 +18,7 @@ import torch
 README = Path(__file__).parents[1] / "README.md"
 
 #: the snippet each test runs, by a text only it contains
-SVI, ADAPTER = "pyro.infer.SVI(", "load_diffusers("
+SVI, ADAPTER, CONTINUOUS = 'pyro.optim.Adam({"lr": 2e-4})', "load_diffusers(", "pyrodiff.ContinuousGuide(schedule)"
 
 #: CI's shorter chain for the SVI script: T = 20, and its respaced chains of 5 steps instead of 50
 SHORTER = {"num_steps=1000": "num_steps=20", "steps=50": "steps=5", "respaced(50)": "respaced(5)"}
@@ -45,7 +45,21 @@ def _run(code: str, folder: Path, monkeypatch) -> dict:
 def test_every_snippet_has_its_test():
     """Each Python block of the README is the one snippet holding one of the markers the tests below run by."""
     snippets = _snippets()
-    assert len(snippets) == 2 and sorted(sum(m in code for code in snippets) for m in (SVI, ADAPTER)) == [1, 1]
+    markers = (SVI, ADAPTER, CONTINUOUS)
+    assert len(snippets) == 3 and sorted(sum(m in code for code in snippets) for m in markers) == [1, 1, 1]
+
+
+def test_the_learned_schedule_snippet(tmp_path, monkeypatch):
+    """SVI trains the schedule (the guide registers it); the continuous bound and the 50-step chain share the prior
+    term exactly (KL(q(z_1 | x) || N(0, I)) at the same endpoint)."""
+    from pyrodiff import LearnedSchedule
+
+    ns = _run(_snippet(CONTINUOUS), tmp_path, monkeypatch)
+    start = LearnedSchedule(num_steps=100, gamma_min=-8.0, gamma_max=5.0).state_dict()
+    moved = [k for k, v in ns["schedule"].state_dict().items() if not torch.equal(v, start[k])]
+    assert "gamma_0" in moved and "w2" in moved
+    bound, terms = ns["bound"], ns["terms"]
+    torch.testing.assert_close(terms.nats[0, :, -1], bound.nats[0, :, 2], rtol=1e-5, atol=1e-6)
 
 
 def _check_svi_script(namespace: dict, T: int, K: int) -> None:

@@ -442,7 +442,7 @@ def test_learned_schedule_estimators_are_unbiased_for_continuous_bound(learned_s
     import torch
 
     from pyrodiff import load_trained
-    from pyrodiff.evaluation.continuous_bound import continuous_bound
+    from pyrodiff.evaluation.continuous import continuous_bound
 
     _, out = learned_schedule_quick
     report = json.loads((out / "learned_schedule.json").read_text())

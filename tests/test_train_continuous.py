@@ -9,7 +9,7 @@ import torch
 
 from pyrodiff import ContinuousDiffusionModel, LearnedSchedule
 from pyrodiff.chain.log_snr import NoiseLevelInput
-from pyrodiff.evaluation.continuous_bound import continuous_bound
+from pyrodiff.evaluation.continuous import continuous_bound
 from pyrodiff.training import loop as train_module
 from pyrodiff.training.checkpoint import load_checkpoint
 from pyrodiff.training.loop import train

@@ -58,7 +58,7 @@ from ..chain.importance import ImportanceSampler
 from ..chain.objectives import objective_weights, parse_estimator, reweight
 from ..chain.traces import drawn_terms
 from ..evaluation.bound import bound_terms
-from ..evaluation.continuous_bound import continuous_bound
+from ..evaluation.continuous import continuous_bound
 from ..evaluation.plots import save_samples_figure
 from ..evaluation.report import summarise
 from .checkpoint import (

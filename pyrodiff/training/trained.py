@@ -22,7 +22,7 @@ from ..chain.log_snr import LogSNRSchedule
 from ..chain.reverse import DiffusionModel
 from ..chain.schedule import NoiseSchedule, Schedule
 from ..evaluation.bound import bound_terms
-from ..evaluation.continuous_bound import continuous_bound
+from ..evaluation.continuous import continuous_bound
 from ..evaluation.plots import save_schedule_figure
 from ..evaluation.report import REPORT_FILES, write_report
 from .checkpoint import CheckpointError, load_checkpoint
