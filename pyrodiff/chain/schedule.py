@@ -209,12 +209,24 @@ class Schedule(nn.Module):
         training loop enters it around each micro-batch's loss).  A schedule without parameters caches anyway;
         nested contexts share the outer one's tables."""
         outer = self._memo
-        if outer is None:
-            self._memo = {}
+        if outer is not None:
+            yield self
+            return
+        memo = self._memo = {}
+        compute = self.tables
+
+        def tables() -> ScheduleTables:  # the tables themselves too, for derivations that start from them
+            if "tables" not in memo:
+                memo["tables"] = compute()
+            return memo["tables"]
+
+        if self.has_parameters:
+            self.tables = tables  # an instance attribute over the method, for this context only
         try:
             yield self
         finally:
-            self._memo = outer
+            self._memo = None
+            self.__dict__.pop("tables", None)
 
     def check(self) -> Schedule:
         """Refuse (``ValueError``, one line) a schedule whose state is no forward chain: a parameter that is not
