@@ -48,7 +48,7 @@ from .decoders import Decoder, parse_decoder
 from .forward import SCHEDULE_KEY, check_batch
 from .gaussian import expand_event
 from .log_snr import LogSNRSchedule, NoiseLevelInput
-from .reverse import NO_DATA_SHAPE, DiffusionModel, _SameSchedule
+from .reverse import NO_DATA_SHAPE, DiffusionModel, _SameSchedule, check_model_data
 from .timesteps import draw_times
 
 __all__ = ["ContinuousGuide", "ContinuousDiffusionModel", "INTERIOR_OBJECTIVES", "alpha_sigma"]
@@ -237,13 +237,7 @@ class ContinuousDiffusionModel(nn.Module):
     def check_data(self, x0: torch.Tensor) -> None:
         """Refuse what is not a batch of data of the model's shape; under Pyro's validation also data off the
         decoder's grid (as :meth:`DiffusionModel.check_data`)."""
-        check_batch(x0)
-        if self.data_shape is not None and tuple(x0.shape[1:]) != self.data_shape:
-            raise ValueError(
-                f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}"
-            )
-        if dist.is_validation_enabled():
-            self.decoder.check(x0)
+        check_model_data(x0, self.data_shape, self.decoder)
 
     def forward(
         self, x0: torch.Tensor | None = None, subsample_steps: int | None = None, *, batch_size: int | None = None

@@ -56,6 +56,16 @@ NO_DATA_SHAPE = (
 )
 
 
+def check_model_data(x0: torch.Tensor, data_shape: tuple[int, ...] | None, decoder: Decoder) -> None:
+    """Refuse what is not a batch of data of shape ``(N, *data_shape)`` (any shape if None), and, while Pyro's
+    validation is enabled, data the decoder cannot score (off its grid): what every model's ``check_data`` checks."""
+    check_batch(x0)
+    if data_shape is not None and tuple(x0.shape[1:]) != data_shape:
+        raise ValueError(f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {data_shape}")
+    if dist.is_validation_enabled():
+        decoder.check(x0)
+
+
 class ReverseStep(Protocol):
     r"""The law of :math:`x_{t-1}` given :math:`x_t` for a batch of rows, as a reverse chain gives it
     (:meth:`ReverseChain.predict`); at rows with t = 1 the variable is :math:`x_0` and the law is the
@@ -256,13 +266,7 @@ class ReverseChain(nn.Module):
         a density (DDIM with eta = 0) scores nothing."""
         if not self.family.has_density:
             raise ValueError(ETA_ZERO_HAS_NO_BOUND)
-        check_batch(x0)
-        if self.data_shape is not None and tuple(x0.shape[1:]) != self.data_shape:
-            raise ValueError(
-                f"data of shape {tuple(x0.shape[1:])} does not fit the model's data shape {self.data_shape}"
-            )
-        if dist.is_validation_enabled():
-            self.decoder.check(x0)
+        check_model_data(x0, self.data_shape, self.decoder)
 
     def sample(
         self,
