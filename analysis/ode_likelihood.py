@@ -17,8 +17,9 @@ a standard error across examples:
   level: the floor that starting at lambda_1 leaves; and the trained network's score against the exact score per t
   (relative squared error E||s_theta - s||^2 / E||s||^2 over x_t ~ q(x_t), with its standard error).
 
-Writes ``ode_likelihood.json`` and ``ode_likelihood.md`` (with the command line) into ``--out`` (default: beside the
-checkpoint).
+Writes ``ode_likelihood.json`` (with every example's figures under ``per_example``: the three negative
+log-likelihoods, k-hat, log q) and ``ode_likelihood.md`` (with the command line) into ``--out`` (default: beside the
+checkpoint); ``analysis/perspectives.py --ode-digits/--ode-gaussians8`` shows them as its section G.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     began = time.perf_counter()
     with torch.no_grad():
         terms = bound_terms(model, x, generator=g)
-    neg_elbo = terms.total.double()
+    neg_elbo = terms.total.double().mean(0)  # (N,): the mean over the draws of each example's path
     report["elbo"] = _mean_se(neg_elbo, "negative_elbo_nats", "stderr_nats")
     report["elbo"]["seconds"] = time.perf_counter() - began
     rows = {"ode": -ode.log_likelihood, "elbo": neg_elbo}
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             "seconds": time.perf_counter() - began,
         }
         rows["iwae"] = neg_iwae
+        khat = iwae.khat.tolist()
     mixture = built.data.mixture
     if mixture is not None:
         law = IsotropicGaussianMixture.of(built.data)
@@ -174,6 +176,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         T = model.schedule.num_steps
         steps = sorted({1, 10, T // 20, T // 10, T // 4, T // 2, 3 * T // 4, T})
         report["score_error"] = score_errors(model, law, x, steps, g)
+    # every example's figures, for paired differences and k-hat counts (analysis/perspectives.py, section G)
+    report["per_example"] = {name: values.tolist() for name, values in rows.items()}
+    if args.particles:
+        report["per_example"]["khat"] = khat
+    if mixture is not None:
+        report["per_example"]["log_q"] = log_q.tolist()
     (out_dir / "ode_likelihood.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "ode_likelihood.md").write_text(markdown(report))
     print(markdown(report))

@@ -2,6 +2,7 @@
 
     python analysis/perspectives.py [--digits runs/digits/checkpoint.pt] [--digits-long runs/digits-long/checkpoint.pt]
         [--gaussians8 runs/gaussians8/checkpoint.pt] [--vae runs/perspectives/vae.pt] [--out runs/perspectives]
+        [--ode-gaussians8 runs/ode-gaussians8/ode_likelihood.json] [--ode-digits runs/ode-digits/ode_likelihood.json]
         [--overwrite]
     python analysis/perspectives.py --quick --out DIR       # every section on small settings, minutes on 2 CPU cores
     python analysis/perspectives.py --reuse OLD/perspectives.json --out DIR   # A and D recomputed, B, C, E, F reused
@@ -11,6 +12,10 @@
    KL(q(x_0) || p_theta(x_0)), (c) a hierarchical VAE whose encoder has no parameters, (d) breaking one hard
    problem into many easy ones?"  (sections A and B: a, b; E: c; D: d; F: b on real data)
 
+The tutorial's fifth perspective, the connection with score matching, is section G: the same network's
+probability-flow ODE likelihood beside its bounds, from ``analysis/ode_likelihood.py``'s reports (``--ode-gaussians8``,
+``--ode-digits``; without one the section names the command that writes it).
+
 Writes ``perspectives.md`` (every table), ``perspectives.json`` (every number, and the settings and command that
 made them) and the plots into ``--out``.  Each section is computed by one function into ``perspectives.json`` and
 written as text by another from those numbers alone (:func:`render`), so a report can be re-rendered from its JSON.
@@ -19,7 +24,8 @@ Checkpoints are passed in (``pyrodiff train`` makes them: the default digits run
 runs/digits-long`` for the longer one, ``--config gaussians8 --out runs/gaussians8``); the VAE is trained here for
 the digits run's own training time and saved as ``OUT/vae.pt`` unless ``--vae`` names one saved by an earlier run.
 ``--quick`` trains tiny checkpoints of its own into ``OUT/checkpoints`` (and a VAE for a few seconds) and runs every
-section on small settings: a check that the whole report runs, not a result.  ``--reuse`` takes sections B, C, E and
+section on small settings (section G: ``analysis/ode_likelihood.py`` with loose tolerances on a few examples of the
+quick gaussians8 checkpoint): a check that the whole report runs, not a result.  ``--reuse`` takes sections B, C, E and
 F from an earlier run's ``perspectives.json`` (their checkpoints are not needed) and recomputes A and D, which need
 none; the header says which sections were reused.  Nothing in the report is typed by hand: every number is
 computed by a run, with the seed fixed.  An existing report is never replaced without ``--overwrite``.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import runpy
 import shutil
 import subprocess
 import sys
@@ -66,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("docs/fixed-encoder"),
         help="the folder of analysis/fixed_encoder.py's table.json, shown as section H (skipped if absent)",
     )
+    for data in ("gaussians8", "digits"):
+        p.add_argument(
+            f"--ode-{data}",
+            type=Path,
+            default=None,
+            metavar="JSON",
+            help=f"analysis/ode_likelihood.py's ode_likelihood.json on {data}, shown in section G",
+        )
     p.add_argument("--out", type=Path, default=Path("runs/perspectives"))
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -1004,6 +1019,252 @@ expectation. A KL is at least 0: an estimate below 0 is noise, to be read with i
 """
 
 
+# ---------------------------------------------------------------------- G: score matching
+#: the command that writes each data set's input of section G, for a report run without it
+ODE_COMMANDS = {
+    "gaussians8": "python analysis/ode_likelihood.py runs/gaussians8/checkpoint.pt --examples 200 --out runs/ode-gaussians8",
+    "digits": (
+        "python analysis/ode_likelihood.py runs/digits/checkpoint.pt --examples 100 --divergence hutchinson "
+        "--probes 4 --out runs/ode-digits"
+    ),
+}
+#: ``--quick``'s section G: analysis/ode_likelihood.py on the quick gaussians8 checkpoint, few examples, loose tolerances
+QUICK_ODE = ("--examples", "16", "--particles", "21", "--rtol", "1e-3", "--atol", "1e-3")
+#: the figures of analysis/ode_likelihood.py's report, by the name its ``per_example`` and ``paired_kl_nats`` use
+ODE_ROWS = {"ode": "negative_log_likelihood_nats", "elbo": "negative_elbo_nats", "iwae": "negative_iwae_nats"}
+
+
+def read_ode_report(path: Path, data: str) -> dict:
+    """``analysis/ode_likelihood.py``'s ``ode_likelihood.json`` on ``data``, refused if it is another data set's."""
+    report = json.loads(path.read_text())
+    if report.get("data") != data or "ode" not in report:
+        raise ValueError(
+            f"{path} is not analysis/ode_likelihood.py's report on {data} (its data: {report.get('data')!r})"
+        )
+    return report
+
+
+def quick_ode_report(checkpoint: Path, out: Path) -> Path:
+    """``--quick``'s input of section G: ``analysis/ode_likelihood.py`` (:data:`QUICK_ODE`) on ``checkpoint``, into
+    ``out``; returns its ``ode_likelihood.json``."""
+    script = runpy.run_path(str(Path(__file__).with_name("ode_likelihood.py")))
+    if script["main"]([str(checkpoint), *QUICK_ODE, "--out", str(out)]) != 0:
+        raise RuntimeError(f"analysis/ode_likelihood.py failed on {checkpoint}")
+    return out / "ode_likelihood.json"
+
+
+def _difference(report: dict, a: str, b: str) -> dict:
+    """The mean of -log p under ``a`` minus under ``b`` with its standard error: paired per example where the report
+    holds every example's figures, else from the two means' standard errors combined as if independent."""
+    per_example = report.get("per_example", {})
+    if a in per_example and b in per_example:
+        mean, se = _mean_se(np.subtract(per_example[a], per_example[b]))
+        return {"nats": [mean, se], "paired": True}
+    (ma, sa), (mb, sb) = ([report[x][ODE_ROWS[x]], report[x]["stderr_nats"]] for x in (a, b))
+    return {"nats": [ma - mb, math.hypot(sa, sb)], "paired": False}
+
+
+def score_matching(reports: dict) -> dict:
+    """Section G from ``analysis/ode_likelihood.py``'s reports (``reports``: data set -> (path, report) or None): what
+    the section shows, copied with its provenance, the differences of the ODE's figure from the bounds', and the
+    examples' k-hat counts against Vehtari et al.'s thresholds."""
+    section = {}
+    for data, found in reports.items():
+        if found is None:
+            section[data] = {"missing": ODE_COMMANDS[data]}
+            continue
+        path, r = found
+        case = {
+            key: r.get(key)
+            for key in ("command", "checkpoint", "examples", "dims", "threads", "ode", "elbo", "iwae", "model")
+        }
+        case["source"] = str(path)
+        case["differences"] = {f"ode - {b}": _difference(r, "ode", b) for b in ("elbo", "iwae") if r.get(b)}
+        if r.get("iwae") and "khat" in r.get("per_example", {}):
+            case["khat_counts"] = khat_counts(r["per_example"]["khat"], r["iwae"]["particles"])
+        if "paired_kl_nats" in r:  # the data law is known
+            for key in ("entropy_nats", "entropy_of_these_examples_nats", "paired_kl_nats", "exact_score_ode"):
+                case[key] = r[key]
+            case["score_error"] = r["score_error"]
+        section[data] = case
+    return section
+
+
+def _pm(pair, digits: int = 4) -> str:
+    return f"{pair[0]:.{digits}f} +- {pair[1]:.{digits}f}"
+
+
+def _provenance(case: dict) -> str:
+    o = case["ode"]
+    probes = f", {o['probes']} probes" if o["divergence"] == "hutchinson" else ""
+    threads = f", {case['threads']} CPU thread(s)" if case.get("threads") else ""
+    iwae = f"; IWAE {case['iwae']['seconds']:.0f} s" if case.get("iwae") else ""
+    return (
+        f"`{case['command']}` (checkpoint `{case['checkpoint']}`, the first {case['examples']} test examples"
+        f"{threads}; read from `{case['source']}`). The ODE: `torchdiffeq` {o['method']}, rtol {o['rtol']:g}, atol "
+        f"{o['atol']:g}, {o['divergence']} divergence{probes}, {o['nfe']} function evaluations, {o['seconds']:.0f} s; "
+        f"the ELBO {case['elbo']['seconds']:.0f} s{iwae}."
+    )
+
+
+def _difference_sentence(case: dict, b: str, label: str, scale: float = 1.0, unit: str = "nats") -> str:
+    d = case["differences"][f"ode - {b}"]
+    mean, se = d["nats"]
+    how = (
+        "paired per example"
+        if d["paired"]
+        else "the two standard errors combined as if independent, though the examples are the same: a paired error "
+        "would likely be smaller"
+    )
+    return (
+        f"the ODE's figure minus {label} is {mean * scale:+.4f} +- {se * scale:.4f} {unit} ({how}; "
+        f"{_significance(_z(mean, se))})"
+    )
+
+
+def _khat_reading(case: dict) -> str:
+    i = case["iwae"]
+    K = i["particles"]
+    if "khat_counts" in case:
+        return f"{_khat_sentence(case['khat_counts'], K)}"
+    share = i["share_khat_above_threshold"]
+    return (
+        f"k-hat is above the threshold for K = {K} draws, min(1 - 1/log10 K, {KHAT_UNRELIABLE}) = "
+        f"{i['khat_threshold']:.3f}, for {round(share * case['examples'])} of {case['examples']} examples (median "
+        f"{i['khat_median']:.2f}; this run did not record every example's k-hat)"
+    )
+
+
+def _render_gaussians8(case: dict) -> str:
+    kl, o, e, i = case["paired_kl_nats"], case["ode"], case["elbo"], case.get("iwae")
+    x = case["exact_score_ode"]
+    pair = lambda d: [d["mean"], d["stderr"]]  # noqa: E731
+    rows = [
+        ["-log p_ODE(x), the network's score", o["negative_log_likelihood_nats"], o["stderr_nats"], *pair(kl["ode"])],
+        ["-ELBO (one path per example)", e["negative_elbo_nats"], e["stderr_nats"], *pair(kl["elbo"])],
+    ]
+    if i:
+        rows.append([f"-IWAE_{i['particles']}", i["negative_iwae_nats"], i["stderr_nats"], *pair(kl["iwae"])])
+    exact_kl = pair(x["paired_kl_nats"])
+    rows.append(["-log p_ODE(x), the exact score", x["negative_log_likelihood_nats"], x["stderr_nats"], *exact_kl])
+    h = case["entropy_of_these_examples_nats"]
+    rows.append(["H(q(x_0)), the true entropy", case["entropy_nats"], "", "", ""])
+    rows.append(["-log q(x_0) of these examples", h["mean"], h["stderr"], "", ""])
+    ode_kl = pair(kl["ode"])
+    z = _z(*ode_kl)
+    if z >= SIGNIFICANT_Z:
+        verdict = "above 0, so the network's ODE NLL is above these examples' -log q"
+    elif z > -SIGNIFICANT_Z:
+        verdict = "consistent with 0: the flow's density is not told apart from q on these examples"
+    else:
+        verdict = "below 0, which a KL cannot be: a solver or estimation error"
+    readings = [
+        f"KL(q(x_0) || p_ODE) is estimated without bias as {_pm(ode_kl)} nats, paired per example "
+        f"({_significance(z)}): {verdict}",
+        f"the exact score's flow, from the same start with the same tolerances, has KL {_pm(exact_kl)} nats: the "
+        f"floor that starting at lambda_1 and the solver leave, so the network's flow's KL above it comes from its "
+        f"score's error",
+        _difference_sentence(case, "elbo", "the -ELBO's"),
+    ]
+    if i:
+        readings.append(_difference_sentence(case, "iwae", f"-IWAE_{i['particles']}'s"))
+        readings.append(_khat_reading(case))
+    score_rows = [[f"t = {s['t']}", s["relative_squared_error"], s["stderr"]] for s in case["score_error"]]
+    return f"""**gaussians8** (D = {case["dims"]}): {_provenance(case)}
+
+{_table(["quantity", "nats", "+-", "paired E[log q - log p] (nats)", "+-"], rows)}
+
+The -ELBO and -IWAE rows bound the chain's -log p_theta(x_0); the ODE rows are exact (to the solver's tolerance) for
+the flow's own density, a different model defined by the same network. Their paired E[log q - log p] are
+KL(q || p_ODE) for the ODE and upper bounds on KL(q || p_theta) for the bounds (section F). The true entropy is
+{case["entropy_nats"]:.3f} nats; these examples' mean -log q is {h["mean"]:.3f} +- {h["stderr"]:.3f}, the
+paired baseline. Reading: {"; ".join(readings)}.
+
+The network's score against the exact score of q(x_t) (the mixture's, `IsotropicGaussianMixture.noise`), relative
+squared error E||s_theta - s||^2 / E||s||^2 over x_t ~ q(x_t) at each t, with its standard error:
+
+{_table(["step", "relative squared error", "+-"], score_rows)}
+"""
+
+
+def _render_digits(case: dict) -> str:
+    D, o, e, i = case["dims"], case["ode"], case["elbo"], case.get("iwae")
+    levels = case["model"]["levels"]
+    bits = lambda nats: nats_to_bits_per_dim(nats, D)  # noqa: E731
+    rows = [
+        [
+            f"-log P_ODE(x) bound, dequantised ({o['divergence']} divergence)",
+            o["negative_log_likelihood_nats"],
+            o["stderr_nats"],
+            bits(o["negative_log_likelihood_nats"]),
+            bits(o["stderr_nats"]),
+        ],
+        [
+            "-ELBO (one path per example)",
+            e["negative_elbo_nats"],
+            e["stderr_nats"],
+            bits(e["negative_elbo_nats"]),
+            bits(e["stderr_nats"]),
+        ],
+    ]
+    readings = [_difference_sentence(case, "elbo", "the -ELBO", 1 / (D * math.log(2)), "bits/dim")]
+    if i:
+        K = i["particles"]
+        rows.append(
+            [
+                f"-IWAE_{K}",
+                i["negative_iwae_nats"],
+                i["stderr_nats"],
+                bits(i["negative_iwae_nats"]),
+                bits(i["stderr_nats"]),
+            ]
+        )
+        readings.append(_difference_sentence(case, "iwae", f"-IWAE_{K}", 1 / (D * math.log(2)), "bits/dim"))
+        readings.append(
+            f"{_khat_reading(case)}: where k-hat is above the threshold the IWAE figure is not a usable estimate of "
+            "the chain's likelihood, only a noisy stochastic bound"
+        )
+    return f"""**digits** (D = {D}, {levels} grey levels): {_provenance(case)}
+
+{_table(["quantity", "nats", "+-", "bits/dim", "+-"], rows)}
+
+The ODE row is an upper bound on the negative log-likelihood of the {levels}-level data under the ODE model's
+binned law: the data dequantised with one uniform draw per example within its grid cell, -log p_ODE(x + u) - D log
+Delta (Delta = 2/{levels - 1}), an unbiased estimate of that bound (Jensen; its standard error across examples
+includes the Hutchinson probes' noise). Bits/dim are on the same {levels}-level scale as the ELBO's discretized
+decoder (uniform over the levels: log2 {levels} = {math.log2(levels):.2f}). The -ELBO bounds the chain's own
+-log p_theta(x_0), and -IWAE_K bounds it in expectation: the smaller of two upper bounds certifies only that its
+model reaches at least that likelihood, not which model is better. Reading: {"; ".join(readings)}.
+"""
+
+
+def render_score_matching(section: dict) -> str:
+    """Section G from the numbers of :func:`score_matching` alone."""
+    parts = []
+    for data, case in section.items():
+        if "missing" in case:
+            flag = f"--ode-{data}"
+            parts.append(
+                f"**{data}**: not in this report: `{case['missing']}` writes its `ode_likelihood.json`, passed as "
+                f"`{flag}`."
+            )
+        else:
+            parts.append((_render_gaussians8 if data == "gaussians8" else _render_digits)(case))
+    body = "\n\n".join(p.rstrip("\n") for p in parts)
+    return f"""## G. Score matching: the same network's exact likelihood (perspective e)
+
+The network's noise prediction is a score, s_theta(x_t, t) = -eps_hat(x_t, t) / sigma_t (`pyrodiff.chain.score`),
+and L_simple is a weighted denoising score-matching loss. The score defines the probability-flow ODE dx/dt = f(t) x -
+g(t)^2 s_theta(x, t) / 2 (Song et al. 2021), whose density at the data is computed exactly, up to the solver's
+tolerance, by the instantaneous change of variables (`pyrodiff.ode_log_likelihood`; docs/MATH.md, "The score and the
+probability-flow ODE"): a likelihood where the bound gives only a bound. A discrete-time model's flow starts at its
+first step's noise level, lambda_1: the figure is the density of x taken as that variable. Numbers from
+`analysis/ode_likelihood.py` (nats per example, mean +- standard error across examples):
+
+{body}
+"""
+
+
 # ---------------------------------------------------------------------- H: a learned encoder for the diffusion
 #: the rows of analysis/fixed_encoder.py's table that are diffusion models, and the two baselines
 VAE_ROW, HISTOGRAM_ROW = 6, 7
@@ -1097,6 +1358,8 @@ def render(numbers: dict, out: Path) -> str:
         render_learned_encoder(numbers["E"], numbers["A"], numbers["D"]),
         render_kl_bound(numbers["F"], numbers["B"]),
     ]
+    if "G" in numbers:
+        parts.append(render_score_matching(numbers["G"]))
     if numbers.get("H"):
         parts.append(render_fixed_encoder(numbers["H"]))
     return "\n".join(parts)
@@ -1218,8 +1481,16 @@ def _commit() -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     given = [f"--{name.replace('_', '-')}" for name in DEFAULT_CHECKPOINTS if getattr(args, name) is not None]
     given += ["--vae"] if args.vae is not None else []
-    if args.quick and (given or args.reuse):
-        raise ValueError(f"--quick trains its own checkpoints: drop {' '.join(given) or '--reuse'}")
+    ode_inputs = {data: getattr(args, f"ode_{data}") for data in ODE_COMMANDS}
+    ode_flags = [f"--ode-{data}" for data, path in ode_inputs.items() if path is not None]
+    if args.quick and (given or ode_flags or args.reuse):
+        raise ValueError(
+            f"--quick trains its own checkpoints and computes its own section G: drop "
+            f"{' '.join(given + ode_flags) or '--reuse'}"
+        )
+    ode_reports = {
+        data: None if path is None else (path, read_ode_report(path, data)) for data, path in ode_inputs.items()
+    }
     if args.reuse and given:
         raise ValueError(
             f"--reuse takes sections {', '.join(CHECKPOINT_SECTIONS)} from {args.reuse}: drop {' '.join(given)}"
@@ -1268,6 +1539,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     table = args.fixed_encoder / "table.json"
     if table.exists():
         numbers["H"] = {"source": str(args.fixed_encoder), "rows": json.loads(table.read_text())}
+
+    def section_g() -> dict:
+        if args.quick:
+            path = quick_ode_report(paths["gaussians8"], out / "ode-gaussians8")
+            ode_reports["gaussians8"] = (path, read_ode_report(path, "gaussians8"))
+        return score_matching(ode_reports)
+
+    numbers["G"] = clock.time("G", section_g)
     numbers["seconds"] = clock.sections
     numbers = json.loads(json.dumps(numbers, default=float))  # the report is written from what the JSON holds
     (out / NUMBERS).write_text(json.dumps(numbers, indent=1) + "\n")

@@ -57,7 +57,7 @@ def _g(x: float) -> str:
 def test_the_report_is_its_numbers_rendered(script, quick, tmp_path):
     out, numbers, report = quick
     assert script["render"](numbers, tmp_path) == report
-    assert {"A", "B", "C", "D", "E", "F"} <= set(numbers) and numbers["provenance"]["settings"] == "quick"
+    assert {"A", "B", "C", "D", "E", "F", "G"} <= set(numbers) and numbers["provenance"]["settings"] == "quick"
     assert (tmp_path / "iwae.png").exists() and (out / "exact_reverse.png").exists()
 
 
@@ -176,6 +176,70 @@ def test_section_f_is_the_checkpoints_test_bound(quick):
     assert row == f"| -ELBO + log q (every term, `test_bound.json`) | {s['num_examples']} | " + (
         f"{_g(s['kl_bound_nats'])} | {_g(s['kl_bound_stderr'])} |"
     )
+
+
+def test_section_g_is_ode_log_likelihood_beside_the_bound(quick):
+    """Section G's gaussians8 numbers are ode_log_likelihood's with the quick run's loose tolerances on the first 16
+    test examples of the quick checkpoint, paired with log q and with the ELBO of the same examples; its k-hat
+    counts are Vehtari et al.'s thresholds applied by hand; digits, not computed by --quick, names its command."""
+    out, numbers, report = quick
+    g = numbers["G"]["gaussians8"]
+    built, model = pyrodiff.load_trained(out / "checkpoints" / "gaussians8" / "checkpoint.pt")
+    model = model.double()
+    x = built.data.test[:16].double()
+    ode = pyrodiff.ode_log_likelihood(model, x, rtol=1e-3, atol=1e-3)
+    nll = -ode.log_likelihood
+    assert g["ode"]["negative_log_likelihood_nats"] == pytest.approx(nll.mean().item(), rel=1e-9)
+    assert (g["ode"]["nfe"], g["ode"]["rtol"], g["examples"]) == (ode.nfe, 1e-3, 16)
+    assert f"{ode.nfe} function evaluations" in report
+    log_q = IsotropicGaussianMixture.of(built.data).log_prob(x)
+    kl = log_q + nll
+    kl_mean, kl_se = kl.mean().item(), kl.std().item() / 4
+    z = kl_mean / kl_se
+    verdict = "significant" if abs(z) >= 2 else "not significant"
+    assert (
+        f"KL(q(x_0) || p_ODE) is estimated without bias as {kl_mean:.4f} +- {kl_se:.4f} nats, paired per example "
+        f"({z:+.1f} standard errors: {verdict})" in report
+    )
+    assert _row(report, "-log p_ODE(x), the network's score").startswith(
+        f"| -log p_ODE(x), the network's score | {_g(nll.mean().item())} | {_g(nll.std().item() / 4)} | {_g(kl_mean)} |"
+    )
+    with torch.no_grad():
+        neg_elbo = bound_terms(model, x, generator=torch.Generator().manual_seed(0)).total.double().mean(0)
+    d = nll - neg_elbo
+    d_mean, d_se = d.mean().item(), d.std().item() / 4
+    verdict = "significant" if abs(d_mean / d_se) >= 2 else "not significant"
+    assert (
+        f"the ODE's figure minus the -ELBO's is {d_mean:+.4f} +- {d_se:.4f} nats (paired per example; "
+        f"{d_mean / d_se:+.1f} standard errors: {verdict})" in report
+    )
+    khat = np.asarray(json.loads((out / "ode-gaussians8" / "ode_likelihood.json").read_text())["per_example"]["khat"])
+    K = g["iwae"]["particles"]
+    threshold = min(1 - 1 / math.log10(K), 0.7)
+    assert (
+        f"above the threshold for K = {K} draws, min(1 - 1/log10 K, 0.7) = {threshold:.3f}, for "
+        f"{(khat > threshold).sum()} of 16, and above 0.7 for {(khat > 0.7).sum()} of 16" in report
+    )
+    assert "**digits**: not in this report: `python analysis/ode_likelihood.py runs/digits/checkpoint.pt" in report
+
+
+def test_section_g_refuses_another_data_sets_report_before_any_work(script, tmp_path, capsys):
+    wrong = tmp_path / "ode_likelihood.json"
+    wrong.write_text(json.dumps({"data": "digits", "ode": {}}))
+    argv = [
+        "--reuse",
+        str(COMMITTED / "perspectives.json"),
+        "--ode-gaussians8",
+        str(wrong),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert script["main"](argv) == 2
+    message = "is not analysis/ode_likelihood.py's report on gaussians8 (its data: 'digits')"
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert script["main"](["--quick", "--ode-digits", str(wrong), "--out", str(tmp_path / "o")]) == 2
+    assert "drop --ode-digits" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- the committed report

@@ -176,6 +176,12 @@ def test_ode_likelihood_reports_the_library_calls_numbers(trained, tmp_path):
         neg_elbo = bound_terms(model, x, generator=torch.Generator().manual_seed(0)).total.double()
     assert report["elbo"]["negative_elbo_nats"] == pytest.approx(neg_elbo.mean().item(), rel=1e-9)
     assert report["paired_kl_nats"]["elbo"]["mean"] == pytest.approx((neg_elbo + log_q).mean().item(), rel=1e-9)
+    # every example's figures, for analysis/perspectives.py's paired differences
+    per_example = report["per_example"]
+    assert per_example["ode"] == pytest.approx((-ode.log_likelihood).tolist(), rel=1e-9)
+    assert per_example["elbo"] == pytest.approx(neg_elbo.mean(0).tolist(), rel=1e-9)
+    assert per_example["log_q"] == pytest.approx(log_q.tolist(), rel=1e-9)
+    assert len(per_example["iwae"]) == len(per_example["khat"]) == 12
     assert report["iwae"]["particles"] == 3
     assert [row["t"] for row in report["score_error"]] == sorted({row["t"] for row in report["score_error"]})
     assert torch.isfinite(torch.tensor([row["relative_squared_error"] for row in report["score_error"]])).all()
