@@ -1076,7 +1076,7 @@ def score_matching(reports: dict) -> dict:
         path, r = found
         case = {
             key: r.get(key)
-            for key in ("command", "checkpoint", "examples", "dims", "threads", "ode", "elbo", "iwae", "model")
+            for key in ("command", "checkpoint", "examples", "dims", "threads", "dtype", "ode", "elbo", "iwae", "model")
         }
         case["source"] = str(path)
         case["differences"] = {f"ode - {b}": _difference(r, "ode", b) for b in ("elbo", "iwae") if r.get(b)}
@@ -1098,6 +1098,7 @@ def _provenance(case: dict) -> str:
     o = case["ode"]
     probes = f", {o['probes']} probes" if o["divergence"] == "hutchinson" else ""
     threads = f", {case['threads']} CPU thread(s)" if case.get("threads") else ""
+    threads += f", {case['dtype']}" if case.get("dtype") else ""
     iwae = f"; IWAE {case['iwae']['seconds']:.0f} s" if case.get("iwae") else ""
     return (
         f"`{case['command']}` (checkpoint `{case['checkpoint']}`, the first {case['examples']} test examples"

@@ -186,6 +186,17 @@ def test_ode_likelihood_reports_the_library_calls_numbers(trained, tmp_path):
     assert [row["t"] for row in report["score_error"]] == sorted({row["t"] for row in report["score_error"]})
     assert torch.isfinite(torch.tensor([row["relative_squared_error"] for row in report["score_error"]])).all()
     assert (tmp_path / "ode_likelihood.md").read_text().startswith("# The probability-flow ODE's likelihood")
+    # --dtype float32: the same figure to float32's rounding under the same tolerances, computed in float32
+    argv = [str(trained), "--examples", "12", "--particles", "0", "--dtype", "float32", "--out", str(tmp_path / "f32")]
+    assert _main("ode_likelihood")(argv) == 0
+    single = json.loads((tmp_path / "f32" / "ode_likelihood.json").read_text())
+    assert (
+        single["dtype"] == "float32"
+        and "12 test examples, D = 2, " in (tmp_path / "f32" / "ode_likelihood.md").read_text()
+    )
+    nll = single["ode"]["negative_log_likelihood_nats"]
+    assert nll == pytest.approx(report["ode"]["negative_log_likelihood_nats"], rel=1e-3)
+    assert nll != report["ode"]["negative_log_likelihood_nats"]
 
 
 def test_sample_quality_beside_the_checkpoint_with_the_command_line(trained, capsys):
