@@ -53,7 +53,7 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 #: the public names that are modules themselves (every other name is an object of its module, even one named as its
-#: module is: ``continuous_bound``)
+#: module could be)
 _MODULE_EXPORTS = frozenset({"adapters", "samplers"})
 
 
