@@ -259,6 +259,48 @@ def test_the_committed_report_has_no_n2_rows_and_the_thresholds_right():
     assert "real held-out test points" in report
 
 
+def _committed_section_g(script, data: str) -> tuple[dict, str]:
+    """docs/ode-likelihood/DATA's report and section G rendered from it alone."""
+    path = ROOT / "docs" / "ode-likelihood" / data / "ode_likelihood.json"
+    report = script["read_ode_report"](path, data)
+    section = json.loads(json.dumps(script["score_matching"]({data: (path, report)}), default=float))
+    return report, script["render_score_matching"](section)
+
+
+def _paired_sentence(per: dict, other: str, label: str, scale: float, unit: str) -> str:
+    d = (np.asarray(per["ode"]) - np.asarray(per[other])) * scale
+    mean, se = d.mean(), d.std(ddof=1) / math.sqrt(len(d))
+    verdict = "significant" if abs(mean / se) >= 2 else "not significant"
+    return (
+        f"the ODE's figure minus {label} is {mean:+.4f} +- {se:.4f} {unit} (paired per example; "
+        f"{mean / se:+.1f} standard errors: {verdict})"
+    )
+
+
+def _khat_sentence(khat, K: int) -> str:
+    khat, n = np.asarray(khat), len(khat)
+    threshold = min(1 - 1 / math.log10(K), 0.7)
+    return (
+        f"k-hat is at least 0.5 (infinite variance of the weights) for {(khat >= 0.5).sum()} of {n} examples, above "
+        f"the threshold for K = {K} draws, min(1 - 1/log10 K, 0.7) = {threshold:.3f}, for {(khat > threshold).sum()} "
+        f"of {n}, and above 0.7 for {(khat > 0.7).sum()} of {n}"
+    )
+
+
+def test_section_g_of_the_committed_gaussians8_report(script):
+    """Section G from docs/ode-likelihood/gaussians8: the paired KL of the network's flow and its significance, the
+    paired differences from the bounds and the k-hat counts, recomputed by hand from every example's figures."""
+    r, text = _committed_section_g(script, "gaussians8")
+    per = r["per_example"]
+    kl = np.asarray(per["ode"]) + np.asarray(per["log_q"])
+    mean, se = kl.mean(), kl.std(ddof=1) / math.sqrt(len(kl))
+    assert f"{mean:.4f} +- {se:.4f} nats, paired per example ({mean / se:+.1f} standard errors: significant)" in text
+    assert mean / se >= 2  # the network's flow is measurably not q: its KL is above 0
+    assert _paired_sentence(per, "elbo", "the -ELBO's", 1.0, "nats") in text
+    assert _paired_sentence(per, "iwae", f"-IWAE_{r['iwae']['particles']}'s", 1.0, "nats") in text
+    assert _khat_sentence(per["khat"], r["iwae"]["particles"]) in text
+
+
 def test_the_documents_have_no_control_characters():
     for path in (
         ROOT / "README.md",
