@@ -318,3 +318,18 @@ def test_the_readme_command_names_no_uncommitted_file():
     readme = (ROOT / "README.md").read_text()
     for path in set(re.findall(r"docs/perspectives/[\w.]+", readme)):
         assert (ROOT / path).exists(), path
+
+
+def test_section_g_of_the_committed_digits_report(script):
+    """Section G from docs/ode-likelihood/digits: the ODE figure in bits/dim on the 17-level scale (a bound via
+    dequantisation), its paired differences from the ELBO and IWAE and the k-hat counts, recomputed by hand."""
+    r, text = _committed_section_g(script, "digits")
+    per = r["per_example"]
+    ode, n, bits = np.asarray(per["ode"]), len(per["ode"]), 1 / (64 * math.log(2))
+    assert n == r["examples"] >= 10
+    se = ode.std(ddof=1) / math.sqrt(n)
+    assert f"| {_g(ode.mean())} | {_g(se)} | {_g(ode.mean() * bits)} | {_g(se * bits)} |" in text
+    assert "upper bound on the negative log-likelihood of the 17-level data" in text.replace("\n", " ")
+    assert _paired_sentence(per, "elbo", "the -ELBO", bits, "bits/dim") in text
+    assert _paired_sentence(per, "iwae", f"-IWAE_{r['iwae']['particles']}", bits, "bits/dim") in text
+    assert _khat_sentence(per["khat"], r["iwae"]["particles"]) in text
