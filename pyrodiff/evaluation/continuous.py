@@ -20,7 +20,7 @@ from .. import checks
 from ..chain.continuous import ContinuousDiffusionModel, alpha_sigma
 from ..chain.decoders import Decoder
 from ..chain.gaussian import normal_kl
-from .bound import nats_to_bits_per_dim
+from .bound import _stderr_over_examples, nats_to_bits_per_dim
 
 __all__ = ["continuous_bound", "ContinuousBound", "TERMS"]
 
@@ -54,10 +54,10 @@ class ContinuousBound:
 
     def stderr(self) -> torch.Tensor:
         """Each term's standard error across examples (of the per-example means over draws)."""
-        return _stderr(self.nats.mean(0))
+        return _stderr_over_examples(self.nats)
 
     def total_stderr(self) -> float:
-        return float(_stderr(self.per_example()))
+        return float(_stderr_over_examples(self.total.unsqueeze(-1))[0])
 
     def summary(self, meta: dict | None = None) -> dict:
         """The content of ``test_bound.json`` for a continuous-time model: the bound in nats and bits/dim with its
@@ -83,12 +83,6 @@ class ContinuousBound:
             "terms_stderr": stderr.tolist(),
             "terms_bits_per_dim": nats_to_bits_per_dim(mean, self.dims).tolist(),
         }
-
-
-def _stderr(values: torch.Tensor) -> torch.Tensor:
-    """The standard error of the mean over the first dimension (n - 1 in the variance)."""
-    n = values.shape[0]
-    return values.double().std(0) / n**0.5 if n > 1 else torch.full(values.shape[1:], float("nan"))
 
 
 @torch.no_grad()
